@@ -1,0 +1,1 @@
+"""gravlab model code: configs, parameter layout, loaders, the Llama/Qwen forward pass and generation."""

@@ -1,0 +1,192 @@
+"""Model configuration for the Llama / Qwen2 / Qwen3 decoder family.
+
+`ModelConfig` is a frozen (hashable) dataclass so it can be a static argument of jitted functions.
+It is read from a Hugging Face `config.json` (`from_hf_dict`) or from GGUF metadata (models.gguf_io), and
+written back to a `config.json` that transformers 5.x loads (`to_hf_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from models.errors import ModelError, UnsupportedArchitectureError
+
+ARCHS = ("llama", "qwen2", "qwen3")
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static hyper-parameters of a decoder-only transformer.
+
+  Attributes:
+    arch: "llama", "qwen2" or "qwen3".
+    vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff: sizes (HF names: vocab_size,
+      hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, intermediate_size).
+    rms_eps: RMSNorm epsilon.
+    rope_theta: RoPE base frequency.
+    rope_type: "default" or "llama3" (Llama 3.1/3.2 frequency-dependent scaling).
+    rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_pos: llama3 scaling fields.
+    tie_embeddings: lm_head shares the token-embedding matrix.
+    qkv_bias: q/k/v projections carry a bias (Qwen2; Llama with attention_bias).
+    o_bias: o_proj carries a bias (Llama with attention_bias).
+    qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3).
+    max_position_embeddings: context length from the config (informational).
+    bos_token_id, eos_token_ids, pad_token_id: special tokens (None where unknown).
+  """
+  arch: str
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rms_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_pos: int = 8192
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  qk_norm: bool = False
+  max_position_embeddings: int = 2048
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int | None = None
+
+  def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise UnsupportedArchitectureError(f"architecture {self.arch!r} is not supported (supported: {ARCHS})")
+    if self.n_heads % self.n_kv_heads:
+      raise ModelError(f"num_attention_heads={self.n_heads} is not a multiple of "
+                       f"num_key_value_heads={self.n_kv_heads}")
+    if self.rope_type not in ("default", "llama3"):
+      raise ModelError(f"rope scaling type {self.rope_type!r} is not supported (supported: default, llama3)")
+
+  @property
+  def q_dim(self) -> int:
+    return self.n_heads * self.head_dim
+
+  @property
+  def kv_dim(self) -> int:
+    return self.n_kv_heads * self.head_dim
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  # ---------------------------------------------------------------- Hugging Face config.json
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    """Build from a Hugging Face config dict.
+
+    Raises:
+      UnsupportedArchitectureError: model_type is not llama/qwen2/qwen3, or a feature gravlab does not
+        implement is switched on (mlp_bias, sliding-window attention, a non-silu activation).
+      ModelError: a required field is missing (the message names `source` and the field).
+    """
+    mt = d.get("model_type")
+    if mt not in ARCHS:
+      raise UnsupportedArchitectureError(
+          f"{source}: model_type {mt!r} is not supported (supported: {', '.join(ARCHS)})")
+
+    def need(key):
+      if key not in d or d[key] is None:
+        raise ModelError(f"{source}: required field {key!r} is missing")
+      return d[key]
+
+    if d.get("mlp_bias"):
+      raise UnsupportedArchitectureError(f"{source}: mlp_bias=true is not supported")
+    if d.get("use_sliding_window"):
+      raise UnsupportedArchitectureError(f"{source}: use_sliding_window=true is not supported")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+      raise UnsupportedArchitectureError(f"{source}: hidden_act {act!r} is not supported (only silu)")
+
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ("default", "llama3"):
+      raise UnsupportedArchitectureError(f"{source}: rope scaling type {rope_type!r} is not supported")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    n_heads = int(need("num_attention_heads"))
+    d_model = int(need("hidden_size"))
+    eos = d.get("eos_token_id")
+    eos = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    attn_bias = bool(d.get("attention_bias", False))
+    return cls(
+        arch=mt,
+        vocab_size=int(need("vocab_size")),
+        d_model=d_model,
+        n_layers=int(need("num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+        head_dim=int(d.get("head_dim") or d_model // n_heads),
+        d_ff=int(need("intermediate_size")),
+        rms_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_pos=int(rope.get("original_max_position_embeddings", 8192)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=(mt == "qwen2") or attn_bias,
+        o_bias=attn_bias and mt == "llama",
+        qk_norm=(mt == "qwen3"),
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=eos,
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+  @classmethod
+  def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    """Read a config.json. Raises ModelError naming the file if it is missing or not JSON."""
+    path = os.fspath(path)
+    try:
+      with open(path) as f:
+        d = json.load(f)
+    except FileNotFoundError as e:
+      raise ModelError(f"{path}: config.json not found") from e
+    except json.JSONDecodeError as e:
+      raise ModelError(f"{path}: not valid JSON ({e})") from e
+    return cls.from_hf_dict(d, source=path)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """A config.json dict that transformers 5.x loads into the matching *ForCausalLM class."""
+    rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+    if self.rope_type == "llama3":
+      rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                  high_freq_factor=self.rope_high_freq_factor,
+                  original_max_position_embeddings=self.rope_original_max_pos)
+    d: dict[str, Any] = {
+        "architectures": [_HF_CLASS[self.arch]],
+        "model_type": self.arch,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.d_model,
+        "intermediate_size": self.d_ff,
+        "num_hidden_layers": self.n_layers,
+        "num_attention_heads": self.n_heads,
+        "num_key_value_heads": self.n_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_eps,
+        "rope_theta": self.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_embeddings,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1
+                         else (self.eos_token_ids[0] if self.eos_token_ids else None)),
+        "pad_token_id": self.pad_token_id,
+        "torch_dtype": "float32",
+    }
+    if self.arch == "llama":
+      d["attention_bias"] = self.o_bias
+      d["mlp_bias"] = False
+    return d

@@ -1,0 +1,36 @@
+"""gravlab: layer-wise mechanics of safety in open LLMs, in JAX."""
+from setuptools import setup
+
+setup(
+    name="gravlab",
+    version="0.1.0",
+    description="Layer-wise mechanics of safety in open LLMs: steering sweeps, circuit patching, reversion",
+    python_requires=">=3.11,<3.12",
+    packages=["models", "train", "probes", "analysis", "configs"],
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "numpy==2.4.6",
+        "transformers==5.23.0",
+        "tokenizers==0.23.3",
+        "absl-py==2.5.1",
+        "ml-collections==1.1.0",
+        "safetensors==0.8.0",
+        "gguf==0.19.0",
+        "matplotlib==3.11.2",
+        "tqdm==4.70.1",
+        "scipy==1.17.1",
+        "tensorboardX==2.6.5",
+    ],
+    extras_require={
+        "test": [
+            "pytest==9.2.0",
+            "torch==2.13.0",
+            "accelerate==1.15.0",
+            "peft==0.21.2",
+        ],
+    },
+)
