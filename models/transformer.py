@@ -1,0 +1,314 @@
+"""The Llama / Qwen2 / Qwen3 decoder forward pass as a pure function over the stacked parameter pytree.
+
+Layers are stacked on a leading axis and run with `jax.lax.scan`, so compile time does not grow with depth and
+every per-layer quantity (captured activations, interventions, KV cache) is an array with a layer axis.
+
+Interventions are arguments, not hooks (`Interventions`): arrays with a leading layer axis, so
+`jax.vmap` over layers / alphas / heads / seeds turns a sweep into one compiled program.
+
+The math matches transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM` and `Qwen3ForCausalLM` (modeling_llama.py,
+modeling_qwen2.py, modeling_qwen3.py of transformers 5.23): RMSNorm computed in float32, rotate-half RoPE
+(with the "llama3" frequency scaling of `_compute_llama3_parameters`), grouped-query attention with
+query head h reading kv head h // (H / KV), SiLU-gated MLP.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+
+CAPTURE_NAMES = ("resid", "heads", "attn_out", "mlp_out", "attn_probs")
+_NEG = -1e30  # finite mask value: fully-masked rows (left padding) stay NaN-free
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["resid_add", "resid_mask", "resid_value", "head_scale", "head_mask",
+                                "head_value"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class Interventions:
+  """Per-layer interventions, all optional. L = n_layers, B = batch, S = sequence, H = heads, hd = head_dim.
+
+  Every array has a leading layer axis; batch and sequence axes may be 1 (broadcast). Any field may be None.
+  Layer l's interventions act inside layer l, in this order:
+
+  - `head_scale` `[L, B|1, S|1, H]`: multiplies each head's attention output z (before o_proj).
+    0 is zero-ablation, 1 is a no-op.
+  - `head_mask` `[L, B|1, S|1, H]` with `head_value` `[L, B|1, S|1, H, hd]`:
+    z <- z + mask * (value - z) (after head_scale). mask=1 replaces a head's output: activation patching
+    (value = a cached run's z), mean ablation (value = the mean z over a reference distribution), cross-model
+    patching (value = another model's z).
+  - `resid_mask` `[L, B|1, S|1]` with `resid_value` `[L, B|1, S|1, D]`: h <- h + mask * (value - h) on the
+    residual stream at the output of layer l (the boundary captured as resid[l+1]).
+  - `resid_add` `[L, B|1, S|1, D]`: added to the residual stream at the output of layer l, after the
+    replacement (steering: CAA / reading vectors scaled by alpha, as rho-eval's forward hook on
+    `model.layers[l]` does).
+
+  dtypes: float (any; cast to the activation dtype). Masks are float so they can be fractional.
+  """
+  resid_add: jax.Array | None = None
+  resid_mask: jax.Array | None = None
+  resid_value: jax.Array | None = None
+  head_scale: jax.Array | None = None
+  head_mask: jax.Array | None = None
+  head_value: jax.Array | None = None
+
+
+class KVCache(NamedTuple):
+  """Key/value cache for incremental decoding.
+
+  k, v: `[L, B, T, KV, hd]` keys (after RoPE) and values, in the parameter dtype.
+  valid: `[B, T]` bool, True where a slot holds a real (non-padding) token.
+  index: int32 scalar, the next slot to write.
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+               jnp.zeros((), jnp.int32))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """RoPE inverse frequencies `[head_dim // 2]` float32.
+
+  Matches transformers `_compute_default_rope_parameters` and, for rope_type "llama3",
+  `_compute_llama3_parameters` (modeling_rope_utils.py).
+  """
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  inv = inv.astype(np.float32)
+  if cfg.rope_type == "llama3":
+    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_max_pos
+    low_wavelen, high_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm over the last axis, statistics in float32, as transformers' LlamaRMSNorm. Returns x.dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return w * y.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotate-half RoPE. x `[B, S, n, hd]`, positions `[B, S]` int. Matches `apply_rotary_pos_emb`."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]   # [B, S, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos = jnp.cos(emb).astype(x.dtype)[:, :, None, :]
+  sin = jnp.sin(emb).astype(x.dtype)[:, :, None, :]
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rot * sin
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+  """Positions `[B, S]` from a `[B, S]` 0/1 mask: cumsum - 1, clipped at 0 (left padding gets position 0).
+
+  This is the rule transformers' `generate` uses, so a left-padded row sees the same RoPE positions as the
+  unpadded sequence.
+  """
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _mix(x, mask, value):
+  return x + mask.astype(x.dtype) * (value.astype(x.dtype) - x)
+
+
+def _layer(cfg: ModelConfig, inv_freq, capture, h, lp, iv, cache_kv, q_slots, k_valid, positions, index):
+  """One decoder layer. h `[B, S, D]`; lp: this layer's parameters; iv: this layer's interventions."""
+  B, S, _ = h.shape
+  H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  G = H // KV
+  x = rms_norm(h, lp["attn_norm"], cfg.rms_eps)
+  q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+  if cfg.qkv_bias:
+    q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+  q, k, v = q.reshape(B, S, H, hd), k.reshape(B, S, KV, hd), v.reshape(B, S, KV, hd)
+  if cfg.qk_norm:
+    q, k = rms_norm(q, lp["q_norm"], cfg.rms_eps), rms_norm(k, lp["k_norm"], cfg.rms_eps)
+  q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+  if cache_kv is not None:
+    ck, cv = cache_kv
+    k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+    new_kv = (k, v)
+  else:
+    new_kv = None
+  T = k.shape[1]
+  k_slots = jnp.arange(T)
+  allowed = (k_slots[None, None, :] <= q_slots[None, :, None]) & k_valid[:, None, :]       # [B, S, T]
+
+  qg = q.reshape(B, S, KV, G, hd)
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(q.dtype)).astype(jnp.float32) / math.sqrt(hd)
+  scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1)
+  z = jnp.einsum("bkgst,btkd->bskgd", probs.astype(q.dtype), v.astype(q.dtype)).reshape(B, S, H, hd)
+
+  if iv.head_scale is not None:
+    z = z * iv.head_scale.astype(z.dtype)[..., None]
+  if iv.head_mask is not None:
+    z = _mix(z, iv.head_mask[..., None], iv.head_value)
+  attn_out = z.reshape(B, S, H * hd) @ lp["wo"]
+  if cfg.o_bias:
+    attn_out = attn_out + lp["bo"]
+  h = h + attn_out
+  x = rms_norm(h, lp["mlp_norm"], cfg.rms_eps)
+  mlp_out = (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+  h = h + mlp_out
+  if iv.resid_mask is not None:
+    h = _mix(h, iv.resid_mask[..., None], iv.resid_value)
+  if iv.resid_add is not None:
+    h = h + iv.resid_add.astype(h.dtype)
+
+  acts = {}
+  if "resid" in capture:
+    acts["resid"] = h
+  if "heads" in capture:
+    acts["heads"] = z
+  if "attn_out" in capture:
+    acts["attn_out"] = attn_out
+  if "mlp_out" in capture:
+    acts["mlp_out"] = mlp_out
+  if "attn_probs" in capture:
+    acts["attn_probs"] = probs.reshape(B, H, S, T)
+  return h, acts, new_kv
+
+
+def _check_capture(capture: Sequence[str]) -> tuple[str, ...]:
+  capture = tuple(capture)
+  bad = [c for c in capture if c not in CAPTURE_NAMES]
+  if bad:
+    raise ValueError(f"unknown capture name(s) {bad}; choose from {CAPTURE_NAMES}")
+  return capture
+
+
+def _check_interventions(iv: Interventions | None, cfg: ModelConfig) -> Interventions:
+  if iv is None:
+    return Interventions()
+  ranks = {"resid_add": 4, "resid_mask": 3, "resid_value": 4, "head_scale": 4, "head_mask": 4, "head_value": 5}
+  for f, r in ranks.items():
+    a = getattr(iv, f)
+    if a is None:
+      continue
+    if a.ndim != r or a.shape[0] != cfg.n_layers:
+      raise ValueError(f"Interventions.{f} must have rank {r} with leading layer axis {cfg.n_layers}; "
+                       f"got shape {a.shape}")
+  for m, v in (("resid_mask", "resid_value"), ("head_mask", "head_value")):
+    if (getattr(iv, m) is None) != (getattr(iv, v) is None):
+      raise ValueError(f"Interventions.{m} and Interventions.{v} must be given together")
+  return iv
+
+
+def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
+                   attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                   capture: Sequence[str] = (), interventions: Interventions | None = None,
+                   cache: KVCache | None = None, logits: str = "all"):
+  """Forward pass that also reads/writes a KV cache. See `forward` for the arguments.
+
+  With a cache, `tokens` are written at slots `cache.index ... cache.index + S - 1`, `attention_mask`
+  (`[B, S]`) marks which of them are real, and `positions` must be given (RoPE positions of the new tokens).
+
+  Returns:
+    (logits, acts, new_cache); new_cache is None when cache is None.
+  """
+  capture = _check_capture(capture)
+  iv = _check_interventions(interventions, cfg)
+  B, S = tokens.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((B, S), jnp.int32)
+  new_valid = attention_mask.astype(bool)
+  if cache is None:
+    index = jnp.zeros((), jnp.int32)
+    k_valid = new_valid
+    if positions is None:
+      positions = default_positions(attention_mask)
+  else:
+    if positions is None:
+      raise ValueError("forward_cached with a cache needs explicit positions [B, S]")
+    index = cache.index
+    k_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, index))
+  q_slots = index + jnp.arange(S)
+  inv_freq = rope_inv_freq(cfg)
+
+  h = params["embed"][tokens]
+  resid0 = h
+
+  def body(h, xs):
+    lp, liv, lkv = xs
+    h, acts, new_kv = _layer(cfg, inv_freq, capture, h, lp, liv, lkv, q_slots, k_valid, positions, index)
+    return h, (acts, new_kv)
+
+  cache_kv = (cache.k, cache.v) if cache is not None else None
+  h, (acts, new_kv) = jax.lax.scan(body, h, (params["layers"], iv, cache_kv))
+  if "resid" in acts:
+    acts["resid"] = jnp.concatenate([resid0[None], acts["resid"]], axis=0)
+
+  if logits != "none":
+    hl = h[:, -1:] if logits == "last" else h
+    hn = rms_norm(hl, params["final_norm"], cfg.rms_eps)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    out = (hn @ w.astype(hn.dtype)).astype(jnp.float32)
+    out = out[:, 0] if logits == "last" else out
+  else:
+    out = None
+  new_cache = None
+  if cache is not None:
+    new_cache = KVCache(new_kv[0], new_kv[1], k_valid, index + S)
+  return out, acts, new_cache
+
+
+def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
+            attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+            capture: Sequence[str] = (), interventions: Interventions | None = None,
+            logits: str = "all"):
+  """Decoder forward pass.
+
+  Args:
+    params: stacked parameter pytree (models.params layout), float32 or bfloat16.
+    tokens: `[B, S]` int token ids.
+    cfg: ModelConfig (static under jit).
+    attention_mask: `[B, S]` 0/1, 1 for real tokens; left padding supported. Default all ones.
+    positions: `[B, S]` RoPE positions; default `default_positions(attention_mask)`, so a left-padded row
+      gives the same outputs at its real tokens as the unpadded row.
+    capture: names of activations to return (static):
+      "resid"      `[L+1, B, S, D]` residual stream at every layer boundary (0 = embeddings, l+1 = output of
+                   layer l, after that layer's interventions; the last entry is before the final norm);
+      "heads"      `[L, B, S, H, hd]` per-head attention outputs before o_proj (after head interventions);
+      "attn_out"   `[L, B, S, D]` attention block output (after o_proj);
+      "mlp_out"    `[L, B, S, D]` MLP block output;
+      "attn_probs" `[L, B, H, S, S]` attention probabilities (float32).
+    interventions: `Interventions` (arrays with a leading layer axis; vmappable).
+    logits: "all" -> `[B, S, V]`, "last" -> `[B, V]` at the last position, "none" -> None.
+
+  Returns:
+    (logits float32, acts dict of the captured arrays in the activation dtype).
+
+  Raises:
+    ValueError: an unknown capture name, or an intervention array of the wrong rank / layer count.
+  """
+  out, acts, _ = forward_cached(params, tokens, cfg, attention_mask=attention_mask, positions=positions,
+                                capture=capture, interventions=interventions, logits=logits)
+  return out, acts
+
+
+forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "logits"))
