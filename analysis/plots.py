@@ -1,0 +1,34 @@
+"""Paper-style figures (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def depth_profile(stats: dict, sep: dict, n_layers: int, title: str):
+  """Four panels against depth (% of layers): residual norms, per-layer update, massive activations and the
+  harmful/benign separation. `stats` from analysis.residual_stats.residual_stats, `sep` from
+  mean_difference_separation. Returns the Figure."""
+  depth_b = 100 * np.arange(n_layers + 1) / n_layers
+  depth_l = 100 * (np.arange(n_layers) + 1) / n_layers
+  fig, ax = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
+  ax[0, 0].plot(depth_b, stats["norm_mean"], "o-", ms=3, label="all tokens")
+  ax[0, 0].plot(depth_b, stats["norm_last"], "s-", ms=3, label="last prompt token")
+  ax[0, 0].set(ylabel="||h|| (L2)", title="residual norm", yscale="log")
+  ax[0, 0].legend(frameon=False)
+  ax[0, 1].plot(depth_l, stats["update_ratio"], "o-", ms=3, color="C2", label="||Δh|| / ||h||")
+  ax[0, 1].plot(depth_l, 1 - stats["cos_next"], "s-", ms=3, color="C3", label="1 - cos(h_l, h_l+1)")
+  ax[0, 1].set(title="how much each layer writes", yscale="log")
+  ax[0, 1].legend(frameon=False)
+  ax[1, 0].plot(depth_b, stats["max_abs"], "o-", ms=3, color="C4")
+  ax[1, 0].set(ylabel="max |h_i|", title="largest activation", yscale="log")
+  ax[1, 1].plot(depth_b, sep["d_prime"], "o-", ms=3, color="C1")
+  ax[1, 1].set(ylabel="d'", title="harmful vs benign (last token, mean-difference axis)")
+  for a in ax.flat:
+    a.set_xlabel("depth (% of layers)")
+    a.grid(alpha=0.3)
+  fig.suptitle(title)
+  return fig
