@@ -10,15 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 
-def _rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+def _status_mb(field: str) -> float:
+  """VmRSS (current) or VmHWM (peak) of this process from /proc/self/status, in MiB.
+
+  Not getrusage().ru_maxrss: Linux carries it over execve, so a child of a large process would start with the
+  parent's peak.
+  """
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def _time(fn, repeats: int) -> float:
@@ -34,12 +39,14 @@ def _time(fn, repeats: int) -> float:
 
 def measure_load(kind: str, path: str) -> dict:
   """Runs in a subprocess: import everything, record baseline RSS, load, record peak RSS."""
-  import jax  # noqa: F401
+  import jax
+  import jax.numpy  # noqa: F401
   import torch
   import transformers
 
   from models.loading import load
-  base = _rss_mb()
+  jax.numpy.ones(8).block_until_ready()   # start the CPU client before the baseline
+  base = _status_mb("VmRSS")
   t0 = time.perf_counter()
   if kind == "ours":
     params, _ = load(path)
@@ -53,7 +60,8 @@ def measure_load(kind: str, path: str) -> dict:
       m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     nbytes = sum(p.numel() * p.element_size() for p in m.parameters())
   return {"kind": kind, "path": path, "load_s": time.perf_counter() - t0, "baseline_mb": base,
-          "peak_mb": _rss_mb(), "delta_mb": _rss_mb() - base, "model_mb": nbytes / 2**20}
+          "peak_mb": _status_mb("VmHWM"),
+          "delta_mb": _status_mb("VmHWM") - base, "model_mb": nbytes / 2**20}
 
 
 def _load_in_subprocess(kind: str, path: str) -> dict:

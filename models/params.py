@@ -139,10 +139,13 @@ ShardingFn = Any  # Callable[[str, tuple[int, ...]], jax.sharding.Sharding | Non
 
 
 def place(path: str, array: np.ndarray, dtype, sharding_fn: ShardingFn | None = None) -> jax.Array:
-  """Cast a host array to `dtype` and put it on device(s) with `sharding_fn(path, shape)` (default device if None)."""
+  """Cast a host array to `dtype` and put it on device(s) with `sharding_fn(path, shape)` (default device if None).
+
+  Uses `jax.device_put`, which copies the host buffer once (`jnp.asarray` makes one more transient copy).
+  """
   array = np.asarray(array, dtype=jnp.dtype(dtype))
   sharding = sharding_fn(path, array.shape) if sharding_fn is not None else None
-  return jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+  return jax.device_put(array, sharding)
 
 
 def build_params(cfg: ModelConfig, get_tensor, *, dtype=jnp.float32, sharding_fn: ShardingFn | None = None,

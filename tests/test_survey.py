@@ -1,0 +1,25 @@
+"""The main job end to end on the real embedded model (quick config: 4 prompts, 8 tokens)."""
+import json
+import os
+
+import pytest
+
+from analysis import survey
+from configs.survey import get_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_survey_quick_writes_complete_workdir(tmp_path):
+  cfg = get_config("quick")
+  report = survey.run(cfg, str(tmp_path / "run"))
+  run = tmp_path / "run"
+  for f in ("config.json", "metrics.jsonl", "generations.jsonl", "summary.json", "report.md",
+            "figures/residual_depth.png"):
+    assert (run / f).exists(), f
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(31))        # SmolLM2: 30 layers -> 31 boundaries
+  gens = [json.loads(l) for l in (run / "generations.jsonl").read_text().splitlines()]
+  assert len(gens) == 4 and all(g["answer"].strip() for g in gens)
+  assert os.path.basename(report) == "report.md"
+  assert "| 30 | 100 |" in (run / "report.md").read_text()
