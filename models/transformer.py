@@ -25,6 +25,7 @@ import numpy as np
 from models.config import ModelConfig
 
 CAPTURE_NAMES = ("resid", "heads", "attn_out", "mlp_out", "attn_probs")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _NEG = -1e30  # finite mask value: fully-masked rows (left padding) stay NaN-free
 
 
@@ -133,13 +134,22 @@ def _mix(x, mask, value):
   return x + mask.astype(x.dtype) * (value.astype(x.dtype) - x)
 
 
-def _layer(cfg: ModelConfig, inv_freq, capture, h, lp, iv, cache_kv, q_slots, k_valid, positions, index):
-  """One decoder layer. h `[B, S, D]`; lp: this layer's parameters; iv: this layer's interventions."""
+def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cache_kv, q_slots, k_valid,
+           positions, index):
+  """One decoder layer. h `[B, S, D]`; lp / iv / lora: this layer's parameters, interventions, LoRA factors."""
   B, S, _ = h.shape
   H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   G = H // KV
+
+  def proj(x, name):
+    y = x @ lp[name]
+    if lora is not None and name in lora:
+      a, b = lora[name]["a"], lora[name]["b"]
+      y = y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(lora_scale, x.dtype)
+    return y
+
   x = rms_norm(h, lp["attn_norm"], cfg.rms_eps)
-  q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+  q, k, v = proj(x, "wq"), proj(x, "wk"), proj(x, "wv")
   if cfg.qkv_bias:
     q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
   q, k, v = q.reshape(B, S, H, hd), k.reshape(B, S, KV, hd), v.reshape(B, S, KV, hd)
@@ -168,12 +178,12 @@ def _layer(cfg: ModelConfig, inv_freq, capture, h, lp, iv, cache_kv, q_slots, k_
     z = z * iv.head_scale.astype(z.dtype)[..., None]
   if iv.head_mask is not None:
     z = _mix(z, iv.head_mask[..., None], iv.head_value)
-  attn_out = z.reshape(B, S, H * hd) @ lp["wo"]
+  attn_out = proj(z.reshape(B, S, H * hd), "wo")
   if cfg.o_bias:
     attn_out = attn_out + lp["bo"]
   h = h + attn_out
   x = rms_norm(h, lp["mlp_norm"], cfg.rms_eps)
-  mlp_out = (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+  mlp_out = proj(jax.nn.silu(proj(x, "w_gate")) * proj(x, "w_up"), "w_down")
   h = h + mlp_out
   if iv.resid_mask is not None:
     h = _mix(h, iv.resid_mask[..., None], iv.resid_value)
@@ -222,7 +232,8 @@ def _check_interventions(iv: Interventions | None, cfg: ModelConfig) -> Interven
 def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
                    attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                    capture: Sequence[str] = (), interventions: Interventions | None = None,
-                   cache: KVCache | None = None, logits: str = "all"):
+                   cache: KVCache | None = None, logits: str = "all", lora: dict | None = None,
+                   lora_scale: float = 1.0):
   """Forward pass that also reads/writes a KV cache. See `forward` for the arguments.
 
   With a cache, `tokens` are written at slots `cache.index ... cache.index + S - 1`, `attention_mask`
@@ -253,13 +264,19 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
   h = params["embed"][tokens]
   resid0 = h
 
+  if lora is not None:
+    bad = [k for k in lora if k not in LORA_TARGETS]
+    if bad:
+      raise ValueError(f"LoRA targets {bad} unknown; choose from {LORA_TARGETS}")
+
   def body(h, xs):
-    lp, liv, lkv = xs
-    h, acts, new_kv = _layer(cfg, inv_freq, capture, h, lp, liv, lkv, q_slots, k_valid, positions, index)
+    lp, liv, llora, lkv = xs
+    h, acts, new_kv = _layer(cfg, inv_freq, capture, lora_scale, h, lp, liv, llora, lkv, q_slots, k_valid,
+                             positions, index)
     return h, (acts, new_kv)
 
   cache_kv = (cache.k, cache.v) if cache is not None else None
-  h, (acts, new_kv) = jax.lax.scan(body, h, (params["layers"], iv, cache_kv))
+  h, (acts, new_kv) = jax.lax.scan(body, h, (params["layers"], iv, lora, cache_kv))
   if "resid" in acts:
     acts["resid"] = jnp.concatenate([resid0[None], acts["resid"]], axis=0)
 
@@ -280,7 +297,7 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
 def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
             capture: Sequence[str] = (), interventions: Interventions | None = None,
-            logits: str = "all"):
+            logits: str = "all", lora: dict | None = None, lora_scale: float = 1.0):
   """Decoder forward pass.
 
   Args:
@@ -299,6 +316,11 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
       "attn_probs" `[L, B, H, S, S]` attention probabilities (float32).
     interventions: `Interventions` (arrays with a leading layer axis; vmappable).
     logits: "all" -> `[B, S, V]`, "last" -> `[B, V]` at the last position, "none" -> None.
+    lora: optional low-rank adapters `{target: {"a": [L, in, r], "b": [L, r, out]}}` for targets in
+      LORA_TARGETS (wq, wk, wv, wo, w_gate, w_up, w_down); each projection becomes
+      `x @ W + lora_scale * (x @ A) @ B` (Hu et al. 2021; PEFT's `lora.Linear` with A = lora_A.weight.T,
+      B = lora_B.weight.T, lora_scale = lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA).
+    lora_scale: float multiplier of the LoRA term (static under jit).
 
   Returns:
     (logits float32, acts dict of the captured arrays in the activation dtype).
@@ -307,8 +329,9 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
     ValueError: an unknown capture name, or an intervention array of the wrong rank / layer count.
   """
   out, acts, _ = forward_cached(params, tokens, cfg, attention_mask=attention_mask, positions=positions,
-                                capture=capture, interventions=interventions, logits=logits)
+                                capture=capture, interventions=interventions, logits=logits, lora=lora,
+                                lora_scale=lora_scale)
   return out, acts
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "logits"))
+forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "logits", "lora_scale"))

@@ -134,3 +134,29 @@ def test_bad_intervention_shape_is_a_clear_error():
     T.forward(params, jnp.asarray(TOKS), cfg, interventions=T.Interventions(resid_add=jnp.ones((2, 64))))
   with pytest.raises(ValueError, match="capture"):
     T.forward(params, jnp.asarray(TOKS), cfg, capture=("nope",))
+
+
+def test_lora_zero_b_is_identity_and_lora_equals_merged_weights():
+  model = tiny_hf_model("qwen2")
+  params, cfg = ours_from_torch(model)
+  rng = np.random.default_rng(11)
+  r, scale = 4, 2.0
+  shapes = {"wq": (cfg.d_model, cfg.q_dim), "wv": (cfg.d_model, cfg.kv_dim), "wo": (cfg.q_dim, cfg.d_model),
+            "w_down": (cfg.d_ff, cfg.d_model)}
+  lora = {k: {"a": jnp.asarray(rng.normal(size=(cfg.n_layers, i, r)).astype(np.float32) * 0.1),
+              "b": jnp.asarray(rng.normal(size=(cfg.n_layers, r, o)).astype(np.float32) * 0.1)}
+          for k, (i, o) in shapes.items()}
+  toks = jnp.asarray(TOKS)
+  base, _ = T.forward_jit(params, toks, cfg)
+  zero_b = jax.tree.map(lambda x: x, lora)
+  for k in zero_b:
+    zero_b[k]["b"] = jnp.zeros_like(zero_b[k]["b"])
+  same, _ = T.forward_jit(params, toks, cfg, lora=zero_b, lora_scale=scale)
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(base))
+  adapted, _ = T.forward_jit(params, toks, cfg, lora=lora, lora_scale=scale)
+  merged = jax.tree.map(lambda x: x, params)
+  for k, f in lora.items():
+    merged["layers"][k] = params["layers"][k] + scale * jnp.einsum("lir,lro->lio", f["a"], f["b"])
+  ref, _ = T.forward_jit(merged, toks, cfg)
+  np.testing.assert_allclose(np.asarray(adapted), np.asarray(ref), atol=1e-5, rtol=0)
+  assert float(jnp.max(jnp.abs(adapted - base))) > 1e-3
