@@ -23,32 +23,22 @@ from models.errors import (CorruptFileError, MissingTensorError, ModelError, Sha
                            UnsupportedArchitectureError)
 from models.hf_io import SafetensorsReader, load_hf, save_hf
 from models.params import hf_tensors
+from tests.reference import tiny_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+# variant -> (tests.reference variant, overrides)
 VARIANTS = {
-    "llama": dict(model_type="llama", num_hidden_layers=2, tie_word_embeddings=False),
-    "llama3_tied": dict(model_type="llama", num_hidden_layers=3, tie_word_embeddings=True,
-                        rope_parameters=LLAMA3_ROPE),
-    "qwen2": dict(model_type="qwen2", num_hidden_layers=2, tie_word_embeddings=False),
-    "qwen3_tied": dict(model_type="qwen3", num_hidden_layers=2, tie_word_embeddings=True, head_dim=24),
+    "llama": ("llama", dict(num_hidden_layers=2)),
+    "llama3_tied": ("llama_tied_llama3", {}),
+    "qwen2": ("qwen2", dict(num_hidden_layers=2, tie_word_embeddings=False)),
+    "qwen3_tied": ("qwen3", dict(num_hidden_layers=2, tie_word_embeddings=True)),
 }
 
 
 def _tiny_model(variant: str, seed: int = 0) -> transformers.PreTrainedModel:
-  """Random fp32 *ForCausalLM: d_model 64, 4 heads, 2 KV heads, vocab 128; biases and norms randomised."""
-  kw = dict(VARIANTS[variant])
-  model_type = kw.pop("model_type")
-  cfg = transformers.AutoConfig.for_model(
-      model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-      num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, **kw)
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():   # HF inits biases to 0 and norms to 1: hide nothing
-      p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-  return model
+  """Random fp32 *ForCausalLM (tests.reference) with vocab 128 and d_ff 96."""
+  base, overrides = VARIANTS[variant]
+  return tiny_hf_model(base, seed=seed, vocab_size=128, intermediate_size=96, **overrides)
 
 
 def _state_dict(model) -> dict[str, np.ndarray]:
@@ -129,7 +119,7 @@ def test_load_recovers_every_tensor_and_the_config(ckpt, variant):
   assert cfg.rope_theta == hc.rope_parameters["rope_theta"]
   if variant == "llama3_tied":
     assert (cfg.rope_type, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-            cfg.rope_original_max_pos, cfg.rope_theta) == ("llama3", 8.0, 1.0, 4.0, 32, 500000.0)
+            cfg.rope_original_max_pos, cfg.rope_theta) == ("llama3", 8.0, 1.0, 4.0, 16, 500000.0)
   else:
     assert cfg.rope_type == "default"
 
