@@ -31,7 +31,7 @@ _NEG = -1e30  # finite mask value: fully-masked rows (left padding) stay NaN-fre
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["resid_add", "resid_mask", "resid_value", "head_scale", "head_mask",
-                                "head_value"],
+                                "head_value", "qkv_source", "q_from_source", "kv_from_source"],
                    meta_fields=[])
 @dataclasses.dataclass
 class Interventions:
@@ -40,6 +40,11 @@ class Interventions:
   Every array has a leading layer axis; batch and sequence axes may be 1 (broadcast). Any field may be None.
   Layer l's interventions act inside layer l, in this order:
 
+  - `qkv_source` `[L, B|1, S|1, D]` with `q_from_source` `[L, B|1, S|1, H]` and/or `kv_from_source`
+    `[L, B|1, S|1, KV]`: an alternative residual stream entering layer l; query head h (kv head g) computes
+    its query (key and value) from it instead of from the real residual, mixed by the mask
+    (q <- q + mask * (q_source - q), before RoPE). This is the receiver side of path patching
+    (Wang et al. 2022, "Interpretability in the Wild", Section 3.1): only the chosen heads' inputs change.
   - `head_scale` `[L, B|1, S|1, H]`: multiplies each head's attention output z (before o_proj).
     0 is zero-ablation, 1 is a no-op.
   - `head_mask` `[L, B|1, S|1, H]` with `head_value` `[L, B|1, S|1, H, hd]`:
@@ -60,6 +65,9 @@ class Interventions:
   head_scale: jax.Array | None = None
   head_mask: jax.Array | None = None
   head_value: jax.Array | None = None
+  qkv_source: jax.Array | None = None
+  q_from_source: jax.Array | None = None
+  kv_from_source: jax.Array | None = None
 
 
 class KVCache(NamedTuple):
@@ -148,13 +156,24 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
       y = y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(lora_scale, x.dtype)
     return y
 
-  x = rms_norm(h, lp["attn_norm"], cfg.rms_eps)
-  q, k, v = proj(x, "wq"), proj(x, "wk"), proj(x, "wv")
-  if cfg.qkv_bias:
-    q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-  q, k, v = q.reshape(B, S, H, hd), k.reshape(B, S, KV, hd), v.reshape(B, S, KV, hd)
-  if cfg.qk_norm:
-    q, k = rms_norm(q, lp["q_norm"], cfg.rms_eps), rms_norm(k, lp["k_norm"], cfg.rms_eps)
+  def qkv(resid):
+    x = rms_norm(resid, lp["attn_norm"], cfg.rms_eps)
+    q, k, v = proj(x, "wq"), proj(x, "wk"), proj(x, "wv")
+    if cfg.qkv_bias:
+      q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q, k, v = q.reshape(B, S, H, hd), k.reshape(B, S, KV, hd), v.reshape(B, S, KV, hd)
+    if cfg.qk_norm:
+      q, k = rms_norm(q, lp["q_norm"], cfg.rms_eps), rms_norm(k, lp["k_norm"], cfg.rms_eps)
+    return q, k, v
+
+  q, k, v = qkv(h)
+  if iv.qkv_source is not None:
+    qs, ks, vs = qkv(jnp.broadcast_to(iv.qkv_source.astype(h.dtype), h.shape))
+    if iv.q_from_source is not None:
+      q = _mix(q, iv.q_from_source[..., None], qs)
+    if iv.kv_from_source is not None:
+      k = _mix(k, iv.kv_from_source[..., None], ks)
+      v = _mix(v, iv.kv_from_source[..., None], vs)
   q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
   if cache_kv is not None:
@@ -215,7 +234,8 @@ def _check_capture(capture: Sequence[str]) -> tuple[str, ...]:
 def _check_interventions(iv: Interventions | None, cfg: ModelConfig) -> Interventions:
   if iv is None:
     return Interventions()
-  ranks = {"resid_add": 4, "resid_mask": 3, "resid_value": 4, "head_scale": 4, "head_mask": 4, "head_value": 5}
+  ranks = {"resid_add": 4, "resid_mask": 3, "resid_value": 4, "head_scale": 4, "head_mask": 4, "head_value": 5,
+           "qkv_source": 4, "q_from_source": 4, "kv_from_source": 4}
   for f, r in ranks.items():
     a = getattr(iv, f)
     if a is None:
@@ -226,6 +246,9 @@ def _check_interventions(iv: Interventions | None, cfg: ModelConfig) -> Interven
   for m, v in (("resid_mask", "resid_value"), ("head_mask", "head_value")):
     if (getattr(iv, m) is None) != (getattr(iv, v) is None):
       raise ValueError(f"Interventions.{m} and Interventions.{v} must be given together")
+  has_mask = iv.q_from_source is not None or iv.kv_from_source is not None
+  if has_mask != (iv.qkv_source is not None):
+    raise ValueError("Interventions.qkv_source needs q_from_source and/or kv_from_source, and vice versa")
   return iv
 
 

@@ -160,3 +160,41 @@ def test_lora_zero_b_is_identity_and_lora_equals_merged_weights():
   ref, _ = T.forward_jit(merged, toks, cfg)
   np.testing.assert_allclose(np.asarray(adapted), np.asarray(ref), atol=1e-5, rtol=0)
   assert float(jnp.max(jnp.abs(adapted - base))) > 1e-3
+
+
+def test_query_from_source_matches_hook_on_q_proj():
+  """Receiver-side path patching: one head's query computed from another run's residual stream."""
+  model = tiny_hf_model("qwen2")
+  params, cfg = ours_from_torch(model)
+  a, b = jnp.asarray(TOKS[:1]), jnp.asarray(TOKS[1:])
+  _, bacts = T.forward_jit(params, b, cfg, capture=("resid",))
+  layer, head, hd = 2, 3, cfg.head_dim
+  src = bacts["resid"][layer]                              # residual entering layer `layer` in run b
+  attn = model.model.layers[layer]
+  with torch.no_grad():
+    q_src = attn.self_attn.q_proj(attn.input_layernorm(torch.tensor(np.asarray(src))))
+
+  def hook(module, args, output):
+    out = output.clone()
+    out[..., head * hd:(head + 1) * hd] = q_src[..., head * hd:(head + 1) * hd]
+    return out
+
+  h = attn.self_attn.q_proj.register_forward_hook(hook)
+  with torch.no_grad():
+    ref = model(torch.tensor(np.asarray(a))).logits.numpy()
+  h.remove()
+  qmask = jnp.zeros((cfg.n_layers, 1, 1, cfg.n_heads)).at[layer, 0, 0, head].set(1.0)
+  source = jnp.zeros((cfg.n_layers, 1, a.shape[1], cfg.d_model)).at[layer].set(src)
+  out, _ = T.forward_jit(params, a, cfg, interventions=T.Interventions(qkv_source=source, q_from_source=qmask))
+  np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
+
+
+def test_kv_from_own_residual_is_identity():
+  model = tiny_hf_model("llama")
+  params, cfg = ours_from_torch(model)
+  toks = jnp.asarray(TOKS)
+  base, acts = T.forward_jit(params, toks, cfg, capture=("resid",))
+  iv = T.Interventions(qkv_source=acts["resid"][:-1], kv_from_source=jnp.ones((cfg.n_layers, 1, 1, cfg.n_kv_heads)),
+                       q_from_source=jnp.ones((cfg.n_layers, 1, 1, cfg.n_heads)))
+  out, _ = T.forward_jit(params, toks, cfg, interventions=iv)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(base), atol=1e-5, rtol=0)
