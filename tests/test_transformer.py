@@ -104,3 +104,17 @@ def test_bfloat16_forward_close_to_fp32():
   l16, _ = T.forward_jit(p16, toks, cfg)
   assert l16.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(l16 - l32))) < 0.1 * float(jnp.max(jnp.abs(l32)))
+
+
+def test_attention_probabilities_match_eager_attentions():
+  model = tiny_hf_model("qwen2")
+  model.config._attn_implementation = "eager"
+  params, cfg = ours_from_torch(model)
+  toks = _tokens(6)
+  with torch.no_grad():
+    ref = model(torch.tensor(toks), output_attentions=True).attentions
+  _, acts = T.forward_jit(params, jnp.asarray(toks), cfg, capture=("attn_probs",))
+  p = np.asarray(acts["attn_probs"])
+  assert p.shape == (cfg.n_layers, 3, cfg.n_heads, 11, 11)
+  for l in range(cfg.n_layers):
+    np.testing.assert_allclose(p[l], ref[l].numpy(), atol=1e-5, rtol=0)
