@@ -31,7 +31,7 @@ _NEG = -1e30  # finite mask value: fully-masked rows (left padding) stay NaN-fre
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["resid_add", "resid_mask", "resid_value", "head_scale", "head_mask",
-                                "head_value", "qkv_source", "q_from_source", "kv_from_source"],
+                                "head_value", "head_add", "qkv_source", "q_from_source", "kv_from_source"],
                    meta_fields=[])
 @dataclasses.dataclass
 class Interventions:
@@ -65,6 +65,7 @@ class Interventions:
   head_scale: jax.Array | None = None
   head_mask: jax.Array | None = None
   head_value: jax.Array | None = None
+  head_add: jax.Array | None = None
   qkv_source: jax.Array | None = None
   q_from_source: jax.Array | None = None
   kv_from_source: jax.Array | None = None
@@ -197,6 +198,8 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
     z = z * iv.head_scale.astype(z.dtype)[..., None]
   if iv.head_mask is not None:
     z = _mix(z, iv.head_mask[..., None], iv.head_value)
+  if iv.head_add is not None:
+    z = z + iv.head_add.astype(z.dtype)
   attn_out = proj(z.reshape(B, S, H * hd), "wo")
   if cfg.o_bias:
     attn_out = attn_out + lp["bo"]
@@ -235,7 +238,7 @@ def _check_interventions(iv: Interventions | None, cfg: ModelConfig) -> Interven
   if iv is None:
     return Interventions()
   ranks = {"resid_add": 4, "resid_mask": 3, "resid_value": 4, "head_scale": 4, "head_mask": 4, "head_value": 5,
-           "qkv_source": 4, "q_from_source": 4, "kv_from_source": 4}
+           "head_add": 5, "qkv_source": 4, "q_from_source": 4, "kv_from_source": 4}
   for f, r in ranks.items():
     a = getattr(iv, f)
     if a is None:

@@ -147,3 +147,18 @@ def test_cmap_of_a_model_into_itself_is_a_noop_and_all_heads_transfer(tiny):
   other = jax.tree.map(lambda x: x * 1.05, params)
   patched = C.cross_model_patch(params, other, cfg, toks, mask, everything, io, s)
   assert float(jnp.abs(patched - _clean(tiny)).max()) > 1e-4
+
+
+def test_attribution_patching_is_the_first_order_term_of_exact_patching(tiny):
+  params, cfg, toks, corrupt, mask, io, s = tiny
+  z = C.head_outputs(params, cfg, toks, mask)
+  clean = np.asarray(_clean(tiny))
+  same = C.attribution_patch(params, cfg, toks, mask, z, io, s)
+  np.testing.assert_allclose(np.asarray(same), np.broadcast_to(clean, same.shape), atol=1e-6)
+  direction = C.head_outputs(params, cfg, corrupt, mask) - z
+  for eps in (1e-2, 1e-3):     # the error of a first-order estimate shrinks like eps^2
+    donor = z + eps * direction
+    exact = np.asarray(C.patch_each_head(params, cfg, toks, mask, donor, io, s)) - clean
+    approx = np.asarray(C.attribution_patch(params, cfg, toks, mask, donor, io, s)) - clean
+    err = np.abs(exact - approx).max()
+    assert err <= 0.05 * np.abs(exact).max() + 1e-6, (eps, err, np.abs(exact).max())

@@ -198,3 +198,18 @@ def test_kv_from_own_residual_is_identity():
                        q_from_source=jnp.ones((cfg.n_layers, 1, 1, cfg.n_heads)))
   out, _ = T.forward_jit(params, toks, cfg, interventions=iv)
   np.testing.assert_allclose(np.asarray(out), np.asarray(base), atol=1e-5, rtol=0)
+
+
+def test_head_add_matches_hook_adding_to_o_proj_input():
+  model = tiny_hf_model("llama")
+  params, cfg = ours_from_torch(model)
+  add = np.random.default_rng(5).normal(size=(cfg.n_layers, 1, 1, cfg.n_heads, cfg.head_dim)).astype(np.float32)
+  hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+      lambda m, a, l=l: (a[0] + torch.tensor(add[l, 0, 0].reshape(-1)),))
+      for l, layer in enumerate(model.model.layers)]
+  with torch.no_grad():
+    ref = model(torch.tensor(TOKS)).logits.numpy()
+  for h in hooks:
+    h.remove()
+  out, _ = T.forward_jit(params, jnp.asarray(TOKS), cfg, interventions=T.Interventions(head_add=jnp.asarray(add)))
+  np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
