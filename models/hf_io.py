@@ -233,6 +233,27 @@ def _commit(tmp: str, out_dir: str, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool = False):
+  """Yield a fresh temporary sibling of `out_dir` to fill; on success it is renamed onto `out_dir`, on any
+  exception it is removed, so `out_dir` is never half-written.
+
+  Raises:
+    FileExistsError: `out_dir` is a file, or a non-empty directory and `overwrite` is False (checked before
+      and again at the rename).
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  _check_target(out_dir, overwrite)
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp = _make_temp_dir(out_dir)
+  try:
+    yield tmp
+    _commit(tmp, out_dir, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def _write_weights(params: dict[str, Any], cfg: ModelConfig, tmp: str, dtype,
                    max_shard_bytes: int) -> set[str]:
   """Write the safetensors file(s) (+ index when sharded) into `tmp`; return the dtype names written.
@@ -311,10 +332,7 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str | os.PathLike
     KeyError: `params` lacks a tensor that `cfg` implies.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
-  _check_target(out_dir, overwrite)
-  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  tmp = _make_temp_dir(out_dir)
-  try:
+  with atomic_dir(out_dir, overwrite) as tmp:
     dtypes = _write_weights(params, cfg, tmp, None if dtype is None else jnp.dtype(dtype), max_shard_bytes)
     config = cfg.to_hf_dict()
     # Mixed dtypes only arise with dtype=None and mixed params; report the widest.
@@ -324,9 +342,5 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str | os.PathLike
       f.write("\n")
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
-    _commit(tmp, out_dir, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 

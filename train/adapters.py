@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 from typing import Any, Sequence
 
 import jax
@@ -223,20 +222,14 @@ def save_peft(spec: LoraSpec, lora: dict[str, dict[str, Any]], out_dir: str, *, 
   """
   from safetensors.numpy import save_file
 
-  from models.hf_io import _commit, _make_temp_dir
+  from models.hf_io import atomic_dir
   out_dir = os.path.abspath(out_dir)
-  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-  tmp = _make_temp_dir(out_dir)
-  try:
+  with atomic_dir(out_dir, overwrite) as tmp:
     save_file(peft_tensors(spec, lora), os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
       json.dump(peft_config(spec, base_model), f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, "gravlab_lora.json"), "w") as f:
       json.dump({"spec": spec.to_dict(), "scale": spec.scale, **(extra or {})}, f, indent=2, default=str)
-    _commit(tmp, out_dir, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
