@@ -14,9 +14,6 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", None, "Run directory (default runs/<date>-<model>).")
-config_flags.DEFINE_config_file("config", "configs/survey.py", "Survey config.", lock_config=True)
-FLAGS = flags.FLAGS
 
 
 def run(config, workdir: str | None = None) -> str:
@@ -107,9 +104,11 @@ def _report(config, cfg, stats, sep, rows, t_load, t_gen, fig_rel) -> str:
 
 def main(argv):
   del argv
-  path = run(FLAGS.config, FLAGS.workdir)
+  path = run(flags.FLAGS.config, flags.FLAGS.workdir)
   print(f"report: {path}")
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Run directory (default runs/<date>-<model>).")
+  config_flags.DEFINE_config_file("config", "configs/survey.py", "Config file (path:arg).", lock_config=True)
   app.run(main)

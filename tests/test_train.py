@@ -18,7 +18,7 @@ from models.transformer import forward_jit as forward
 from train import data as D
 from train import engine, losses
 from train.adapters import AdapterError
-from train.lora import train_loop
+from train.loop import train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
