@@ -32,3 +32,19 @@ def depth_profile(stats: dict, sep: dict, n_layers: int, title: str):
     a.grid(alpha=0.3)
   fig.suptitle(title)
   return fig
+
+
+def head_heatmaps(maps: dict, title: str, cmap: str = "RdBu_r"):
+  """One `[layer, head]` heatmap per entry of `maps` (name -> `[L, H]` array), a shared symmetric color scale
+  and colorbar. Returns the Figure."""
+  names = list(maps)
+  vmax = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
+  L, H = np.asarray(maps[names[0]]).shape
+  fig, axes = plt.subplots(1, len(names), figsize=(2.2 + 0.25 * H * len(names), 0.18 * L + 1.6),
+                           constrained_layout=True, squeeze=False)
+  for ax, name in zip(axes[0], names):
+    im = ax.imshow(np.asarray(maps[name]), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
+    ax.set(title=name, xlabel="head", ylabel="layer" if ax is axes[0, 0] else None)
+  fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="Δ logit diff")
+  fig.suptitle(title)
+  return fig

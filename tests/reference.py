@@ -1,6 +1,8 @@
 """Tiny random transformers (PyTorch) models, the independent reference the JAX code is tested against."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import transformers
@@ -48,3 +50,19 @@ def ours_from_torch(model, dtype=np.float32):
   cfg = ModelConfig.from_hf_dict(model.config.to_dict())
   sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
   return P.build_params(cfg, sd.get, dtype=dtype, source="torch state_dict"), cfg
+
+
+class WordTokenizer:
+  """Every ' word' / punctuation mark is one token; ids assigned in order of first use (deterministic)."""
+  pad_token_id = 0
+  eos_token_id = None
+
+  def __init__(self):
+    self.vocab = {"<pad>": 0}
+
+  def encode(self, text, add_special_tokens=False):
+    return [self.vocab.setdefault(p, len(self.vocab)) for p in re.findall(r"\s?\w+|[^\w\s]", text)]
+
+  def decode(self, ids):
+    inv = {v: k for k, v in self.vocab.items()}
+    return "".join(inv[i] for i in ids)

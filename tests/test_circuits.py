@@ -1,6 +1,4 @@
 """IOI generator and circuit tools: identities and loops on tiny random models, a fake word tokenizer."""
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,18 +7,7 @@ import pytest
 from analysis import circuits as C
 from analysis.ioi_data import BABA_TEMPLATES, make_ioi, split_names
 from models import transformer as T
-from tests.reference import ours_from_torch, tiny_hf_model
-
-
-class WordTokenizer:
-  """Every ' word' / punctuation mark is one token; ids assigned in order of first use (deterministic)."""
-  pad_token_id = 0
-
-  def __init__(self):
-    self.vocab = {"<pad>": 0}
-
-  def encode(self, text, add_special_tokens=False):
-    return [self.vocab.setdefault(p, len(self.vocab)) for p in re.findall(r"\s?\w+|[^\w\s]", text)]
+from tests.reference import WordTokenizer, ours_from_torch, tiny_hf_model
 
 
 def test_generator_puts_io_and_s_where_the_labels_say():
