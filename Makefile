@@ -41,6 +41,8 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.forward
+	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.sweep
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
