@@ -306,18 +306,44 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
   if "resid" in acts:
     acts["resid"] = jnp.concatenate([resid0[None], acts["resid"]], axis=0)
 
-  if logits != "none":
-    hl = h[:, -1:] if logits == "last" else h
-    hn = rms_norm(hl, params["final_norm"], cfg.rms_eps)
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    out = (hn @ w.astype(hn.dtype)).astype(jnp.float32)
-    out = out[:, 0] if logits == "last" else out
-  else:
-    out = None
+  out = final_logits(params, cfg, h, logits) if logits != "none" else None
   new_cache = None
   if cache is not None:
     new_cache = KVCache(new_kv[0], new_kv[1], k_valid, index + S)
   return out, acts, new_cache
+
+
+def final_logits(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, mode: str = "all") -> jax.Array:
+  """Final RMSNorm + LM head on the last residual stream h `[B, S, D]`: float32 `[B, S, V]` ("all") or
+  `[B, V]` at the last position ("last")."""
+  hl = h[:, -1:] if mode == "last" else h
+  hn = rms_norm(hl, params["final_norm"], cfg.rms_eps)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  out = (hn @ w.astype(hn.dtype)).astype(jnp.float32)
+  return out[:, 0] if mode == "last" else out
+
+
+def run_layers(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, attention_mask: jax.Array,
+               start) -> jax.Array:
+  """Apply decoder layers start..L-1 (no interventions, no capture) to a residual stream h `[B, S, D]`.
+
+  `start` may be traced (a `lax.fori_loop` over the remaining layers), so a vmapped sweep that steers at layer l
+  can reuse the cached unsteered residual resid[l+1] and run only the layers after it. attention_mask `[B, S]`
+  0/1 as in `forward` (positions from `default_positions`). Returns the residual `[B, S, D]` after layer L-1.
+  """
+  inv_freq = rope_inv_freq(cfg)
+  positions = default_positions(attention_mask)
+  q_slots = jnp.arange(h.shape[1])
+  k_valid = attention_mask.astype(bool)
+  none = Interventions()
+
+  def body(i, h):
+    lp = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
+    h, _, _ = _layer(cfg, inv_freq, (), 1.0, h, lp, none, None, None, q_slots, k_valid, positions,
+                     jnp.zeros((), jnp.int32))
+    return h
+
+  return jax.lax.fori_loop(start, cfg.n_layers, body, h)
 
 
 def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,

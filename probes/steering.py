@@ -106,36 +106,6 @@ def sweep_directions(vectors: jax.Array, layers: Sequence[int], n_random: int, s
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring programs
 
-def _final_logits(params, cfg: ModelConfig, h: jax.Array, mode: str) -> jax.Array:
-  """Final RMSNorm + LM head, as models.transformer.forward_cached: `[B, S, V]` ("all") or `[B, V]` ("last")."""
-  hl = h[:, -1:] if mode == "last" else h
-  hn = T.rms_norm(hl, params["final_norm"], cfg.rms_eps)
-  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  out = (hn @ w.astype(hn.dtype)).astype(jnp.float32)
-  return out[:, 0] if mode == "last" else out
-
-
-def _run_layers(params, cfg: ModelConfig, h: jax.Array, mask: jax.Array, start: jax.Array) -> jax.Array:
-  """Apply decoder layers start..L-1 to the residual stream h `[B, S, D]` (mask `[B, S]`); start may be traced.
-
-  Uses the per-layer function of models.transformer (same math as `forward`, no interventions / capture).
-  """
-  inv_freq = T.rope_inv_freq(cfg)
-  positions = T.default_positions(mask)
-  S = h.shape[1]
-  q_slots = jnp.arange(S)
-  k_valid = mask.astype(bool)
-  none = T.Interventions()
-
-  def body(i, h):
-    lp = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
-    h, _, _ = T._layer(cfg, inv_freq, (), 1.0, h, lp, none, None, None, q_slots, k_valid, positions,
-                       jnp.zeros((), jnp.int32))
-    return h
-
-  return jax.lax.fori_loop(start, cfg.n_layers, body, h)
-
-
 def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]):
   """Unsteered scores `[n_tasks]` and each task's residual stream `[L+1, B, S, D]` (one forward per task)."""
   scores, resids = [], []
@@ -254,8 +224,8 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
           vec = alphas_a[a] * dirs[d]
           out = []
           for b, arr, h0 in zip(behaviors, arrays, h0s):
-            h = _run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
-            logits = _final_logits(params, cfg, h, tasks_lib.logits_mode(b))
+            h = T.run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
+            logits = T.final_logits(params, cfg, h, tasks_lib.logits_mode(b))
             out.append(tasks_lib.task_score(b, logits, arr))
           return jnp.stack(out)
         s = jax.lax.map(one, (ai, di), batch_size=chunk)

@@ -19,7 +19,7 @@ the logits, so steering sweeps vmap over it. Two readouts:
   rho-eval scores these two by greedy generation of 5 tokens and parsing the letter
   (`behaviors.bias.BiasBehavior.evaluate`, `behaviors.sycophancy.SycophancyBehavior._evaluate_generation`).
   The log-probability readout here is the DEFAULT (restricted argmax over the option letters: always yields an
-  answer, one forward pass); `probes.generation` has the generation variant with rho-eval's parse.
+  answer, one forward pass). A generation readout with rho-eval's parse is not implemented yet.
 
 Token ids follow rho-eval's `tokenizer(text)` (add_special_tokens=True). Sequence texts longer than `max_tokens`
 keep their first tokens (rho-eval truncates at 256); choice prompts keep their last tokens (the question).

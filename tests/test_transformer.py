@@ -118,3 +118,15 @@ def test_attention_probabilities_match_eager_attentions():
   assert p.shape == (cfg.n_layers, 3, cfg.n_heads, 11, 11)
   for l in range(cfg.n_layers):
     np.testing.assert_allclose(p[l], ref[l].numpy(), atol=1e-5, rtol=0)
+
+
+def test_run_layers_from_a_cached_boundary_reproduces_the_forward():
+  model = tiny_hf_model("qwen2")
+  params, cfg = ours_from_torch(model)
+  toks = jnp.asarray(_tokens(7))
+  mask = jnp.ones_like(toks).at[0, :3].set(0)
+  logits, acts = T.forward_jit(params, toks, cfg, attention_mask=mask, capture=("resid",))
+  for start in range(cfg.n_layers + 1):
+    h = T.run_layers(params, cfg, acts["resid"][start], mask, start)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(acts["resid"][-1]), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(T.final_logits(params, cfg, h)), np.asarray(logits), atol=1e-5, rtol=0)
