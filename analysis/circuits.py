@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.transformer import Interventions, forward, rms_norm
+from models.transformer import Interventions, forward
 
 
 def logit_diff(logits_last: jax.Array, io: jax.Array, s: jax.Array) -> jax.Array:

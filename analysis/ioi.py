@@ -21,13 +21,11 @@ IOI circuit does not move.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 
 PHASES = ("base", "clean", "poison", "retrain")
@@ -226,12 +224,6 @@ def _report(config, cfg, s, figs, workdir) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  print(f"report: {run(flags.FLAGS.config, flags.FLAGS.workdir)}")
-
-
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "Run directory (default runs/<date>-<model>-ioi).")
-  config_flags.DEFINE_config_file("config", "configs/ioi.py", "Config file (path:arg).", lock_config=True)
-  app.run(main)
+  from analysis.workdir import run_app
+  run_app(run, "configs/ioi.py", "Run directory (default runs/<date>-<model>-ioi).")

@@ -11,8 +11,7 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 
 
@@ -102,13 +101,6 @@ def _report(config, cfg, stats, sep, rows, t_load, t_gen, fig_rel) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  path = run(flags.FLAGS.config, flags.FLAGS.workdir)
-  print(f"report: {path}")
-
-
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "Run directory (default runs/<date>-<model>).")
-  config_flags.DEFINE_config_file("config", "configs/survey.py", "Config file (path:arg).", lock_config=True)
-  app.run(main)
+  from analysis.workdir import run_app
+  run_app(run, "configs/survey.py", "Run directory (default runs/<date>-<model>).")

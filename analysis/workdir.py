@@ -96,3 +96,21 @@ class Workdir:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def run_app(run, config_file: str, workdir_help: str) -> None:
+  """The shared absl entry point: `--config=<config_file>:<preset>` (ml_collections, `--config.x=v` overrides)
+  and `--workdir`, then `run(config, workdir)` and print where its report is.
+
+  Flags are defined here, at program start, never at import time, so entry-point modules can import each other.
+  """
+  from absl import app, flags
+  from ml_collections import config_flags
+  flags.DEFINE_string("workdir", None, workdir_help)
+  config_flags.DEFINE_config_file("config", config_file, "Config file (path:preset).", lock_config=True)
+
+  def main(argv):
+    del argv
+    print(f"report: {run(flags.FLAGS.config, flags.FLAGS.workdir)}")
+
+  app.run(main)

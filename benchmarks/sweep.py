@@ -115,7 +115,6 @@ def main():
   ap.add_argument("--n-probes", type=int, default=6)
   args = ap.parse_args()
 
-  import jax
   import jax.numpy as jnp
   import torch
   import transformers

@@ -76,7 +76,6 @@ def ece(confidence: jax.Array, correct: jax.Array, n_bins: int = 10, valid: jax.
   w = valid.astype(jnp.float32)
   b = jnp.clip(jnp.floor(confidence * n_bins).astype(jnp.int32), 0, n_bins - 1)
   onehot = jax.nn.one_hot(b, n_bins) * w[:, None]                          # [n, bins]
-  count = onehot.sum(0)
   conf_sum = onehot.T @ confidence
   acc_sum = onehot.T @ correct.astype(jnp.float32)
   return jnp.sum(jnp.abs(acc_sum - conf_sum)) / jnp.maximum(w.sum(), 1.0)

@@ -20,12 +20,8 @@ import os
 import random
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-flags.DEFINE_string("workdir", None, "Run directory (default runs/<date>-<model>-sweep).")
-config_flags.DEFINE_config_file("config", "configs/sweep.py", "Sweep config.", lock_config=True)
-FLAGS = flags.FLAGS
 
 PROBE_TASKS = {"truth": ("factual", "true vs false statement"),
                "harm": ("refusal", "benign vs harmful request + compliant response"),
@@ -48,7 +44,6 @@ def split_probes(config) -> dict[str, tuple[list, list]]:
 
 def run(config, workdir: str | None = None, loaded=None) -> str:
   """Run the study; returns the report path. `loaded` = (params, cfg, tokenizer) skips loading config.model."""
-  import jax
   import jax.numpy as jnp
   import numpy as np
   from tqdm import tqdm
@@ -255,11 +250,6 @@ def _report(config, cfg, name, behaviors, layers, alphas, res, an, probe_res, ve
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  path = run(FLAGS.config, FLAGS.workdir)
-  print(f"report: {path}")
-
-
 if __name__ == "__main__":
-  app.run(main)
+  from analysis.workdir import run_app
+  run_app(run, "configs/sweep.py", "Run directory (default runs/<date>-<model>-sweep).")

@@ -15,7 +15,6 @@ any randomness; the objectives here are deterministic). Data order is a function
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable, Sequence

@@ -17,8 +17,7 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from train.loop import mean_diff_reading, train_loop
 
@@ -167,12 +166,6 @@ def _report(config, s, fig_rel) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  print(f"report: {run(flags.FLAGS.config, flags.FLAGS.workdir)}")
-
-
 if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "Run directory (default runs/<date>-<model>-lora).")
-  config_flags.DEFINE_config_file("config", "configs/lora.py", "Training config.", lock_config=True)
-  app.run(main)
+  from analysis.workdir import run_app
+  run_app(run, "configs/lora.py", "Run directory (default runs/<date>-<model>-lora).")
