@@ -40,7 +40,7 @@ def run(config, workdir: str | None = None) -> str:
   kinds = ["harmful"] * len(config.harmful_prompts) + ["benign"] * len(config.benign_prompts)
   texts = [tk.chat_prompt(tok, p, config.system_prompt or None) for p in prompts]
   toks, mask = tk.encode_left_padded(tok, texts)
-  eos = tuple(sorted(set(cfg.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())))
+  eos = tk.eos_ids(tok, cfg)
 
   t0 = time.time()
   new = generate(params, cfg, jnp.asarray(toks), jnp.asarray(mask), max_new_tokens=config.max_new_tokens,

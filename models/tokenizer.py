@@ -17,6 +17,14 @@ def pad_id(tokenizer) -> int:
   return 0
 
 
+def eos_ids(tokenizer, cfg) -> tuple[int, ...]:
+  """Sorted stop ids for generation: the model config's EOS ids plus the tokenizer's EOS token."""
+  ids = set(cfg.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return tuple(sorted(ids))
+
+
 def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
   """The model's chat template applied to one user turn, ending with the assistant generation prompt.
 

@@ -31,8 +31,7 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, max_new_
   """Greedy answers (chat template, left-padded batches of `batch`) via models.generate.generate."""
   from models import tokenizer as tk
   from models.generate import generate
-  eos = tuple(sorted(set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None
-                                               else set())))
+  eos = tk.eos_ids(tokenizer, cfg)
   out = []
   for i in range(0, len(prompts), batch):
     chunk = list(prompts[i:i + batch])
