@@ -52,7 +52,8 @@ def _one_head(cfg: ModelConfig, layer, head, pos_mask):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
-def patch_each_head(params, cfg: ModelConfig, tokens, mask, donor_z, io, s, pos_mask=None, chunk: int = 8):
+def patch_each_head(params, cfg: ModelConfig, tokens, mask, donor_z, io, s, pos_mask=None, chunk: int = 8,
+                    heads=None):
   """Activation patching of every head in turn: z_h <- donor_z_h (at pos_mask positions, default all).
 
   Args:
@@ -61,11 +62,12 @@ def patch_each_head(params, cfg: ModelConfig, tokens, mask, donor_z, io, s, pos_
     donor_z: `[L, N, S, H, hd]` z of the donor run (head_outputs).
     io, s: `[N]` answer token ids. pos_mask: `[N, S]` 0/1 positions to patch, or None for every position.
     chunk: heads per vmapped batch inside the lax.map (memory / speed trade-off).
+    heads: optional (layers `[K]`, heads `[K]`) int arrays: patch only these K heads.
 
   Returns:
-    `[L, H, N]` logit difference of the patched run for each head.
+    `[L, H, N]` logit difference of the patched run for each head, or `[K, N]` when `heads` is given.
   """
-  layers, heads = _all_heads(cfg)
+  layers, idx = _all_heads(cfg) if heads is None else heads
 
   def one(lh):
     hm = _one_head(cfg, lh[0], lh[1], pos_mask)
@@ -73,8 +75,8 @@ def patch_each_head(params, cfg: ModelConfig, tokens, mask, donor_z, io, s, pos_
                      interventions=Interventions(head_mask=hm, head_value=donor_z))
     return logit_diff(out, io, s)
 
-  res = jax.lax.map(one, (layers, heads), batch_size=chunk)
-  return res.reshape(cfg.n_layers, cfg.n_heads, -1)
+  res = jax.lax.map(one, (layers, idx), batch_size=chunk)
+  return res if heads is not None else res.reshape(cfg.n_layers, cfg.n_heads, -1)
 
 
 def template_means(z: jax.Array, template: jax.Array, n_templates: int) -> jax.Array:

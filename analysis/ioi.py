@@ -74,7 +74,6 @@ def analyze(params, cfg, d, top_k: int, exact_top_k: bool) -> dict:
 
   from analysis import circuits as C
   from analysis.ioi_data import ABBA_TEMPLATES, BABA_TEMPLATES
-  from models.transformer import Interventions, forward_jit
   toks, abc, mask = jnp.asarray(d.tokens), jnp.asarray(d.abc_tokens), jnp.asarray(d.mask)
   io, s = jnp.asarray(d.io), jnp.asarray(d.s)
   dla = C.direct_logit_attribution(params, cfg, toks, mask, io, s)
@@ -86,12 +85,10 @@ def analyze(params, cfg, d, top_k: int, exact_top_k: bool) -> dict:
   circuit.flat[order] = 1
   exact = {}
   if exact_top_k:
-    for i in order:
-      l, h = divmod(int(i), cfg.n_heads)
-      hm = jnp.zeros((cfg.n_layers, 1, 1, cfg.n_heads)).at[l, 0, 0, h].set(1.0)
-      out, _ = forward_jit(params, toks, cfg, attention_mask=mask, logits="last",
-                           interventions=Interventions(head_mask=hm, head_value=z_abc))
-      exact[f"{l}.{h}"] = float(ld.mean() - np.asarray(C.logit_diff(out, io, s)).mean())
+    top_l, top_h = np.divmod(order, cfg.n_heads)
+    patched = np.asarray(C.patch_each_head(params, cfg, toks, mask, z_abc, io, s,
+                                           heads=(jnp.asarray(top_l), jnp.asarray(top_h))))
+    exact = {f"{l}.{h}": float(ld.mean() - p.mean()) for l, h, p in zip(top_l, top_h, patched)}
   n_t = len(BABA_TEMPLATES) + len(ABBA_TEMPLATES)
   z_mean = C.template_means(z_abc, jnp.asarray(d.template), n_t)
   kept = np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.asarray(1 - circuit), io, s))

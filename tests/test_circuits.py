@@ -149,3 +149,11 @@ def test_attribution_patching_is_the_first_order_term_of_exact_patching(tiny):
     approx = np.asarray(C.attribution_patch(params, cfg, toks, mask, donor, io, s)) - clean
     err = np.abs(exact - approx).max()
     assert err <= 0.05 * np.abs(exact).max() + 1e-6, (eps, err, np.abs(exact).max())
+
+
+def test_patching_a_subset_of_heads_equals_the_full_sweep_rows(tiny):
+  params, cfg, toks, corrupt, mask, io, s = tiny
+  z_bad = C.head_outputs(params, cfg, corrupt, mask)
+  full = C.patch_each_head(params, cfg, toks, mask, z_bad, io, s)
+  sub = C.patch_each_head(params, cfg, toks, mask, z_bad, io, s, heads=(jnp.array([2, 0]), jnp.array([1, 3])))
+  np.testing.assert_allclose(np.asarray(sub), np.asarray(full)[[2, 0], [1, 3]], atol=1e-6)
