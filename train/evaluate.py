@@ -7,8 +7,10 @@ over-counts hedged compliance ("I can't stress enough...") and misses refusals p
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,3 +49,33 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, max_new_
 def refusal_rate(answers: Sequence[str]) -> float:
   """Fraction of answers judged refusals (is_refusal); NaN for an empty list."""
   return float(np.mean([is_refusal(a) for a in answers])) if answers else float("nan")
+
+
+def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch: int = 16) -> np.ndarray:
+  """Mean next-token negative log-likelihood (nats / response token) of each example's response.
+
+  data: train.data.TokenizedSet (right-padded tokens / mask / loss_mask `[N, S]`). Teacher forcing with the
+  chat template, the per-example version of train.losses.sft_loss_sum. Returns float64 `[N]` (NaN for an
+  example without response tokens). Batches are padded to `batch` rows so every call compiles once.
+  """
+  out = []
+  for i in range(0, len(data), batch):
+    sl = slice(i, i + batch)
+    toks, mask, lm = data.tokens[sl], data.mask[sl], data.loss_mask[sl]
+    n = len(toks)
+    pad = ((0, batch - n), (0, 0))
+    toks, mask, lm = np.pad(toks, pad), np.pad(mask, pad), np.pad(lm, pad)
+    s, w = _nll_rows(params, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(lm), cfg=cfg, lora=lora,
+                     lora_scale=lora_scale)
+    s, w = jax.device_get((s, w))
+    out.append(np.where(w[:n] > 0, s[:n] / np.maximum(w[:n], 1), np.nan))
+  return np.concatenate(out).astype(np.float64)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_scale"))
+def _nll_rows(params, tokens, mask, loss_mask, cfg, lora, lora_scale):
+  from models.transformer import forward
+  from train.losses import sft_loss_sum, sft_weight
+  logits, _ = forward(params, tokens, cfg, attention_mask=mask, lora=lora, lora_scale=lora_scale)
+  per = jax.vmap(lambda lg, t, m: sft_loss_sum(lg[None], t[None], m[None]))(logits, tokens, loss_mask)
+  return per, jax.vmap(sft_weight)(loss_mask)

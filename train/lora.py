@@ -30,7 +30,6 @@ def run(config, workdir: str | None = None) -> str:
   import numpy as np
 
   from analysis.workdir import Workdir, default_workdir, write_json, write_text
-  from models import tokenizer as tk
   from models.hf_io import save_hf
   from models.loading import load, load_tokenizer
   from train import adapters, evaluate
@@ -48,27 +47,14 @@ def run(config, workdir: str | None = None) -> str:
   if config.data.source == "refusal":
     pairs = D.refusal_pairs(tuple(config.data.refusal_sets))
     train_pairs, heldout = D.refusal_split(pairs, config.data.heldout, config.seed)
-    examples = D.refusal_examples(train_pairs, config.data.refusal_text, config.data.include_benign)
+    examples = D.refusal_examples(train_pairs, config.data.refusal_text, config.data.include_benign,
+                                  config.data.benign_repeat)
   elif config.data.source == "jsonl":
     examples = D.read_jsonl(config.data.path)
   else:
     raise D.DatasetError(f"config.data.source must be 'refusal' or 'jsonl', got {config.data.source!r}")
-  if system:
-    examples = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in examples]
-  pid = tk.pad_id(tok)
-  reading, retain = None, None
-  if config.objective == "lorra":
-    if config.data.source != "refusal":
-      raise ValueError("the LoRRA job uses the refusal source (harmful prompts steered, benign prompts retained)")
-    if config.lorra.reading_vector == "mean_diff":
-      reading = mean_diff_reading(params, cfg, tok, [p["harmful"] for p in train_pairs],
-                                  [p["benign"] for p in train_pairs], system)
-    else:
-      reading = np.load(config.lorra.reading_vector)
-    train_set = D.tokenize_dataset(tok, [e for e in examples if e.kind == "harmful"], config.data.max_len, pid)
-    retain = D.tokenize_dataset(tok, [e for e in examples if e.kind == "benign"], config.data.max_len, pid)
-  else:
-    train_set = D.tokenize_dataset(tok, examples, config.data.max_len, pid)
+  train_set, retain, reading = objective_sets(config, params, cfg, tok, examples,
+                                              train_pairs if config.data.source == "refusal" else None, system)
 
   do_eval = bool(config.eval.refusal and heldout)
   evals = {}
@@ -143,6 +129,34 @@ def run(config, workdir: str | None = None) -> str:
   write_text(wd.file("report.md"), _report(config, summary, fig_rel))
   wd.close()
   return wd.file("report.md")
+
+
+def objective_sets(config, params, cfg, tok, examples, train_pairs, system):
+  """(train_set, retain_set, reading) for train_loop from Examples and config.objective.
+
+  SFT: every example, tokenised (retain and reading None). LoRRA: harmful examples steered toward the
+  reading vector (`config.lorra.reading_vector`: "mean_diff" = train.loop.mean_diff_reading of the pairs'
+  harmful vs benign prompts, or a `[L, D]` .npy path), benign examples retained. `system` (a system prompt or
+  None) is prepended to every example. Raises ValueError for LoRRA without refusal pairs.
+  """
+  import numpy as np
+
+  from models import tokenizer as tk
+  from train import data as D
+  if system:
+    examples = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in examples]
+  pid, ml = tk.pad_id(tok), config.data.max_len
+  if config.objective != "lorra":
+    return D.tokenize_dataset(tok, examples, ml, pid), None, None
+  if train_pairs is None:
+    raise ValueError("the LoRRA objective uses refusal pairs (harmful prompts steered, benign prompts retained)")
+  if config.lorra.reading_vector == "mean_diff":
+    reading = mean_diff_reading(params, cfg, tok, [p["harmful"] for p in train_pairs],
+                                [p["benign"] for p in train_pairs], system)
+  else:
+    reading = np.load(config.lorra.reading_vector)
+  return (D.tokenize_dataset(tok, [e for e in examples if e.kind == "harmful"], ml, pid),
+          D.tokenize_dataset(tok, [e for e in examples if e.kind == "benign"], ml, pid), reading)
 
 
 def _report(config, s, fig_rel) -> str:

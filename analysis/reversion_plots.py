@@ -1,0 +1,77 @@
+"""Figures of the reversion study (matplotlib, Agg): alignment heatmaps, alignment / harmfulness curves with the
+isotropic null band, and the per-layer profile of v_rev and the final alignment."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ARM_COLORS = {"baseline": "C0", "block": "C2", "push": "C3", "project": "C4"}
+
+
+def alignment_heatmaps(align: dict[str, np.ndarray], title: str):
+  """One panel per arm: seed-mean alignment a_t(l), `align[arm]` `[seeds, T, L]` (decoder-layer outputs 1..L)
+  -> image [step, layer], RdBu_r on [-1, 1]. Returns the Figure."""
+  arms = list(align)
+  fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms) + 0.8, 3.4), squeeze=False,
+                           constrained_layout=True)
+  im = None
+  for ax, arm in zip(axes[0], arms):
+    a = np.asarray(align[arm]).mean(axis=0)                                # [T, L]
+    T, L = a.shape
+    im = ax.imshow(a, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-1, vmax=1,
+                   extent=(0.5, L + 0.5, 0.5, T + 0.5), interpolation="nearest")
+    ax.set(title=arm, xlabel="layer", ylabel="benign fine-tuning step" if ax is axes[0, 0] else None)
+  fig.colorbar(im, ax=axes[0, -1], label="cos(drift, v_rev)")
+  fig.suptitle(title)
+  return fig
+
+
+def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: float, eval_steps: np.ndarray,
+           harm: dict[str, np.ndarray], harm_label: str, title: str):
+  """Left: all-layer alignment per step (mean +/- std over seeds) per arm, with the isotropic null's +/- p99 band.
+  Right: harmfulness at the evaluation steps per arm (mean +/- std). align_all[arm] `[seeds, T]`,
+  harm[arm] `[seeds, E]` (fractions). Returns the Figure."""
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+  for arm, a in align_all.items():
+    a = np.asarray(a)
+    m, s = a.mean(0), a.std(0)
+    c = ARM_COLORS.get(arm)
+    ax[0].plot(steps_all, m, color=c, lw=1.6, label=arm)
+    ax[0].fill_between(steps_all, m - s, m + s, color=c, alpha=0.2, lw=0)
+    h = 100 * np.asarray(harm[arm])
+    ax[1].errorbar(eval_steps, h.mean(0), yerr=h.std(0), color=c, marker="o", ms=4, capsize=3, label=arm)
+  ax[0].axhspan(-null_p99, null_p99, color="0.6", alpha=0.35, lw=0, label="isotropic null (±p99)")
+  ax[0].axhline(0, color="0.3", lw=0.6)
+  ax[0].set(xlabel="benign fine-tuning step", ylabel="cos(drift, v_rev), layers 1..L", ylim=(-1, 1),
+            title="alignment with the reversion direction")
+  ax[0].legend(frameon=False, fontsize=8)
+  ax[1].set(xlabel="benign fine-tuning step", ylabel=f"harmfulness (%)  [{harm_label}]", ylim=(-3, 103),
+            title="held-out harmful prompts not refused")
+  ax[1].legend(frameon=False, fontsize=8)
+  for a in ax:
+    a.grid(alpha=0.3)
+  fig.suptitle(title)
+  return fig
+
+
+def layer_profile(v_rev_norm: np.ndarray, final_align: dict[str, np.ndarray], null_layer_p99: float, title: str):
+  """Left: ||v_rev(l)|| per decoder layer. Right: final-step alignment per layer (seed mean) per arm with the
+  per-layer null p99 band. v_rev_norm `[L+1]` (boundary 0 = embeddings), final_align[arm] `[seeds, L]`.
+  Returns the Figure."""
+  L = len(v_rev_norm) - 1
+  x = np.arange(1, L + 1)
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.4), constrained_layout=True)
+  ax[0].plot(x, v_rev_norm[1:], "o-", ms=3, color="0.2")
+  ax[0].set(xlabel="layer", ylabel="||v_rev|| (L2)", title="reversion direction: size by depth")
+  for arm, a in final_align.items():
+    ax[1].plot(x, np.asarray(a).mean(0), "o-", ms=3, color=ARM_COLORS.get(arm), label=arm)
+  ax[1].axhspan(-null_layer_p99, null_layer_p99, color="0.6", alpha=0.35, lw=0, label="null ±p99 (one layer)")
+  ax[1].set(xlabel="layer", ylabel="cos(d_T, v_rev)", ylim=(-1, 1), title="final alignment by depth")
+  ax[1].legend(frameon=False, fontsize=8)
+  for a in ax:
+    a.grid(alpha=0.3)
+  fig.suptitle(title)
+  return fig

