@@ -157,3 +157,39 @@ def test_patching_a_subset_of_heads_equals_the_full_sweep_rows(tiny):
   full = C.patch_each_head(params, cfg, toks, mask, z_bad, io, s)
   sub = C.patch_each_head(params, cfg, toks, mask, z_bad, io, s, heads=(jnp.array([2, 0]), jnp.array([1, 3])))
   np.testing.assert_allclose(np.asarray(sub), np.asarray(full)[[2, 0], [1, 3]], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_last_position_patching_equals_full_forward_patching(variant):
+  # GQA (4 heads, 2 KV heads), left padding in two rows; qwen2 has q/k/v biases, qwen3 q/k norms
+  params, cfg = ours_from_torch(tiny_hf_model(variant, seed=3))
+  layers = dict(params["layers"], wq=params["layers"]["wq"] * 8, wk=params["layers"]["wk"] * 8)
+  params = {**params, "layers": layers}
+  rng = np.random.default_rng(1)
+  toks, corrupt = (jnp.asarray(rng.integers(1, 97, (4, 6))) for _ in range(2))
+  mask = jnp.ones((4, 6), jnp.int32).at[1, :2].set(0).at[3, :1].set(0)
+  io, s = jnp.asarray(rng.integers(1, 97, 4)), jnp.asarray(rng.integers(1, 97, 4))
+  z_bad = C.head_outputs(params, cfg, corrupt, mask)
+  last_pos = jnp.zeros((4, 6)).at[:, -1].set(1.0)
+  full = C.patch_each_head(params, cfg, toks, mask, z_bad, io, s, pos_mask=last_pos)
+  fast = C.patch_each_head(params, cfg, toks, mask, z_bad, io, s, method="last", chunk=5)
+  assert fast.shape == (cfg.n_layers, cfg.n_heads, 4)
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(full), atol=1e-5, rtol=1e-5)
+  out, _ = T.forward_jit(params, toks, cfg, attention_mask=mask, logits="last")
+  clean = np.asarray(C.logit_diff(out, io, s))
+  assert np.abs(np.asarray(full) - clean).max() > 1e-3               # the patch does something
+  same = C.patch_each_head(params, cfg, toks, mask, C.head_outputs(params, cfg, toks, mask), io, s,
+                           method="last", chunk=5)
+  np.testing.assert_allclose(np.asarray(same), np.broadcast_to(clean, same.shape), atol=1e-5, rtol=1e-5)
+  sub = C.patch_each_head(params, cfg, toks, mask, z_bad, io, s, method="last",
+                          heads=(jnp.array([2, 0, 1]), jnp.array([1, 3, 0])))
+  np.testing.assert_allclose(np.asarray(sub), np.asarray(full)[[2, 0, 1], [1, 3, 0]], atol=1e-5, rtol=1e-5)
+
+
+def test_last_position_patching_rejects_a_position_mask(tiny):
+  params, cfg, toks, _, mask, io, s = tiny
+  z = C.head_outputs(params, cfg, toks, mask)
+  with pytest.raises(ValueError, match="final position"):
+    C.patch_each_head(params, cfg, toks, mask, z, io, s, pos_mask=jnp.ones(toks.shape), method="last")
+  with pytest.raises(ValueError, match="method"):
+    C.patch_each_head(params, cfg, toks, mask, z, io, s, method="mid")
