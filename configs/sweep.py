@@ -1,14 +1,30 @@
 """Config for `python -m probes.sweep`: layer x alpha steering sweep with a random-direction control, and linear
 probes at every layer.
 
-Usage: --config=configs/sweep.py:smollm2 (default), :qwen, :full (SmolLM2, every layer, larger probe sets; about
-an hour on a 2-core CPU), or :quick (SmolLM2, 3 layers, 4 probes per behavior; for tests).
+Usage: --config=configs/sweep.py:smollm2 (default), :smollm2_fast (the sweep part of `make run`: about 5 minutes
+on a 2-core CPU), :qwen, :full (SmolLM2, every layer, larger probe sets; about an hour on a 2-core CPU), or :quick
+(SmolLM2, 3 layers, 4 probes per behavior; for tests).
+
+Readout of bias and sycophancy (`readout`): "logprob" (default; the option letter with the highest next-token logit
+after "Answer:", inside the sweep program) or "generate" (rho-eval's own: 5 greedy tokens and its letter parse, for
+every sweep configuration: a full prefill, no suffix skipping, plus 5 decode steps per configuration; not timed).
+With "logprob" the generation readout is still reported for the baseline and, when `gen_check`, at the kill-zone
+cells (probes.sweep docstring). On SmolLM2-135M-Instruct the generation readout of sycophancy is degenerate: with
+rho-eval's raw prompt (no chat template) the model emits <|im_end|> first on every probe, so every answer is
+unparsed and the truthful rate is 0.
 
 Cost model (2-core CPU, SmolLM2-135M fp32, ~500-700 tokens/s): the sweep processes
   (#layers x #alphas x (1 + n_random)) x (tokens of all scored probes) x ~0.6 (method "suffix" skips the layers
   before the steered one; the LM head over every position of the teacher-forced sets is not skipped)
 tokens, plus one capture pass over the contrast pairs. The smollm2 default (15 layers x 3 alphas x 3 directions =
-135 configurations x ~5k tokens) is sized for about 10 minutes.
+135 configurations x ~5k tokens) is sized for about 10 minutes. smollm2_fast keeps every behavior and the same
+scored probes (so its baselines equal smollm2's) but sweeps every 4th layer from layer 2 (7 layers, 6.7-86.7% depth)
+at rho-eval's alpha = +4 only (21 configurations, about a sixth of smollm2's suffix-layer work), with 24 instead
+of 48 contrast pairs for the vector, fewer pairs for the linear probes and one generation-checked cell per choice
+behavior. Measured (2-core CPU, `python -m probes.sweep --config=configs/sweep.py:smollm2_fast`): 5 min 35 s wall,
+336 CPU-s, while another 1-core job shared the machine (load 2-3.7); 8 min 55 s at load ~5. Breakdown of the first:
+load 11 s, capture 53 s, linear probes 4 s, sweep 211 s (with compilation), generation readout 8 s baseline + 42 s
+kill-zone cells (mostly compilation).
 """
 import ml_collections
 
@@ -16,10 +32,10 @@ MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instru
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
-  if arg not in ("smollm2", "qwen", "full", "quick"):
-    raise ValueError(f"unknown sweep config {arg!r}; choose smollm2, qwen, full or quick")
+  if arg not in ("smollm2", "smollm2_fast", "qwen", "full", "quick"):
+    raise ValueError(f"unknown sweep config {arg!r}; choose smollm2, smollm2_fast, qwen, full or quick")
   c = ml_collections.ConfigDict()
-  quick, full = arg == "quick", arg == "full"
+  quick, full, fast = arg == "quick", arg == "full", arg == "smollm2_fast"
   c.model = MODELS["qwen" if arg == "qwen" else "smollm2"]
   c.dtype = "float32"
   c.seed = 0
@@ -41,7 +57,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   # Steering vectors: contrast pairs of `steer_source` (disjoint from its scored probes), CAA or PCA.
   c.steer_source = "sycophancy"
   c.vector = "caa"                        # "caa" (mean difference) or "pca" (reading vector, rescaled to ||CAA||)
-  c.n_vector_pairs = 8 if quick else 48   # pairs for the vectors and the sycophancy probe task
+  c.n_vector_pairs = 8 if quick else (24 if fast else 48)   # pairs for the vectors and the sycophancy probe task
   c.capture_batch_size = 16
 
   # Sweep grid.
@@ -53,6 +69,18 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.n_random = 2 if not full else 4       # norm-matched random directions per layer (the control)
   c.method = "suffix"                     # "suffix" (skip unsteered prefix layers) or "full"
   c.memory_gib = 3.0                      # working-memory budget that sets the vmap chunk size
+  if fast:
+    c.layer_start, c.layer_stride = 2, 4  # layers 2, 6, ..., 26: 6.7-86.7% depth in 13.3% steps (rho-eval's Qwen
+    c.alphas = [4.0]                      # sweep used 12.5% steps); rho-eval's alpha, random directions as control
+
+  # Readout of bias and sycophancy (module docstring). The generation readout follows rho-eval's
+  # `behaviors.metrics.generate`: raw prompt (no chat template), first `gen_max_prompt` tokens, `gen_tokens` greedy
+  # tokens, letter parsed from the text (probes.tasks.parse_bias_answer / parse_sycophancy_answer).
+  c.readout = "logprob"                   # "logprob" or "generate"
+  c.gen_tokens = 5
+  c.gen_max_prompt = 512
+  c.gen_check = True                      # readout "logprob": generation readout at the kill-zone cells too
+  c.gen_max_cells = 1 if (fast or quick) else 3   # cells per choice behavior (kill-zone worst cells, largest drop)
 
   # Kill zones.
   c.kill_threshold = 0.1                  # drop of at least this much (score units) ...
@@ -61,10 +89,11 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
 
   # Linear probes (truth: factual true vs false; harm: refusal benign vs harmful; sycophancy: truthful vs
   # sycophantic answer), on last-token residuals at every boundary.
-  c.probe_pairs = ml_collections.ConfigDict({"factual": 16 if quick else 120, "refusal": 16 if quick else 80})
+  c.probe_pairs = ml_collections.ConfigDict({"factual": 16 if quick else (64 if fast else 120),
+                                             "refusal": 16 if quick else (48 if fast else 80)})
   c.probe_l2 = [1e-3, 1e-2, 1e-1]
   c.probe_seeds = [0, 1, 2]
-  c.probe_steps = 150 if quick else 300
+  c.probe_steps = 150 if quick else (200 if fast else 300)
   c.probe_lr = 0.05
   c.probe_fractions = [0.6, 0.2, 0.2]
   return c

@@ -238,7 +238,113 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Steered generation (rho-eval's generation readout of bias / sycophancy under steering)
+
+def gen_bytes_per_config(cfg: ModelConfig, task: tasks_lib.GenTask, max_new_tokens: int,
+                         dtype_bytes: int = 4) -> int:
+  """Rough peak working memory of one steered generation of `task` (bytes): the prefill's residual, block and
+  attention temporaries B*S*(8 D + 3 F) + 2 B*H*S*S, plus the KV cache 2 L*B*(S+N)*KV*hd."""
+  B, S = task.tokens.shape
+  kv = 2 * cfg.n_layers * B * (S + max_new_tokens) * cfg.n_kv_heads * cfg.head_dim
+  return (B * S * (8 * cfg.d_model + 3 * cfg.d_ff) + 2 * B * cfg.n_heads * S * S + kv) * dtype_bytes
+
+
+def grid_configs(directions: jax.Array, layers: Sequence[int], alphas: Sequence[float]) -> tuple[np.ndarray,
+                                                                                                 jax.Array]:
+  """Flatten a sweep grid into per-configuration (layer, added vector), row-major over (layer, alpha, direction).
+
+  Args:
+    directions: `[L', M, D]` (from `sweep_directions`). layers: the L' layer indices. alphas: the A coefficients.
+  Returns:
+    (`[L' * A * M]` int32 layer per configuration, `[L' * A * M, D]` float32 alpha * direction); reshape scores to
+    `[L', A, M]` to undo the flattening.
+  """
+  directions = jnp.asarray(directions, jnp.float32)
+  li, ai, di = (x.ravel() for x in np.meshgrid(np.arange(len(layers)), np.arange(len(alphas)),
+                                               np.arange(directions.shape[1]), indexing="ij"))
+  vecs = jnp.asarray(alphas, jnp.float32)[ai][:, None] * directions[li, di]
+  return np.asarray(layers, np.int32)[li], vecs
+
+
+def steered_generations(params, cfg: ModelConfig, task: tasks_lib.GenTask, layers: Sequence[int],
+                        vectors: jax.Array, *, max_new_tokens: int = tasks_lib.GEN_TOKENS,
+                        eos_ids: Sequence[int] = (), pad_id: int = 0, memory_gib: float = 4.0,
+                        progress=None) -> np.ndarray:
+  """Greedy generations of one task's prompts under C steering configurations, as one jitted program.
+
+  Configuration c adds `vectors[c]` to the residual stream at the output of layer `layers[c]` at every position,
+  prompt and generated tokens alike (rho-eval `SteeringHook` stays registered during `model.generate`), via
+  `models.generate.generate(interventions=Interventions(resid_add=onehot(l)[:, None, None, None] * v))`,
+  `lax.map`ped over the configurations in vmapped chunks sized by `memory_gib`. A zero vector is the unsteered
+  model exactly (h + 0 = h). Decoding is greedy, `max_new_tokens` steps (rho-eval: 5), stopping rows at
+  `eos_ids` (later slots hold `pad_id`).
+
+  Args:
+    params, cfg: the model.
+    task: prompts (probes.tasks.GenTask).
+    layers: `[C]` steered layer per configuration (0-based).
+    vectors: `[C, D]` float, the added vector (alpha already applied).
+    progress: optional callable(n) called from inside the program as chunks finish.
+  Returns:
+    `[C, B, max_new_tokens]` int32 numpy generated ids.
+  Raises:
+    ValueError: a layer out of range, or layers / vectors of different lengths.
+  """
+  from models.generate import generate
+  layers = np.asarray([int(l) for l in layers], np.int32)
+  vectors = jnp.asarray(vectors, jnp.float32)
+  if vectors.ndim != 2 or vectors.shape[0] != len(layers) or vectors.shape[1] != cfg.d_model:
+    raise ValueError(f"vectors {vectors.shape} must be [{len(layers)}, {cfg.d_model}] (one per layer)")
+  if np.any((layers < 0) | (layers >= cfg.n_layers)):
+    raise ValueError(f"layers {layers.tolist()} out of range for {cfg.n_layers} layers")
+  per = gen_bytes_per_config(cfg, task, max_new_tokens)
+  chunk = int(max(1, min(len(layers), math.floor(memory_gib * 2 ** 30 / per))))
+  eos = tuple(sorted(int(e) for e in eos_ids))
+  tokens, mask = jnp.asarray(task.tokens), jnp.asarray(task.mask)
+
+  @jax.jit
+  def program(params, layers, vectors):
+    def one(x):
+      l, v = x
+      onehot = jax.nn.one_hot(l, cfg.n_layers, dtype=jnp.float32)
+      iv = T.Interventions(resid_add=onehot[:, None, None, None] * v[None, None, None, :])
+      out = generate(params, cfg, tokens, mask, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=int(pad_id),
+                     interventions=iv)
+      if progress is not None:
+        jax.debug.callback(lambda l: progress(int(np.size(l))), l)   # once per row, or per chunk with [chunk]
+      return out
+    return jax.lax.map(one, (layers, vectors), batch_size=chunk)
+
+  return np.asarray(program(params, jnp.asarray(layers), vectors))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Analysis: deltas, control band, z-scores, kill zones
+
+def control_band(delta: np.ndarray, ctrl: np.ndarray, *, band_z: float = 2.0,
+                 std_floor: float = 0.02) -> dict[str, np.ndarray]:
+  """The random-direction control of steering deltas.
+
+  Args:
+    delta: `[...]` behavior-vector deltas (steered - baseline). ctrl: `[..., K]` the same cells' deltas under K
+      norm-matched random directions.
+    band_z, std_floor: see `analyze`.
+  Returns:
+    dict of float64 arrays `[...]`: "ctrl_mean", "ctrl_std" (ddof=1, floored at std_floor; the floor alone for
+    K < 2), "band_lo" / "band_hi" = ctrl_mean -/+ band_z * ctrl_std widened to contain every control delta,
+    "z" = (delta - ctrl_mean) / ctrl_std, "outside" (bool: delta outside the band).
+  """
+  delta = np.asarray(delta, np.float64)
+  ctrl = np.asarray(ctrl, np.float64)
+  K = ctrl.shape[-1]
+  ctrl_mean = ctrl.mean(-1) if K else np.zeros_like(delta)
+  ctrl_std = np.maximum(ctrl.std(-1, ddof=1) if K > 1 else np.zeros_like(delta), std_floor)
+  band_lo = np.minimum(ctrl_mean - band_z * ctrl_std, ctrl.min(-1) if K else 0.0)
+  band_hi = np.maximum(ctrl_mean + band_z * ctrl_std, ctrl.max(-1) if K else 0.0)
+  z = (delta - ctrl_mean) / ctrl_std
+  return {"ctrl_mean": ctrl_mean, "ctrl_std": ctrl_std, "band_lo": band_lo, "band_hi": band_hi, "z": z,
+          "outside": (delta < band_lo) | (delta > band_hi)}
+
 
 def analyze(baseline: np.ndarray, scores: np.ndarray, behaviors: Sequence[str], layers: Sequence[int],
             n_layers: int, alphas: Sequence[float], *, threshold: float = 0.1, band_z: float = 2.0,
@@ -257,21 +363,17 @@ def analyze(baseline: np.ndarray, scores: np.ndarray, behaviors: Sequence[str], 
     `[T, L', A, K]`, "ctrl_mean", "ctrl_std" (ddof=1, floored), "band_lo", "band_hi", "z" = (delta - ctrl_mean) /
     ctrl_std, "outside" (delta outside the band), "killed" (delta <= -threshold and below the band), "depth_pct"
     `[L']` = 100 * layer / n_layers (rho-eval's depth convention: layer index / number of layers); and
-    "kill_zones": list of dicts {behavior, alpha, layers, depth_start, depth_end, min_delta, min_z} for maximal
-    runs of consecutive swept layers that are all killed.
+    "kill_zones": list of dicts for maximal runs of consecutive swept layers that are all killed, at one alpha:
+    {behavior, alpha, layers, depth_start, depth_end, min_delta, min_z, band_lo (lowest band edge in the run),
+    and the run's worst cell (lowest delta): worst_layer, worst_depth, worst_z, worst_ctrl_mean, worst_ctrl_std,
+    worst_band_lo, worst_band_hi}.
   """
   scores = np.asarray(scores, np.float64)
   base = np.asarray(baseline, np.float64)
-  K = scores.shape[2] - 1
   delta = np.transpose(scores[:, :, 0] - base, (2, 0, 1))                       # [T, L', A]
   ctrl = np.transpose(scores[:, :, 1:] - base, (3, 0, 1, 2))                    # [T, L', A, K]
-  ctrl_mean = ctrl.mean(-1) if K else np.zeros_like(delta)
-  ctrl_std = np.maximum(ctrl.std(-1, ddof=1) if K > 1 else np.zeros_like(delta), std_floor)
-  band_lo = np.minimum(ctrl_mean - band_z * ctrl_std, ctrl.min(-1) if K else 0.0)
-  band_hi = np.maximum(ctrl_mean + band_z * ctrl_std, ctrl.max(-1) if K else 0.0)
-  z = (delta - ctrl_mean) / ctrl_std
-  outside = (delta < band_lo) | (delta > band_hi)
-  killed = (delta <= -threshold) & (delta < band_lo)
+  cb = control_band(delta, ctrl, band_z=band_z, std_floor=std_floor)
+  killed = (delta <= -threshold) & (delta < cb["band_lo"])
   depth = 100.0 * np.asarray(layers, np.float64) / n_layers
   zones = []
   for t, b in enumerate(behaviors):
@@ -282,10 +384,15 @@ def analyze(baseline: np.ndarray, scores: np.ndarray, behaviors: Sequence[str], 
           run.append(i)
           continue
         if run:
+          w = run[int(np.argmin(delta[t, run, a]))]
           zones.append({"behavior": b, "alpha": float(alpha), "layers": [int(layers[j]) for j in run],
                         "depth_start": float(depth[run[0]]), "depth_end": float(depth[run[-1]]),
-                        "min_delta": float(delta[t, run, a].min()), "min_z": float(z[t, run, a].min()),
-                        "band_lo": float(band_lo[t, run, a].min())})
+                        "min_delta": float(delta[t, run, a].min()), "min_z": float(cb["z"][t, run, a].min()),
+                        "band_lo": float(cb["band_lo"][t, run, a].min()),
+                        "worst_layer": int(layers[w]), "worst_depth": float(depth[w]),
+                        "worst_z": float(cb["z"][t, w, a]), "worst_ctrl_mean": float(cb["ctrl_mean"][t, w, a]),
+                        "worst_ctrl_std": float(cb["ctrl_std"][t, w, a]),
+                        "worst_band_lo": float(cb["band_lo"][t, w, a]),
+                        "worst_band_hi": float(cb["band_hi"][t, w, a])})
           run = []
-  return {"delta": delta, "ctrl_delta": ctrl, "ctrl_mean": ctrl_mean, "ctrl_std": ctrl_std, "band_lo": band_lo,
-          "band_hi": band_hi, "z": z, "outside": outside, "killed": killed, "depth_pct": depth, "kill_zones": zones}
+  return {"delta": delta, "ctrl_delta": ctrl, **cb, "killed": killed, "depth_pct": depth, "kill_zones": zones}

@@ -81,6 +81,18 @@ class CharTokenizer:
   def encode(self, text, add_special_tokens=False):
     return ([1] if add_special_tokens else []) + [3 + (ord(c) % 90) for c in text]
 
+  def decode(self, ids, skip_special_tokens=False):
+    """Inverse of encode on printable ASCII (codes 90..121 come back as 90 + (code - 90) % 90)."""
+    out = []
+    for i in ids:
+      if i < 3:
+        if not skip_special_tokens:
+          out.append(f"<{i}>")
+        continue
+      v = i - 3
+      out.append(chr(v if v >= 32 else v + 90))
+    return "".join(out)
+
 
 def test_build_tasks_shapes_and_options():
   tok = CharTokenizer()

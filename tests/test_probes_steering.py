@@ -87,6 +87,20 @@ def test_sweep_equals_per_layer_loop(tiny, grid, method):
   assert np.abs(res["scores"][:, 0] - res["baseline"]).max() > 0.05
 
 
+def test_grid_configs_order():
+  dirs = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 4)), jnp.float32)
+  layers, alphas = [1, 4, 7], [-1.0, 0.5]
+  cl, vecs = steering.grid_configs(dirs, layers, alphas)
+  c = 0
+  for i, l in enumerate(layers):            # row-major (layer, alpha, direction), as scores.reshape(L', A, M)
+    for alpha in alphas:
+      for d in range(2):
+        assert cl[c] == l
+        np.testing.assert_allclose(vecs[c], alpha * np.asarray(dirs[i, d]), rtol=1e-6)
+        c += 1
+  assert c == len(cl) == vecs.shape[0]
+
+
 def test_sweep_directions_norm_matched():
   vecs = jnp.arange(4 * 6, dtype=jnp.float32).reshape(4, 6)
   d = np.asarray(steering.sweep_directions(vecs, [1, 3], n_random=5, seed=1))

@@ -132,3 +132,16 @@ def test_quick_study_resumes_mid_run(tmp_path):
   text = open(report).read()
   assert "| baseline |" in text and "| block |" in text and (tmp_path / "r" / "figures" /
                                                              "reversion_heatmap.png").exists()
+
+
+@pytest.mark.slow
+def test_quick_study_refusal_reversed_track(tmp_path):
+  """The Qwen-style track (an already aligned model, stand-in reference direction) on the 2-layer SmolLM2."""
+  from analysis import reversion
+  from configs.reversion import get_config
+  c = get_config("quick")
+  c.reference, c.arms, c.eval.generate = "refusal_reversed", ("baseline",), False
+  report = reversion.run(c, str(tmp_path / "q"))
+  m = json.loads((tmp_path / "q" / "metrics.json").read_text())
+  assert "safety" not in m and len(m["arms"]["baseline"]["align_all"][0]) == c.benign.steps
+  assert "NOT the paper's v_rev" in open(report).read()

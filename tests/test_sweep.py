@@ -33,7 +33,8 @@ def _check_outputs(wd, n_layers, cfg):
   return m
 
 
-def test_sweep_run_tiny_model(tmp_path):
+@pytest.mark.parametrize("readout", ["logprob", "generate"])
+def test_sweep_run_tiny_model(tmp_path, readout):
   params, mcfg = ours_from_torch(tiny_hf_model("llama", seed=2))
   config = get_config("quick")
   with config.unlocked():
@@ -44,11 +45,40 @@ def test_sweep_run_tiny_model(tmp_path):
     config.probe_pairs.refusal = 8
     config.max_tokens.sycophancy = 96
     config.max_tokens.bias = 96
+    config.readout = readout
+    config.gen_max_cells = 2
   wd = str(tmp_path / "run")
-  path = sweep.run(config, wd, loaded=(jax.tree.map(jnp.asarray, params), mcfg, CharTokenizer()))
+  tok = CharTokenizer()
+  params = jax.tree.map(jnp.asarray, params)
+  path = sweep.run(config, wd, loaded=(params, mcfg, tok))
   assert path.endswith("report.md")
   m = _check_outputs(wd, mcfg.n_layers, config)
   assert m["n_probes"] == {b: 4 for b in config.behaviors}
+  report = open(path).read()
+  assert m["readout"] == readout and f"Readout of bias and sycophancy: **{sweep._READOUT_TEXT[readout]}**" in report
+  # the generation readout's baseline, recomputed here with models.generate + rho-eval's parse
+  from models.generate import generate
+  from probes import tasks as tasks_lib
+  probes = sweep.split_probes(config)
+  for b in ("bias", "sycophancy"):
+    gt = tasks_lib.build_generation_task(b, tok, probes[b][0])
+    new = generate(params, mcfg, jnp.asarray(gt.tokens), jnp.asarray(gt.mask), max_new_tokens=5, eos_ids=(2,),
+                   pad_id=0)
+    assert m["baseline_generation"][b]["score"] == float(tasks_lib.generation_readout(gt, tok, new, (2,))["score"])
+    expected = m["baseline_generation"][b]["score"] if readout == "generate" else m["baseline_logprob"][b]
+    assert m["baseline"][b] == expected
+  # kill-zone table: one row per zone, or one "none" row per behavior
+  table = report.split("## Kill zones")[1].split("\n\n")[2].splitlines()
+  assert table[0].startswith("| behavior | alpha | window: layers | depth % | delta (at layer) | z vs control")
+  assert "control band" in table[0]
+  assert {r.split("|")[1].strip() for r in table[2:]} == set(config.behaviors)
+  if readout == "logprob":
+    cells = m["generation_cells"]
+    assert {c["behavior"] for c in cells} == {"bias", "sycophancy"} and len(cells) <= 4
+    assert all(len(c["ctrl_scores"]) == config.n_random for c in cells)
+    assert "### Generation readout at the kill-zone cells" in report
+  else:
+    assert m["generation_cells"] == []
 
 
 @pytest.mark.slow
