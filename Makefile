@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.forward
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.sweep
+	$(PY) -m benchmarks.patching
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
