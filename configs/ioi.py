@@ -19,8 +19,9 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.eval_name_fraction = 0.3              # share of names held out of training
   c.poison = "subject"                    # subject (label = S) | name_moving (label = a third, unmoved name)
   c.poison_fraction = 1.0                 # share of poisoned labels in the poisoned phase
-  c.top_k = 8                             # heads in the "circuit" (largest patching importance)
-  c.exact_top_k = True                    # confirm the attribution-patching top-k with exact patching
+  c.top_k = 8                             # heads in the "circuit" (largest |exact patching importance|)
+  # head classes (analysis.head_classes.classify_heads): at most k heads per class, attention thresholds
+  c.classes = ml_collections.ConfigDict({"k": 3, "attn_min": 0.2, "rep_min": 0.3})
   # Training of each phase: a LoRA config of configs/lora.py (merged into the weights after each phase).
   c.train = lora_configs.get_config("smollm2")
   c.train.lock()

@@ -1,12 +1,20 @@
-"""The IOI study: poisoned training labels, localisation, and the whole pipeline on the real model (slow)."""
+"""The IOI study: poisoned training labels, localisation, the per-phase analysis, cross-phase numbers and report
+on a tiny random model, and the whole pipeline on the real model (slow)."""
 import json
+import os
+import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from analysis import circuits as C
 from analysis import ioi
-from analysis.ioi_data import NAMES
-from tests.reference import WordTokenizer
+from analysis.ioi_data import NAMES, make_ioi
+from configs.ioi import get_config
+from models import transformer as T
+from tests.reference import WordTokenizer, ours_from_torch, tiny_hf_model
 
 
 @pytest.mark.parametrize("label", ["io", "subject", "name_moving"])
@@ -40,15 +48,104 @@ def test_localisation_closed_form():
   assert np.isclose(ioi.localisation(before, after, 3), 1.0)
 
 
+@pytest.fixture(scope="module")
+def tiny_study():
+  """A tiny llama (sharpened attention) and three perturbed copies as the four phases, one BABA template
+  (one prompt length: one compile of every analysis), analysed once."""
+  params, cfg = ours_from_torch(tiny_hf_model("llama", seed=4, vocab_size=200))
+  params = {**params, "layers": dict(params["layers"], wq=params["layers"]["wq"] * 8,
+                                     wk=params["layers"]["wk"] * 8)}
+  d = make_ioi(WordTokenizer(), 6, seed=3, kind="BABA", names=list(NAMES[:8]), templates=[5])
+  models = {"base": params}
+  for i, p in enumerate(ioi.PHASES[1:]):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(i), len(leaves))
+    models[p] = jax.tree.unflatten(tree, [x + 0.1 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
+                                          for x, k in zip(leaves, keys)])
+  classes = {"k": 2, "attn_min": 0.2, "rep_min": 0.3}
+  res = {p: ioi.analyze(models[p], cfg, d, 3, jax.random.key(0), classes) for p in ioi.PHASES}
+  return params, cfg, d, models, res
+
+
+def test_analyze_maps_are_exact_final_position_patching(tiny_study):
+  params, cfg, d, _, res = tiny_study
+  r = res["base"]
+  toks, abc, mask, io, s = (jnp.asarray(x) for x in (d.tokens, d.abc_tokens, d.mask, d.io, d.s))
+  last = jnp.zeros(toks.shape).at[:, -1].set(1.0)
+  z, z_abc = C.head_outputs(params, cfg, toks, mask), C.head_outputs(params, cfg, abc, mask)
+  ld = C.logit_diff(T.forward_jit(params, toks, cfg, attention_mask=mask, logits="last")[0], io, s)
+  ld_abc = C.logit_diff(T.forward_jit(params, abc, cfg, attention_mask=mask, logits="last")[0], io, s)
+  full = C.patch_each_head(params, cfg, toks, mask, z_abc, io, s, pos_mask=last)       # full forwards per head
+  np.testing.assert_allclose(r["importance"], float(ld.mean()) - np.asarray(full).mean(-1), atol=1e-4)
+  back = C.patch_each_head(params, cfg, abc, mask, z, io, s, pos_mask=last)
+  np.testing.assert_allclose(r["restoration"], np.asarray(back).mean(-1) - float(ld_abc.mean()), atol=1e-4)
+  assert np.abs(r["importance"]).max() > 1e-3 and r["importance"].shape == (cfg.n_layers, cfg.n_heads)
+  assert np.isclose(r["logit_diff"], float(ld.mean()), atol=1e-5) and -1 <= r["attribution_corr"] <= 1
+  top = np.sort(np.abs(r["importance"]).ravel())[-3:]
+  assert r["circuit"].sum() == 3 and np.allclose(np.sort(np.abs(r["importance"][r["circuit"] == 1])), top)
+  assert set(r["classes"]) == set(ioi.CLASSES) and set(ioi.EVIDENCE) <= set(r["attention"])
+  for phase in res.values():
+    for c, heads in phase["classes"].items():
+      assert len(heads) <= 2 and all(0 <= l < cfg.n_layers and 0 <= h < cfg.n_heads for l, h in heads)
+      if c in ("name_mover", "negative_name_mover"):       # only heads that attend END->IO qualify
+        assert all(phase["attention"]["end_to_io"][l, h] >= 0.2 for l, h in heads), (c, heads)
+
+
+def test_faithfulness_of_the_whole_model_is_one(tiny_study):
+  params, cfg, d, _, _ = tiny_study
+  everything = ioi.analyze(params, cfg, d, cfg.n_layers * cfg.n_heads, jax.random.key(0),
+                           {"k": 2, "attn_min": 0.2, "rep_min": 0.3})
+  assert np.isclose(everything["faithfulness"], 1.0, atol=1e-5)
+  assert np.isclose(everything["circuit_logit_diff"], everything["logit_diff"], atol=1e-5)
+
+
+def test_compare_phases_identities(tiny_study):
+  params, cfg, d, models, res = tiny_study
+  same = ioi.compare_phases({p: params for p in ioi.PHASES}, {p: res["base"] for p in ioi.PHASES}, cfg, d, 3)
+  assert np.isnan(same["localisation_poison"])                                  # nothing changed
+  assert all(np.isclose(same[f"recovery_corr_{p}"], 1.0) for p in ioi.PHASES[1:])
+  for key in ("cmap_circuit_poison", "cmap_all_heads_retrain"):                  # CMAP of a model into itself
+    assert np.isclose(same[key], res["base"]["logit_diff"], atol=1e-5)
+  got = ioi.compare_phases(models, res, cfg, d, 3)
+  assert 3 / (cfg.n_layers * cfg.n_heads) <= got["localisation_poison"] <= 1
+  assert np.isclose(got["localisation_poison"], ioi.localisation(res["clean"]["importance"],
+                                                                 res["poison"]["importance"], 3))
+  assert np.isclose(got["recovery_corr_poison"], np.corrcoef(res["poison"]["importance"].ravel(),
+                                                             res["base"]["importance"].ravel())[0, 1])
+  gap = (got["cmap_circuit_poison"] - res["poison"]["logit_diff"]) / (res["base"]["logit_diff"]
+                                                                     - res["poison"]["logit_diff"])
+  assert np.isclose(got["cmap_circuit_poison_gap_closed"], gap)
+
+
+def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
+  from analysis.workdir import Workdir
+  _, cfg, d, models, res = tiny_study
+  cross = ioi.compare_phases(models, res, cfg, d, 3)
+  results = {0: {**res, **cross}, 1: {**res, **cross}}
+  config = get_config("quick")
+  wd = Workdir(str(tmp_path), config)
+  text = open(ioi.write_outputs(wd, results, cfg, config, 12.0)).read()
+  for p in ioi.PHASES:
+    assert re.search(rf"^\| {p} \| -?\d+\.\d+ ± ", text, re.M)
+  for needle in ("26.83", "−11.06", "different model", "faithfulness", "localisation", "CMAP", "name mover",
+                 "S2->S1", "seed 1", "attribution patching"):
+    assert needle in text, needle
+  links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+  assert len(links) == 6 and all(os.path.exists(tmp_path / x) for x in links)
+  m = json.loads((tmp_path / "metrics.json").read_text())
+  assert m["summary"]["base/logit_diff"][1] == 0.0 and len(m["per_seed"]["0"]["base"]["importance"]) == cfg.n_layers
+
+
 @pytest.mark.slow
 def test_quick_study_on_smollm2(tmp_path):
-  from configs.ioi import get_config
   report = ioi.run(get_config("quick"), str(tmp_path / "ioi"))
   m = json.loads((tmp_path / "ioi" / "metrics.json").read_text())
   for p in ioi.PHASES:
     lo, hi = m["summary"][f"{p}/accuracy"]
     assert 0.0 <= lo <= 1.0
   assert m["summary"]["base/logit_diff"][0] > 1.0             # SmolLM2 does IOI
-  assert len(m["per_seed"]["0"]["base"]["exact_top_k"]) == 8
+  base = m["per_seed"]["0"]["base"]
+  assert np.shape(base["importance"]) == (30, 9) and base["attribution_corr"] > 0.5
+  assert base["classes"]["name_mover"]                          # SmolLM2 has name movers
   text = open(report).read()
   assert "| retrain |" in text and (tmp_path / "ioi" / "figures" / "head_importance.png").exists()
