@@ -79,10 +79,9 @@ def classify_heads(direct_effect: np.ndarray, attn: dict, rep: dict, *, s_inhibi
   """
   de = np.asarray(direct_effect)
   to_io = np.asarray(attn["end_to_io"])
-  movers = top_heads(np.where(to_io >= attn_min, de, -np.inf), k)
-  movers = [lh for lh in movers if de[lh] > 0]
-  negative = top_heads(np.where(to_io >= attn_min, -de, -np.inf), k)
-  negative = [lh for lh in negative if de[lh] < 0]
+  qualified = to_io >= attn_min                  # heads below the END->IO threshold never enter either list
+  movers = [lh for lh in top_heads(np.where(qualified, de, -np.inf), k) if qualified[lh] and de[lh] > 0]
+  negative = [lh for lh in top_heads(np.where(qualified, -de, -np.inf), k) if qualified[lh] and de[lh] < 0]
   first_mover = min((l for l, _ in movers), default=de.shape[0])
   s_score = np.asarray(s_inhibition_effect if s_inhibition_effect is not None else attn["end_to_s2"], float).copy()
   s_score[first_mover:] = -np.inf

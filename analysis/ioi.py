@@ -144,12 +144,9 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict) -> dict:
   pos = (jnp.asarray(x) for x in (d.pos_io, d.pos_s1, d.pos_s2, d.pos_end))
   attention = {k: np.asarray(v) for k, v in HC.ioi_attention(params, cfg, toks, mask, *pos).items()}
   attention.update({k: np.asarray(v) for k, v in HC.repeated_sequence_scores(params, cfg, key).items()})
-  # (negative) name movers: the direct effect of heads below the END->IO threshold is set to 0, so that when fewer
-  # than k heads qualify, classify_heads' sign filter drops the unqualified heads top_heads fills the list with
-  to_io = attention["end_to_io"] >= classes["attn_min"]
   # S-inhibition: END->S2 attention and a positive exact effect at END (which reaches the name movers' queries)
   s_inhibition = np.where((attention["end_to_s2"] >= classes["attn_min"]) & (importance > 0), importance, -np.inf)
-  found = HC.classify_heads(np.where(to_io, dla, 0.0), attention, attention, s_inhibition_effect=s_inhibition,
+  found = HC.classify_heads(dla, attention, attention, s_inhibition_effect=s_inhibition,
                             **classes)
   per_template = {int(t): float(ld[d.template == t].mean()) for t in np.unique(d.template)}
   return {"logit_diff": float(ld.mean()), "accuracy": float((ld > 0).mean()), "per_template": per_template,

@@ -52,3 +52,8 @@ def test_classify_heads_on_planted_scores():
   assert got["s_inhibition"] == [(2, 1)]
   assert got["induction"] == [(1, 3)] and got["duplicate_token"] == [(0, 2)]
   assert top_heads(de, 2) == [(5, 1), (3, 0)]
+  # k larger than the number of qualified heads: (3,0) has a large positive effect but no END->IO attention, so
+  # it must not fill the name-mover list (nor a qualified head with the wrong sign the other list)
+  got = classify_heads(de, attn, rep, k=L * H)
+  assert got["name_mover"] == [(5, 1), (4, 2)]
+  assert got["negative_name_mover"] == [(5, 3)]
