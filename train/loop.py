@@ -46,7 +46,8 @@ def trainables(params: dict[str, Any], cfg, config, key) -> tuple[Any, Any, Any]
   if config.mode == "lora":
     spec = adapters.LoraSpec.create(cfg, rank=config.lora.rank, alpha=config.lora.alpha,
                                     targets=config.lora.targets, layers=_tuple(config.lora.layers),
-                                    depth=_tuple(config.lora.depth), rslora=config.lora.rslora)
+                                    depth=_tuple(config.lora.depth), rslora=config.lora.rslora,
+                                    complement=bool(config.lora.get("complement", False)))
     lora = adapters.init_lora(spec, cfg, key, pdt)
     m = jnp.asarray(spec.layer_mask())[:, None, None]
     return lora, {t: {"a": m, "b": m} for t in lora}, spec
@@ -54,7 +55,8 @@ def trainables(params: dict[str, Any], cfg, config, key) -> tuple[Any, Any, Any]
     present = tuple(n for n in adapters.ALL_PARAM_NAMES
                     if n in params or n in params["layers"])
     names = adapters.resolve_targets(config.lora.targets, present)
-    window = adapters.resolve_layers(cfg.n_layers, _tuple(config.lora.layers), _tuple(config.lora.depth))
+    window = adapters.resolve_layers(cfg.n_layers, _tuple(config.lora.layers), _tuple(config.lora.depth),
+                                     bool(config.lora.get("complement", False)))
     lm = jnp.zeros(cfg.n_layers, jnp.float32).at[jnp.asarray(window)].set(1.0)
     tr, mask = {}, {}
     for n in names:

@@ -1,0 +1,430 @@
+"""Avoid the red? The safety LoRA restricted to the kill-zone layers, to the layers outside them, or to all layers.
+
+    python -m analysis.avoid_red --config=configs/avoid_red.py:smollm2 --workdir=runs/<date>-avoid-red
+
+The lobotomy-layer news advice was "avoid these layer ranges during LoRA and RepE training"; its source never
+tested it (../shared/research/seeds.md part 1). This study does, for the reversion study's safety LoRA
+(analysis/reversion.py; Poppi & Lukas 2026 for the reversion measurement). Per grid point (analysis/grid.py;
+axes window x seed by default, any of AXES too):
+
+  1. theta_aligned = theta_early (the loaded, helpful-only model) + the safety LoRA SFT restricted to the point's
+     window, merged: `reversion.safety_phase` with `safety.lora.depth` / `safety.lora.complement` set and
+     `safety.seed` = the point's seed (LoRA initialisation and data order). Windows: "kill" = the kill zone
+     (config.kill_zone: an explicit (f_lo, f_hi) or a sweep's metrics.json), "outside" = every layer not in it,
+     "all" = every layer, or an explicit (f_lo, f_hi).
+  2. What it costs: the behavior scores of probes.tasks (the sweep's scored probes and log-prob readout:
+     probes.sweep.split_probes, probes.steering.baseline_pass) of theta_aligned minus theta_early.
+  3. What it buys: refusal of held-out harmful and benign prompts (`reversion.Evaluator`: greedy answers and the
+     refusal-phrase judge; the log-prob variant against theta_early's own greedy answers; benign NLL).
+  4. How much it reverts: v_rev(l) = mean act(theta_early) - mean act(theta_aligned) at the last token of the
+     harmful probe prompts, every layer; the reversion study's baseline arm (benign LoRA SFT, T steps, train/scan.py's
+     step) from theta_aligned, with the drift's alignment a_t = cos(d_t, v_rev) (layers 1..L concatenated) after
+     every step and harmfulness every `benign.eval_every` steps.
+
+Vmapped vs sequential. Points that differ only in the seed (config.vmap_axis) form a group. Per group: the safety
+phases run one after another (train.loop.train_loop inside reversion.safety_phase: one seed per call, its own
+orbax checkpoints), as do the evaluations; the benign fine-tuning of ALL the group's points is ONE compiled
+program (`group_program`: `lax.scan` over steps of `train.scan.make_step`, vmapped over points, each with its own
+theta_aligned, v_rev and data order), compiled once and reused by every group of the same size. Groups
+(windows, ranks, ...) run one after another.
+
+Resume: a point with metrics.json is skipped; otherwise the safety phase restarts from its newest checkpoint
+(`safety.train.save_every`) and the benign phase from the newest chunk checkpoint common to the group's points
+(<point>/benign/checkpoints). `config.stop_after` stops (checkpointed) after that many benign steps.
+
+Writes: config.json, early.json (theta_early's scores and answers), points/<name>/ (point.json, safety/,
+benign/checkpoints, aligned.json, metrics.json), grid.csv, metrics.json, figures/*.png, report.md.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from absl import logging
+
+from analysis import grid
+
+# Grid axes other than window / seed -> the field of the point's reversion config they set.
+AXES = {"rank": "safety.lora.rank", "alpha": "safety.lora.alpha", "targets": "safety.lora.targets",
+        "steps": "safety.train.steps", "lr": "safety.train.lr"}
+# Config fields that do not change a point's results (left out of its fingerprint).
+_NOT_RESULTS = ("progress", "stop_after", "save_every", "max_to_keep", "log_every")
+
+
+def kill_window(kz) -> tuple[tuple[float, float], str]:
+  """The kill zone as a depth window ((f_lo, f_hi), description) from config.kill_zone.
+
+  kz.sweep_metrics = "": kz.window. Otherwise a probes.sweep metrics.json: among its "kill_zones" of kz.behavior
+  at kz.alpha, the one with the lowest min_delta; window = (first swept layer / L, last swept layer / L), L = the
+  file's "n_layers" (inclusive, so layers between swept ones count).
+
+  Raises:
+    ValueError: a window that is not 0 <= f_lo <= f_hi <= 1 (names config.kill_zone.window), or no such kill zone
+      in the file (lists the zones it has). FileNotFoundError: the file is missing (names the field).
+  """
+  path = str(kz.sweep_metrics)
+  if not path:
+    w = tuple(float(x) for x in kz.window)
+    if len(w) != 2 or not 0.0 <= w[0] <= w[1] <= 1.0:
+      raise ValueError(f"config.kill_zone.window must be (f_lo, f_hi) with 0 <= f_lo <= f_hi <= 1, got {w}")
+    return w, f"explicit window {w[0]:g}-{w[1]:g} (config.kill_zone.window)"
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.kill_zone.sweep_metrics: {path} not found")
+  with open(path) as f:
+    m = json.load(f)
+  if "kill_zones" not in m or "n_layers" not in m:
+    raise ValueError(f"{path}: not a probes.sweep metrics.json (no 'kill_zones' / 'n_layers')")
+  zones = [z for z in m["kill_zones"] if z["behavior"] == kz.behavior and float(z["alpha"]) == float(kz.alpha)]
+  if not zones:
+    have = sorted({(z["behavior"], z["alpha"]) for z in m["kill_zones"]})
+    raise ValueError(f"{path}: no kill zone of {kz.behavior!r} at alpha {kz.alpha:+g} "
+                     f"(config.kill_zone.behavior / .alpha); it has {have or 'none'}")
+  z = min(zones, key=lambda z: z["min_delta"])
+  L = int(m["n_layers"])
+  w = (z["layers"][0] / L, z["layers"][-1] / L)
+  return w, (f"{kz.behavior} kill zone at alpha {kz.alpha:+g} of {path}: swept layers {z['layers']} of {L} "
+             f"(delta {z['min_delta']:+.3f} at layer {z['worst_layer']})")
+
+
+def window_lora(value: Any, kill: tuple[float, float]) -> tuple[tuple, bool]:
+  """(safety.lora.depth, safety.lora.complement) for a window axis value: "kill" -> (kill, False), "outside" ->
+  (kill, True), "all" -> ((), False), (f_lo, f_hi) -> ((f_lo, f_hi), False). Raises ValueError otherwise."""
+  if value == "kill":
+    return tuple(kill), False
+  if value == "outside":
+    return tuple(kill), True
+  if value == "all":
+    return (), False
+  if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(x, (int, float)) for x in value):
+    return tuple(float(x) for x in value), False
+  raise ValueError(f"config.grid.window: {value!r} is not 'kill', 'outside', 'all' or (f_lo, f_hi)")
+
+
+def point_config(config, point: grid.Point, kill: tuple[float, float]):
+  """The reversion config (configs/reversion.py) one grid point runs: config.reversion with the point's axes set
+  (window -> safety.lora.depth / complement, seed -> safety.seed and seeds = (seed,), AXES -> their fields).
+  Raises ValueError for an unknown axis (names it and the known ones)."""
+  pc = copy.deepcopy(config.reversion)
+  for axis, v in point.values:
+    if axis == "window":
+      pc.safety.lora.layers = ()
+      pc.safety.lora.depth, pc.safety.lora.complement = window_lora(v, kill)
+    elif axis == "seed":
+      pc.safety.seed = int(v)
+      pc.seeds = (int(v),)
+    elif axis in AXES:
+      *parents, leaf = AXES[axis].split(".")
+      node = pc
+      for p in parents:
+        node = getattr(node, p)
+      setattr(node, leaf, v)
+    else:
+      raise ValueError(f"config.grid.axes: unknown axis {axis!r}; known: window, seed, {', '.join(AXES)}")
+  return pc
+
+
+def fingerprint(config, pc) -> dict:
+  """What determines a point's results (its reversion config and the scored probes), minus run-control fields;
+  analysis.grid.run refuses to resume or reuse a point whose fingerprint changed."""
+  def strip(d):
+    return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _NOT_RESULTS}
+  sw = config.sweep.to_dict()
+  return {"reversion": strip(pc.to_dict()),
+          "sweep_probes": {k: sw[k] for k in ("probe_seed", "behaviors", "n_probes", "max_tokens")}}
+
+
+def group_program(cfg, sc, tx) -> Callable:
+  """Benign fine-tuning of several points as one jitted program: `lax.scan` over steps of `train.scan.make_step`,
+  vmapped over points. As `train.scan.make_program`, except that frozen (theta_aligned) and ref (mean_aligned,
+  v_rev) also carry the leading point axis, since every point has its own safety LoRA.
+
+  run(state `[P, ...]`, frozen `[P, ...]`, batches tokens / mask / loss_mask `[P, T, B, S]`, probe (shared),
+  ref {"mean_aligned", "v_rev"} `[P, L+1, D]` float32) -> (state, metrics `[P, T, ...]`; see make_step).
+  """
+  import jax
+
+  from train import scan
+  step = scan.make_step(cfg, sc, tx)
+
+  def one(state, frozen, batches, probe, ref):
+    return jax.lax.scan(lambda s, b: step(s, frozen, b, probe, ref), state, batches)
+
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, 0)))
+
+
+def _stack(trees: Sequence[Any]):
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def benign_group(program: Callable, frozen: Sequence[Any], refs: Sequence[dict], init: Sequence[Any],
+                 batches: dict, probe: dict, dirs: Sequence[str], chunk: int,
+                 evaluate: Callable[[int, Any], dict], stop_after: int | None = None) -> list[dict] | None:
+  """Run a group's benign fine-tuning in chunks of `chunk` steps, checkpointing every point after each chunk in
+  `<dir>/benign/checkpoints` (orbax, newest 2 kept) and resuming from the newest step all points share.
+
+  Args:
+    program: group_program(...). frozen / refs / init: per point (theta_aligned, {"mean_aligned", "v_rev"},
+      scan.init_state). batches: tokens / mask int32, loss_mask float32, `[P, T, B, S]`. probe: tokens / mask
+      `[Pr, Sp]` int32 (shared). dirs: the points' directories. chunk: steps per program call; divides T.
+    evaluate: (point index, that point's LoRA) -> dict of floats, recorded after every chunk.
+    stop_after: stop after this many steps of this call (checkpointed) and return None.
+  Returns:
+    per point {"metrics": {name: array `[T, ...]`} (make_step's metrics), "evals": [{"step", **evaluate}],
+    "seconds" (this point's share of the program time plus its evaluations)}.
+  Raises ValueError when chunk does not divide T.
+  """
+  import jax
+
+  from train import engine
+  T = int(batches["tokens"].shape[1])
+  if chunk < 1 or T % chunk:
+    raise ValueError(f"config.reversion.benign.eval_every = {chunk} must divide benign.steps = {T}")
+  cks = [engine.Checkpointer(os.path.join(d, "benign", "checkpoints"), max_to_keep=2) for d in dirs]
+  try:
+    latest = [c.latest_step() or 0 for c in cks]
+    start = min(latest)
+    if start and not all(start in c.manager.all_steps() for c in cks):
+      start = 0
+    if start:
+      restored = [c.restore(start, s) for c, s in zip(cks, init)]
+      state = _stack([s for s, _ in restored])
+      recs = [m["record"] for _, m in restored]
+      logging.info("benign fine-tuning of %s resumed at step %d", [os.path.basename(d) for d in dirs], start)
+    else:
+      if any(latest):
+        logging.warning("benign checkpoints of %s do not share a step; restarting the group", dirs)
+      state = _stack(init)
+      recs = [{"metrics": {}, "evals": [], "seconds": 0.0} for _ in dirs]
+    frozen_s, ref_s = _stack(frozen), _stack(refs)
+    done = 0
+    for c0 in range(start, T, chunk):
+      t0 = time.time()
+      xs = jax.tree.map(lambda x: x[:, c0:c0 + chunk], batches)
+      state, m = program(state, frozen_s, xs, probe, ref_s)
+      m = jax.device_get(m)
+      dt = (time.time() - t0) / len(dirs)
+      for i, (ck, rec) in enumerate(zip(cks, recs)):
+        for k, v in m.items():
+          rec["metrics"].setdefault(k, []).append(np.asarray(v[i]).tolist())
+        t1 = time.time()
+        rec["evals"].append({"step": c0 + chunk, **evaluate(i, jax.tree.map(lambda x: x[i], state["lora"]))})
+        rec["seconds"] += dt + time.time() - t1
+        ck.save(c0 + chunk, jax.tree.map(lambda x: x[i], state), {"record": rec})
+      done += chunk
+      if stop_after is not None and done >= stop_after and c0 + chunk < T:
+        logging.info("stopped after benign step %d (checkpointed); rerun to resume", c0 + chunk)
+        return None
+  finally:
+    for c in cks:
+      c.close()
+  return [{"metrics": {k: np.concatenate([np.asarray(c) for c in v], axis=0) for k, v in r["metrics"].items()},
+           "evals": r["evals"], "seconds": r["seconds"]} for r in recs]
+
+
+class _Study:
+  """What every group shares: the model, data, probes, theta_early's scores, the evaluator and the benign
+  fine-tuning inputs and program (built once, on the first group that has work)."""
+
+  def __init__(self, config, workdir: str):
+    import jax
+    import jax.numpy as jnp
+
+    from analysis import reversion
+    from analysis.workdir import write_json
+    from models import tokenizer as tk
+    from models.loading import load, load_tokenizer
+    from models.params import truncate_layers
+    from probes import sweep, tasks as tasks_lib
+    from train import adapters, engine, scan
+    from train import data as D
+
+    rc = self.rc = config.reversion
+    self.config, self.workdir = config, workdir
+    params, cfg = load(rc.model, dtype=jnp.dtype(rc.dtype))
+    if rc.model_layers:
+      params, cfg = truncate_layers(params, cfg, rc.model_layers)
+    self.params, self.cfg = params, cfg
+    self.tok = tok = load_tokenizer(rc.model)
+    self.system = system = rc.system_prompt or None
+    pairs = D.refusal_pairs(tuple(rc.refusal_sets))
+    self.train_pairs, heldout = D.refusal_split(pairs, rc.heldout, rc.data_seed)
+    if rc.probe.n > len(self.train_pairs):
+      raise ValueError(f"config.reversion.probe.n = {rc.probe.n} > {len(self.train_pairs)} training pairs")
+    self.evaluator = reversion.Evaluator(cfg, tok, heldout, rc, system)
+    probes = sweep.split_probes(config.sweep)
+    self.behaviors = list(config.sweep.behaviors)
+    self.tasks = [tasks_lib.build_task(b, tok, probes[b][0], int(config.sweep.max_tokens[b])) for b in self.behaviors]
+    t, m = tk.encode_left_padded(tok, [tk.chat_prompt(tok, p["harmful"], system)
+                                       for p in self.train_pairs[:rc.probe.n]])
+    self.probe = {"tokens": jnp.asarray(t), "mask": jnp.asarray(m)}
+    self.mean_fn = jax.jit(lambda p, pr: scan.probe_mean(p, None, cfg, pr, 1.0, rc.probe.position))
+    self.mean_early = self.mean_fn(params, self.probe)
+
+    # theta_early, cached in early.json (recomputed when the probes or the evaluation changed).
+    key = {"model": rc.model, "model_layers": rc.model_layers, "eval": rc.eval.to_dict(), "heldout": rc.heldout,
+           "data_seed": rc.data_seed, "refusal_sets": list(rc.refusal_sets), "system": rc.system_prompt,
+           "sweep_probes": fingerprint(config, rc)["sweep_probes"]}
+    key = json.loads(json.dumps(key))
+    path = os.path.join(workdir, "early.json")
+    early = json.load(open(path)) if os.path.exists(path) else None
+    if early is None or early.get("key") != key:
+      ev = self.evaluator(params, benign_refusal=True)
+      if rc.eval.generate:                  # log-prob variant: theta_early's own compliant answers (as reversion)
+        self.evaluator.use_compliant(ev["answers"], "theta_early's greedy answers")
+        ev["harm_lp"] = self.evaluator.harm_lp(params)
+      early = {"key": key, "scores": self.scores(params), "eval": ev, "n_layers": cfg.n_layers,
+               "d_model": cfg.d_model}
+      write_json(path, early)
+    elif rc.eval.generate:
+      self.evaluator.use_compliant(early["eval"]["answers"], "theta_early's greedy answers")
+    self.early = early
+
+    # Benign fine-tuning: data, LoRA, optimizer, the baseline arm's program (shared by every group).
+    bc = rc.benign
+    ex = reversion.benign_examples(rc, self.train_pairs)
+    if system:
+      ex = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in ex]
+    self.bset = D.tokenize_dataset(tok, ex, bc.max_len, tk.pad_id(tok))
+    self.spec = adapters.LoraSpec.create(cfg, rank=bc.rank, alpha=bc.alpha, targets=bc.targets)
+    self.tx, _ = engine.make_optimizer(lr=bc.lr, total_steps=bc.steps, warmup_steps=bc.warmup_steps,
+                                       clip_norm=bc.clip_norm)
+    sc = scan.ScanConfig(arm="baseline", lora_scale=self.spec.scale, position=rc.probe.position)
+    self.program = group_program(cfg, sc, self.tx)
+
+  def scores(self, params) -> dict[str, float]:
+    """probes.tasks scores of `params` on the sweep's scored probes (log-prob readout)."""
+    from probes import steering
+    s = np.asarray(steering.baseline_pass(params, self.cfg, self.tasks)[0], np.float64)
+    return dict(zip(self.behaviors, s.tolist()))
+
+  def init_state(self, seed: int):
+    import jax
+    import jax.numpy as jnp
+
+    from train import adapters, scan
+    return scan.init_state(adapters.init_lora(self.spec, self.cfg, jax.random.PRNGKey(seed), jnp.float32), self.tx)
+
+  def batches(self, seed: int) -> dict[str, np.ndarray]:
+    """`[T, B, S]` benign batches in seed `seed`'s order (the reversion study's train.data.get_batch order)."""
+    from train import data as D
+    bc = self.rc.benign
+    host = [D.get_batch(self.bset, seed, t, 1, bc.micro_batch) for t in range(int(bc.steps))]
+    return {k: np.stack([b[k][0] for b in host]) for k in ("tokens", "mask", "loss_mask")}
+
+
+def _safety(study: _Study, pc, d: str):
+  """reversion.safety_phase for one point, sharing the self-distilled benign targets (identical for every point:
+  theta_early's greedy answers) through <workdir>/shared/benign_targets.json instead of regenerating them."""
+  from analysis import reversion
+  from analysis.workdir import write_json
+  shared = os.path.join(study.workdir, "shared", "benign_targets.json")
+  mine = os.path.join(d, "safety", "benign_targets.json")
+  if os.path.exists(shared) and not os.path.exists(mine):
+    write_json(mine, json.load(open(shared)))
+  out = reversion.safety_phase(study.params, study.cfg, study.tok, study.train_pairs, pc, d, study.system)
+  if os.path.exists(mine) and not os.path.exists(shared):
+    write_json(shared, json.load(open(mine)))
+  return out
+
+
+def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list[str]) -> None:
+  """Safety phase + evaluations per point (sequential), then the group's benign fine-tuning (one program)."""
+  import jax.numpy as jnp
+
+  from analysis.workdir import write_json
+  from train import adapters
+  rc = config.reversion
+  seeds, aligned, refs, infos = [], [], [], []
+  for p, d in zip(points, dirs):
+    pc = point_config(config, p, kill)
+    theta, safety = _safety(study, pc, d)
+    t0 = time.time()
+    layers = adapters.resolve_layers(study.cfg.n_layers, tuple(pc.safety.lora.layers) or None,
+                                     tuple(pc.safety.lora.depth) or None, bool(pc.safety.lora.complement))
+    path = os.path.join(d, "aligned.json")
+    if os.path.exists(path):
+      info = json.load(open(path))
+    else:
+      info = {"layers": list(layers), "safety": safety, "scores": study.scores(theta),
+              "eval": study.evaluator(theta, benign_refusal=True), "seconds": time.time() - t0}
+      write_json(path, info)
+    mean_aligned = study.mean_fn(theta, study.probe)
+    seeds.append(int(pc.safety.seed))
+    aligned.append(theta)
+    refs.append({"mean_aligned": mean_aligned, "v_rev": study.mean_early - mean_aligned})
+    infos.append(info)
+    logging.info("%s: layers %s, harmful refused %.2f", p.name, list(layers), 1 - info["eval"]["harm_gen"])
+
+  batches = {k: jnp.asarray(np.stack([study.batches(s)[k] for s in seeds])) for k in ("tokens", "mask",
+                                                                                        "loss_mask")}
+
+  def evaluate(i, lora):
+    return study.evaluator(aligned[i], lora, study.spec.scale)
+
+  budget = None if config.stop_after < 0 else int(config.stop_after)
+  recs = benign_group(study.program, aligned, refs, [study.init_state(s) for s in seeds], batches, study.probe,
+                      dirs, int(rc.benign.eval_every), evaluate, budget)
+  if recs is None:
+    raise grid.Stopped(f"stopped after {budget} benign steps (checkpointed)")
+  for p, d, info, ref, rec in zip(points, dirs, infos, refs, recs):
+    a_all = rec["metrics"]["align_all"]
+    last = rec["evals"][-1]
+    ev = info["eval"]
+    scal = {"layers_adapted": len(info["layers"])}
+    for b in study.behaviors:
+      scal[f"d_{b}"] = info["scores"][b] - study.early["scores"][b]
+    scal.update(harmful_refused=1.0 - ev["harm_gen"], benign_refused=ev.get("benign_refusal", float("nan")),
+                harm_lp=ev["harm_lp"], task_nll=ev["task_nll"], safety_loss=info["safety"]["final_loss"],
+                v_rev_norm=float(jnp.linalg.norm(ref["v_rev"][1:])), align_1=float(a_all[0]),
+                align_T=float(a_all[-1]), harm_T=last["harm_gen"], d_harm=last["harm_gen"] - ev["harm_gen"],
+                harm_lp_T=last["harm_lp"], d_harm_lp=last["harm_lp"] - ev["harm_lp"], task_nll_T=last["task_nll"])
+    for b in study.behaviors:
+      scal[b] = info["scores"][b]
+    grid.write_point(d, p, scal, layers=info["layers"], safety=info["safety"], scores=info["scores"],
+                     eval_aligned=ev, evals=rec["evals"], align_all=a_all, align=rec["metrics"]["align"],
+                     task_loss=rec["metrics"]["task"], benign_seconds=rec["seconds"],
+                     eval_seconds=info["seconds"])
+
+
+def run(config, workdir: str | None = None) -> str:
+  """The whole study (module docstring); returns the report path, or the workdir when `config.stop_after`
+  stopped it early (rerun to resume). Raises ValueError / FileNotFoundError for a bad kill zone or grid."""
+  from analysis import avoid_red_report
+  from analysis.workdir import Workdir, default_workdir
+
+  rc = config.reversion
+  workdir = workdir or default_workdir(rc.model.split("/")[-1] + "-avoid-red")
+  t0 = time.time()
+  kill, kill_source = kill_window(config.kill_zone)
+  points = grid.expand(config.grid)
+  pcs = {p.name: point_config(config, p, kill) for p in points}          # validates every axis before any work
+  wd = Workdir(workdir, config)
+  state: dict[str, _Study] = {}
+
+  def job(pts, dirs):
+    if "study" not in state:
+      state["study"] = _Study(config, workdir)
+    _run_group(state["study"], config, kill, pts, dirs)
+
+  status = grid.run(points, workdir, job, config.vmap_axis, lambda p: fingerprint(config, pcs[p.name]))
+  if status["stopped"]:
+    wd.close()
+    return workdir
+  table = grid.collect(points, workdir, config.vmap_axis)
+  with open(os.path.join(workdir, "early.json")) as f:
+    early = json.load(f)
+  path = avoid_red_report.write(wd, config, table, early, kill, kill_source, status, time.time() - t0)
+  wd.close()
+  return path
+
+
+if __name__ == "__main__":
+  from analysis.workdir import run_app
+  run_app(run, "configs/avoid_red.py", "Run directory (default runs/<date>-<model>-avoid-red).")

@@ -1,0 +1,57 @@
+"""Config for `python -m analysis.avoid_red`: the safety LoRA restricted to the kill-zone layers, outside them, or
+everywhere ("avoid these layer ranges during LoRA training", never tested by its source; seeds.md part 1).
+
+Usage: --config=configs/avoid_red.py:smollm2 (3 windows x 3 seeds, the reversion study's full sizes: 40 safety
+steps, T = 100 benign steps), :quick (SmolLM2 cut to 2 decoder layers, a few steps; for tests).
+Override any field: --config.grid.seed="(0,1)" --config.reversion.benign.steps=40
+--config.kill_zone.sweep_metrics=runs/x/sweep/metrics.json.
+
+Every point runs the reversion study's safety phase and baseline arm with `reversion` (a configs/reversion.py
+config) as its base; the grid's axes override it (analysis/avoid_red.py, AXES).
+
+Cost (2-core CPU shared with other jobs, load 4-6; smoke run of :smollm2 with 2 safety steps, 2 benign steps,
+1 seed: 17.6 min wall): loading + theta_early's scores and answers 3.5 min; theta_early's self-distilled benign
+targets 3 min (once, shared by all points); per point a safety step ~7 s (~55 tokens/s), theta_aligned's scores +
+refusal evaluation ~2 min, a benign step ~8 s and a harmfulness evaluation ~40 s. The full :smollm2 grid (9 points:
+40 safety steps, T = 100 with 4 evaluations) is therefore about 3.5 hours: ~45 min safety, ~20 min theta_aligned
+evaluations, ~2 h benign steps, ~25 min benign evaluations. --config.reversion.benign.steps=40
+--config.reversion.benign.eval_every=20 (the reversion study's smollm2_fast size) brings it to about 1.8 hours.
+"""
+import ml_collections
+
+from configs import reversion, sweep
+
+
+def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
+  if arg not in ("smollm2", "quick"):
+    raise ValueError(f"unknown avoid_red config {arg!r}; choose smollm2 or quick")
+  quick = arg == "quick"
+  c = ml_collections.ConfigDict()
+  # The per-point base: model, refusal data and split, safety phase (c.reversion.safety, a configs/lora.py
+  # config), benign fine-tuning (c.reversion.benign), evaluation, probe prompts for v_rev.
+  c.reversion = reversion.get_config("quick" if quick else "smollm2")
+  with c.reversion.unlocked():
+    c.reversion.safety.train.save_every = 10   # safety checkpoints every 10 steps (the study resumes mid-phase)
+  # The behavior probes scored on theta_early and theta_aligned: the sweep's scored probes (`probe_seed`,
+  # `n_probes`, `max_tokens`, `behaviors`; smollm2_fast scores the same probes as smollm2), log-prob readout.
+  c.sweep = sweep.get_config("quick" if quick else "smollm2_fast")
+
+  # The kill zone. sweep_metrics = "": the explicit window (f_lo, f_hi) (layer l is in it when f_lo <= l / L <=
+  # f_hi); (0.73, 0.87) = layers 22-26 of SmolLM2's 30, the factual kill zone of our sweep at alpha +4.
+  # Otherwise a probes.sweep metrics.json: the kill zone of `behavior` at `alpha` (the lowest-delta one if
+  # several), from its first to its last swept layer.
+  c.kill_zone = ml_collections.ConfigDict()
+  c.kill_zone.window = (0.5, 1.0) if quick else (0.73, 0.87)   # quick: layer 1 of the 2 kept layers
+  c.kill_zone.sweep_metrics = ""
+  c.kill_zone.behavior = "factual"
+  c.kill_zone.alpha = 4.0
+
+  # The grid (analysis/grid.py). window: "kill" | "outside" (every layer not in the kill zone) | "all" |
+  # (f_lo, f_hi). Other axes: AXES in analysis/avoid_red.py (rank, alpha, targets, steps, lr).
+  c.grid = ml_collections.ConfigDict()
+  c.grid.axes = ("window", "seed")
+  c.grid.window = ("kill", "outside", "all")
+  c.grid.seed = (0, 1) if quick else (0, 1, 2)   # safety LoRA init + data order AND benign LoRA init + data order
+  c.vmap_axis = "seed"                   # points differing only here run benign fine-tuning as one program
+  c.stop_after = -1                      # stop (checkpointed) after this many benign steps; -1 = run to the end
+  return c
