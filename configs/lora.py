@@ -59,8 +59,14 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.train.max_to_keep = 2
   c.train.stop_after = -1        # stop (checkpointed) after this many steps; -1 = run to the end
   c.train.log_every = 1
-  c.train.fsdp = 1               # mesh fsdp size (shards frozen base weights); data = devices / fsdp
-  c.train.distributed = False    # call jax.distributed.initialize() (multi-host)
+  c.train.fsdp = 1               # mesh fsdp size (shards weights, LoRA factors, optimizer state; splits batch)
+  c.train.tensor = 1             # mesh tensor size (Megatron column/row splits); data = devices / (fsdp * tensor)
+  c.train.distributed = False    # call jax.distributed.initialize() (multi-host); also on if a coordinator is set
+  c.train.coordinator_address = ""   # "host:port" of process 0; "" = env JAX_COORDINATOR_ADDRESS or auto-detect
+  c.train.num_processes = -1     # -1 = env JAX_NUM_PROCESSES or auto-detect (Cloud TPU, SLURM)
+  c.train.process_id = -1        # -1 = env JAX_PROCESS_ID or auto-detect
+  c.train.remat = False          # recompute each layer in the backward pass (activation memory / ~1.3x FLOPs)
+  c.train.checkpoint_dir = ""    # "" = <workdir>/checkpoints; multi-host: a path every host shares (gs://...)
   c.train.progress = True
 
   c.export = ml_collections.ConfigDict()

@@ -69,6 +69,8 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.n_random = 2 if not full else 4       # norm-matched random directions per layer (the control)
   c.method = "suffix"                     # "suffix" (skip unsteered prefix layers) or "full"
   c.memory_gib = 3.0                      # working-memory budget that sets the vmap chunk size
+  c.fsdp = 1                              # with several devices the sweep program runs on a (data, fsdp, tensor)
+  c.tensor = 1                            # mesh with the models.sharding plan; data = devices / (fsdp * tensor)
   if fast:
     c.layer_start, c.layer_stride = 2, 4  # layers 2, 6, ..., 26: 6.7-86.7% depth in 13.3% steps (rho-eval's Qwen
     c.alphas = [4.0]                      # sweep used 12.5% steps); rho-eval's alpha, random directions as control

@@ -190,3 +190,25 @@ class ModelConfig:
       d["attention_bias"] = self.o_bias
       d["mlp_bias"] = False
     return d
+
+
+# Published shapes of public checkpoints (their Hugging Face config.json), for memory plans (train.plan) and
+# compile checks of 8B-class programs without weights. Special tokens are the Instruct models'.
+KNOWN_SHAPES: dict[str, ModelConfig] = {
+    # meta-llama/Llama-3.1-8B(-Instruct)
+    "llama-3.1-8b": ModelConfig(
+        arch="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        d_ff=14336, rms_eps=1e-5, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_pos=8192, tie_embeddings=False,
+        max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009)),
+    # Qwen/Qwen2.5-7B(-Instruct)
+    "qwen2.5-7b": ModelConfig(
+        arch="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+        d_ff=18944, rms_eps=1e-6, rope_theta=1000000.0, tie_embeddings=False, qkv_bias=True,
+        max_position_embeddings=32768, bos_token_id=151643, eos_token_ids=(151645,)),
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the embedded default model, models.registry)
+    "smollm2-135m": ModelConfig(
+        arch="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536,
+        rms_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_position_embeddings=8192, bos_token_id=1,
+        eos_token_ids=(2,), pad_token_id=2),
+}

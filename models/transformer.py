@@ -10,6 +10,10 @@ The math matches transformers' `LlamaForCausalLM`, `Qwen2ForCausalLM` and `Qwen3
 modeling_qwen2.py, modeling_qwen3.py of transformers 5.23): RMSNorm computed in float32, rotate-half RoPE
 (with the "llama3" frequency scaling of `_compute_llama3_parameters`), grouped-query attention with
 query head h reading kv head h // (H / KV), SiLU-gated MLP.
+
+Sharding: the residual stream, q/k/v, per-head outputs, MLP hidden and logits carry `models.sharding.constrain`
+annotations (batch over (data, fsdp), heads / MLP columns / vocab over tensor). They take effect only while a
+mesh is active; without one the forward pass is unchanged.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
+from models.sharding import BATCH_AXES, TENSOR, constrain
 
 CAPTURE_NAMES = ("resid", "heads", "attn_out", "mlp_out", "attn_probs")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -163,6 +168,7 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
     if cfg.qkv_bias:
       q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q, k, v = q.reshape(B, S, H, hd), k.reshape(B, S, KV, hd), v.reshape(B, S, KV, hd)
+    q, k, v = (constrain(t, BATCH_AXES, None, TENSOR, None) for t in (q, k, v))
     if cfg.qk_norm:
       q, k = rms_norm(q, lp["q_norm"], cfg.rms_eps), rms_norm(k, lp["k_norm"], cfg.rms_eps)
     return q, k, v
@@ -200,17 +206,20 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
     z = _mix(z, iv.head_mask[..., None], iv.head_value)
   if iv.head_add is not None:
     z = z + iv.head_add.astype(z.dtype)
+  z = constrain(z, BATCH_AXES, None, TENSOR, None)
   attn_out = proj(z.reshape(B, S, H * hd), "wo")
   if cfg.o_bias:
     attn_out = attn_out + lp["bo"]
   h = h + attn_out
   x = rms_norm(h, lp["mlp_norm"], cfg.rms_eps)
-  mlp_out = proj(jax.nn.silu(proj(x, "w_gate")) * proj(x, "w_up"), "w_down")
+  hidden = constrain(jax.nn.silu(proj(x, "w_gate")) * proj(x, "w_up"), BATCH_AXES, None, TENSOR)
+  mlp_out = proj(hidden, "w_down")
   h = h + mlp_out
   if iv.resid_mask is not None:
     h = _mix(h, iv.resid_mask[..., None], iv.resid_value)
   if iv.resid_add is not None:
     h = h + iv.resid_add.astype(h.dtype)
+  h = constrain(h, BATCH_AXES, None, None)
 
   acts = {}
   if "resid" in capture:
@@ -259,7 +268,7 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
                    attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                    capture: Sequence[str] = (), interventions: Interventions | None = None,
                    cache: KVCache | None = None, logits: str = "all", lora: dict | None = None,
-                   lora_scale: float = 1.0):
+                   lora_scale: float = 1.0, remat: bool = False):
   """Forward pass that also reads/writes a KV cache. See `forward` for the arguments.
 
   With a cache, `tokens` are written at slots `cache.index ... cache.index + S - 1`, `attention_mask`
@@ -287,7 +296,7 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
   q_slots = index + jnp.arange(S)
   inv_freq = rope_inv_freq(cfg)
 
-  h = params["embed"][tokens]
+  h = constrain(params["embed"][tokens], BATCH_AXES, None, None)
   resid0 = h
 
   if lora is not None:
@@ -302,6 +311,8 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
     return h, (acts, new_kv)
 
   cache_kv = (cache.k, cache.v) if cache is not None else None
+  if remat:   # keep only each layer's input for the backward pass; recompute the layer (jax.checkpoint)
+    body = jax.checkpoint(body, prevent_cse=False)
   h, (acts, new_kv) = jax.lax.scan(body, h, (params["layers"], iv, lora, cache_kv))
   if "resid" in acts:
     acts["resid"] = jnp.concatenate([resid0[None], acts["resid"]], axis=0)
@@ -319,7 +330,7 @@ def final_logits(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, mode: s
   hl = h[:, -1:] if mode == "last" else h
   hn = rms_norm(hl, params["final_norm"], cfg.rms_eps)
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  out = (hn @ w.astype(hn.dtype)).astype(jnp.float32)
+  out = constrain((hn @ w.astype(hn.dtype)).astype(jnp.float32), BATCH_AXES, None, TENSOR)
   return out[:, 0] if mode == "last" else out
 
 
@@ -338,6 +349,7 @@ def run_layers(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, attention
   none = Interventions()
 
   def body(i, h):
+    h = constrain(h, BATCH_AXES, None, None)
     lp = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
     h, _, _ = _layer(cfg, inv_freq, (), 1.0, h, lp, none, None, None, q_slots, k_valid, positions,
                      jnp.zeros((), jnp.int32))
@@ -349,7 +361,7 @@ def run_layers(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, attention
 def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
             capture: Sequence[str] = (), interventions: Interventions | None = None,
-            logits: str = "all", lora: dict | None = None, lora_scale: float = 1.0):
+            logits: str = "all", lora: dict | None = None, lora_scale: float = 1.0, remat: bool = False):
   """Decoder forward pass.
 
   Args:
@@ -373,6 +385,9 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
       `x @ W + lora_scale * (x @ A) @ B` (Hu et al. 2021; PEFT's `lora.Linear` with A = lora_A.weight.T,
       B = lora_B.weight.T, lora_scale = lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA).
     lora_scale: float multiplier of the LoRA term (static under jit).
+    remat: wrap each scanned layer in `jax.checkpoint` (static): the backward pass keeps only every layer's
+      input residual `[B, S, D]` and recomputes the layer, trading ~1/3 more FLOPs for activation memory
+      (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"). Values are unchanged.
 
   Returns:
     (logits float32, acts dict of the captured arrays in the activation dtype).
@@ -382,8 +397,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
   """
   out, acts, _ = forward_cached(params, tokens, cfg, attention_mask=attention_mask, positions=positions,
                                 capture=capture, interventions=interventions, logits=logits, lora=lora,
-                                lora_scale=lora_scale)
+                                lora_scale=lora_scale, remat=remat)
   return out, acts
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "logits", "lora_scale"))
+forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "logits", "lora_scale", "remat"))

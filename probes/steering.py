@@ -18,6 +18,10 @@ Two equivalent programs (tests check they agree with a per-layer loop of `forwar
   layer l, so one baseline pass caches resid[l+1] of every task; configuration (l, alpha, d) then runs only layers
   l+1..L-1 on resid[l+1] + alpha d. An outer `lax.map` over layers (so l is not batched and the
   `fori_loop(l + 1, L)` trip count is real) wraps an inner chunked vmap over alpha x direction.
+
+On several devices, `steering_sweep(mesh=...)` / `sweep_program(mesh=...)` lay the weights out by the sharding plan
+(models.sharding: FSDP + Megatron tensor splits) and jit the program with those in_shardings, so an 8B model's
+sweep is one program over the mesh; `sweep_program(...).lower(ShapeDtypeStructs)` compiles it without weights.
 """
 from __future__ import annotations
 
@@ -140,57 +144,61 @@ def chunk_size(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], memory_gib: fl
   return int(max(1, min(n_configs, math.floor(memory_gib * 2 ** 30 / per))))
 
 
-def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], directions: jax.Array,
-                   layers: Sequence[int], alphas: Sequence[float], *, method: str = "suffix",
-                   memory_gib: float = 4.0, progress=None) -> dict[str, Any]:
-  """Score every task under every (layer, alpha, direction) steering configuration, as one jitted program.
+def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Sequence[int], alphas: Sequence[float],
+                  n_directions: int, chunk: int, *, method: str = "suffix", mesh=None, progress=None):
+  """The jitted steering-sweep program: every (layer, alpha, direction) configuration in one compiled program.
 
   Args:
-    params, cfg: the model.
-    tasks: tokenized behavior probes (probes.tasks.Task).
-    directions: `[L', M, D]` per swept layer, M directions (from `sweep_directions`: 0 = behavior vector,
-      1..K = random controls).
-    layers: the L' swept layer indices (steer at the output of layer l).
-    alphas: the A steering coefficients.
-    method: "suffix" (default) or "full" (see module docstring); the results agree to float32 round-off.
-    memory_gib: working-memory budget that sets the vmap chunk size (`chunk_size`).
-    progress: optional callable(n) called from inside the program (jax.debug.callback) as configurations finish.
+    cfg: the model. tasks: the tokenized probes (their shapes and behaviors are baked in; their arrays are
+      arguments). layers: the L' swept layer indices. alphas: the A coefficients. n_directions: M.
+    chunk: configurations vmapped at once (`chunk_size`).
+    method: "suffix" or "full" (module docstring).
+    mesh: optional `(data, fsdp, tensor)` mesh (models.sharding.make_mesh). Then the program is jitted with
+      `in_shardings` from the sharding plan (weights by `models.sharding.param_shardings`, task arrays and
+      directions replicated, each task's cached residual `[L', B, S, D]` split over (data, fsdp) on B when they
+      divide it), `out_shardings` replicated, and traced with the mesh active (activation constraints).
+    progress: optional callable(n) called from inside the program as configurations finish.
   Returns:
-    dict: "baseline" `[n_tasks]` unsteered scores; "scores" `[L', A, M, n_tasks]` float32 numpy; "chunk" (int).
+    suffix: `program(params, arrays, directions, starts) -> [L', A * M, n_tasks]` with arrays = `[t.arrays()]`,
+      directions `[L', M, D]`, starts = per task resid[l + 1] `[L', B, S, D]` of the swept layers;
+    full: `program(params, arrays, directions) -> [n_chunks, chunk, n_tasks]` (row-major (layer, alpha,
+      direction), the last chunk padded by wrapping).
+    `program.lower(*jax.ShapeDtypeStruct args).compile()` compiles it without weights.
   Raises:
-    ValueError: unknown method or a layer out of range.
+    ValueError: unknown method.
   """
-  layers = [int(l) for l in layers]
-  if any(not 0 <= l < cfg.n_layers for l in layers):
-    raise ValueError(f"layers {layers} out of range for {cfg.n_layers} layers")
   if method not in ("suffix", "full"):
     raise ValueError(f"method must be 'suffix' or 'full', got {method!r}")
-  directions = jnp.asarray(directions, jnp.float32)
-  Lp, M, D = directions.shape
-  A = len(alphas)
-  alphas_a = jnp.asarray(alphas, jnp.float32)
-  arrays = [t.arrays() for t in tasks]
+  layers = [int(l) for l in layers]
+  Lp, A, M = len(layers), len(alphas), int(n_directions)
+  alphas_a = np.asarray(alphas, np.float32)
   behaviors = tuple(t.behavior for t in tasks)
-  baseline, resids = baseline_pass(params, cfg, tasks)
 
   def tick(n):
     if progress is not None:
       jax.debug.callback(lambda n: progress(int(n)), n)
 
+  def with_mesh(fn):
+    if mesh is None:
+      return fn
+
+    def traced(*args):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args)
+    return traced
+
   if method == "full":
     n = Lp * A * M
-    chunk = chunk_size(cfg, tasks, memory_gib, n)
     n_chunks = -(-n // chunk)
-    flat = np.arange(n_chunks * chunk) % n                  # pad the last chunk by wrapping; dropped below
-    li, ai, di = (jnp.asarray(x.reshape(n_chunks, chunk)) for x in np.unravel_index(flat, (Lp, A, M)))
-    real = jnp.asarray(np.minimum(chunk, n - chunk * np.arange(n_chunks)))
-    layer_ids = jnp.asarray(layers)
+    flat = np.arange(n_chunks * chunk) % n                  # pad the last chunk by wrapping; dropped by the caller
+    li, ai, di = (x.reshape(n_chunks, chunk) for x in np.unravel_index(flat, (Lp, A, M)))
+    real = np.minimum(chunk, n - chunk * np.arange(n_chunks))
+    layer_ids = np.asarray(layers)
 
-    @jax.jit
     def program(params, arrays, directions):
       def one(l, a, d):
-        vec = alphas_a[a] * directions[l, d]
-        onehot = jax.nn.one_hot(layer_ids[l], cfg.n_layers, dtype=jnp.float32)
+        vec = jnp.asarray(alphas_a)[a] * directions[l, d]
+        onehot = jax.nn.one_hot(jnp.asarray(layer_ids)[l], cfg.n_layers, dtype=jnp.float32)
         iv = T.Interventions(resid_add=onehot[:, None, None, None] * vec[None, None, None, :])
         out = []
         for b, arr in zip(behaviors, arrays):
@@ -204,36 +212,101 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
         s = jax.vmap(one)(l, a, d)
         tick(r)
         return s
-      return jax.lax.map(per_chunk, (li, ai, di, real))
-
-    scores = program(params, arrays, directions).reshape(n_chunks * chunk, len(tasks))[:n]
-    scores = scores.reshape(Lp, A, M, len(tasks))
+      return jax.lax.map(per_chunk, tuple(jnp.asarray(x) for x in (li, ai, di, real)))
   else:
-    chunk = chunk_size(cfg, tasks, memory_gib, A * M)
-    ai = jnp.repeat(jnp.arange(A), M)
-    di = jnp.tile(jnp.arange(M), A)
-    starts = [r[jnp.asarray(layers) + 1] for r in resids]                 # per task [L', B, S, D]
+    ai = np.repeat(np.arange(A), M)
+    di = np.tile(np.arange(M), A)
 
-    @jax.jit
     def program(params, arrays, directions, starts):
       def per_layer(x):
         l, dirs, h0s = x
 
         def one(y):
           a, d = y
-          vec = alphas_a[a] * dirs[d]
+          vec = jnp.asarray(alphas_a)[a] * dirs[d]
           out = []
           for b, arr, h0 in zip(behaviors, arrays, h0s):
             h = T.run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
             logits = T.final_logits(params, cfg, h, tasks_lib.logits_mode(b))
             out.append(tasks_lib.task_score(b, logits, arr))
           return jnp.stack(out)
-        s = jax.lax.map(one, (ai, di), batch_size=chunk)
+        s = jax.lax.map(one, (jnp.asarray(ai), jnp.asarray(di)), batch_size=chunk)
         tick(jnp.asarray(A * M, jnp.int32))
         return s
       return jax.lax.map(per_layer, (jnp.asarray(layers), directions, starts))
 
-    scores = program(params, arrays, directions, starts).reshape(Lp, A, M, len(tasks))
+  if mesh is None:
+    return jax.jit(program)
+  shardings = sweep_shardings(mesh, cfg, tasks)
+  ins = tuple(shardings[k] for k in (("params", "arrays", "directions") if method == "full"
+                                     else ("params", "arrays", "directions", "starts")))
+  return jax.jit(with_mesh(program), in_shardings=ins, out_shardings=shardings["out"])
+
+
+def sweep_shardings(mesh, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]) -> dict[str, Any]:
+  """The sweep program's shardings on `mesh` (see `sweep_program`): {"params": tree of NamedSharding (models.sharding
+  plan), "arrays": replicated (prefix), "directions": replicated, "starts": per task, batch split over (data, fsdp)
+  where data x fsdp divides B, "out": replicated}."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from models import sharding as sh
+  rep = NamedSharding(mesh, P())
+  nb = mesh.shape["data"] * mesh.shape["fsdp"]
+  starts = [NamedSharding(mesh, P(None, sh.BATCH_AXES, None, None)) if t.tokens.shape[0] % nb == 0 else rep
+            for t in tasks]
+  return {"params": sh.param_shardings(mesh, cfg), "arrays": rep, "directions": rep, "starts": starts, "out": rep}
+
+
+def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], directions: jax.Array,
+                   layers: Sequence[int], alphas: Sequence[float], *, method: str = "suffix",
+                   memory_gib: float = 4.0, progress=None, mesh=None) -> dict[str, Any]:
+  """Score every task under every (layer, alpha, direction) steering configuration, as one jitted program.
+
+  Args:
+    params, cfg: the model.
+    tasks: tokenized behavior probes (probes.tasks.Task).
+    directions: `[L', M, D]` per swept layer, M directions (from `sweep_directions`: 0 = behavior vector,
+      1..K = random controls).
+    layers: the L' swept layer indices (steer at the output of layer l).
+    alphas: the A steering coefficients.
+    method: "suffix" (default) or "full" (see module docstring); the results agree to float32 round-off.
+    memory_gib: working-memory budget that sets the vmap chunk size (`chunk_size`).
+    progress: optional callable(n) called from inside the program (jax.debug.callback) as configurations finish.
+    mesh: optional `(data, fsdp, tensor)` mesh: weights are placed by the sharding plan and the baseline pass and
+      the program run on it (`sweep_program`); None = as before, on the default device.
+  Returns:
+    dict: "baseline" `[n_tasks]` unsteered scores; "scores" `[L', A, M, n_tasks]` float32 numpy; "chunk" (int).
+  Raises:
+    ValueError: unknown method or a layer out of range.
+  """
+  import contextlib
+  layers = [int(l) for l in layers]
+  if any(not 0 <= l < cfg.n_layers for l in layers):
+    raise ValueError(f"layers {layers} out of range for {cfg.n_layers} layers")
+  if method not in ("suffix", "full"):
+    raise ValueError(f"method must be 'suffix' or 'full', got {method!r}")
+  directions = jnp.asarray(directions, jnp.float32)
+  Lp, M, D = directions.shape
+  A = len(alphas)
+  arrays = [t.arrays() for t in tasks]
+  ctx = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+  if mesh is not None:
+    shardings = sweep_shardings(mesh, cfg, tasks)
+    params = jax.device_put(params, shardings["params"])
+  with ctx:
+    baseline, resids = baseline_pass(params, cfg, tasks)
+  n_cfg = Lp * A * M if method == "full" else A * M
+  chunk = chunk_size(cfg, tasks, memory_gib, n_cfg)
+  program = sweep_program(cfg, tasks, layers, alphas, M, chunk, method=method, mesh=mesh, progress=progress)
+  if method == "full":
+    n_chunks = -(-n_cfg // chunk)
+    scores = program(params, arrays, directions).reshape(n_chunks * chunk, len(tasks))[:n_cfg]
+  else:
+    starts = [r[jnp.asarray(layers) + 1] for r in resids]                 # per task [L', B, S, D]
+    if mesh is not None:
+      starts = jax.device_put(starts, shardings["starts"])
+    scores = program(params, arrays, directions, starts)
+  scores = scores.reshape(Lp, A, M, len(tasks))
   return {"baseline": np.asarray(baseline), "scores": np.asarray(scores), "chunk": chunk}
 
 

@@ -188,7 +188,8 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
   if sweep_tasks:
     with tqdm(total=n_cfg, desc="steering sweep", unit="config") as bar:
       res = steering.steering_sweep(params, cfg, sweep_tasks, directions, layers, alphas, method=config.method,
-                                    memory_gib=float(config.memory_gib), progress=bar.update)
+                                    memory_gib=float(config.memory_gib), progress=bar.update,
+                                    mesh=_mesh(config))
     baseline[sweep_idx] = res["baseline"]
     scores[..., sweep_idx] = res["scores"]
     chunk = res["chunk"]
@@ -260,6 +261,16 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
                                            gen_cells))
   wd.close()
   return wd.file("report.md")
+
+
+def _mesh(config):
+  """The sweep's (data, fsdp, tensor) mesh (models.sharding.make_mesh with config.fsdp / config.tensor) when
+  there are several devices; None on one device (the program then runs exactly as before)."""
+  import jax
+  if jax.device_count() == 1:
+    return None
+  from models.sharding import make_mesh
+  return make_mesh(fsdp=int(config.get("fsdp", 1)), tensor=int(config.get("tensor", 1)))
 
 
 def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, directions, gen_tasks, gen_base,

@@ -1,11 +1,19 @@
 """The training engine: mesh and shardings, optimizer, ONE jitted train step, orbax checkpoints, the loop.
 
-Parallelism (no pmap): a `jax.sharding.Mesh` with axes ("data", "fsdp") over all devices (all hosts after
-`jax.distributed.initialize`). The batch axis is split over both axes; the frozen base weights are split over
-"fsdp" along their largest divisible non-layer axis (replicated when fsdp = 1); trainable LoRA factors and the
-optimizer state are replicated. `jax.jit` + GSPMD insert the gradient all-reduce. Losses are (sum / global
-weight) with the weight computed from the masks of the whole global batch, so the loss and gradient do not
-depend on the number of devices or the gradient-accumulation split (tests/test_train.py checks 8 vs 1 device).
+Parallelism (no pmap): a `jax.sharding.Mesh` with axes ("data", "fsdp", "tensor") over all devices (all hosts
+after `jax.distributed.initialize`), built by `models.sharding.make_mesh` (re-exported here). The batch axis is
+split over (data, fsdp); frozen base weights, trainables (LoRA factors or full-fine-tuning tensors) and every
+optimizer moment follow the plan of models.sharding (FSDP over "fsdp", Megatron column / row splits over
+"tensor"; `param_sharding`, `state_sharding`). The step is traced with the mesh active, so the forward pass's
+activation constraints apply. `jax.jit` + GSPMD insert all collectives. Losses are (sum / global weight) with
+the weight computed from the masks of the whole global batch, so the loss and gradient do not depend on the mesh
+or the gradient-accumulation split (tests/test_train.py checks 8 vs 1 device, tests/test_sharding.py three
+(data, fsdp, tensor) meshes).
+
+Multi-host: `maybe_initialize_distributed` (coordinator / process count / id from arguments or JAX_* env, or
+auto-detected on Cloud TPU and SLURM); each process loads only the rows of the global batch its devices hold
+(`process_rows`, `put_batch(batch_size=...)`); every process calls `Checkpointer.save` (orbax writes each
+host's shards; the directory must be shared, e.g. gs://...); `to_host` gathers sharded results.
 
 Train state (a plain dict pytree, what orbax saves): step (int32), trainable (LoRA factors or full-fine-tuning
 tensors, float32 master weights by default), opt_state (optax), rng (uint32[2] PRNGKey, folded with the step for
@@ -17,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +34,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import ModelConfig
+from models.sharding import BATCH_AXES, MESH_AXES, lora_specs, make_mesh, named, param_specs  # noqa: F401
 from models.transformer import forward
 from train import losses
-
-BATCH_AXES = ("data", "fsdp")
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -37,44 +44,103 @@ class TrainingDivergedError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------- devices
-def maybe_initialize_distributed(enabled: bool | None = None) -> None:
-  """Call `jax.distributed.initialize()` (multi-host) when `enabled`, or when None and the environment names a
-  coordinator (JAX_COORDINATOR_ADDRESS) or a cluster JAX auto-detects (SLURM / Cloud TPU / MPI env)."""
-  if enabled is None:
-    enabled = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-  if enabled:
-    jax.distributed.initialize()
+def maybe_initialize_distributed(enabled: bool | None = None, *, coordinator_address: str | None = None,
+                                 num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """Call `jax.distributed.initialize` (multi-host) once, before any device is used.
 
-
-def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh `[data, fsdp]` over `devices` (default all global devices); data = n_devices / fsdp.
-
-  Raises ValueError if fsdp does not divide the device count.
+  Args:
+    enabled: True: initialise; False: do nothing; None: initialise iff a coordinator address is known (argument
+      or JAX_COORDINATOR_ADDRESS).
+    coordinator_address: "host:port" of process 0 (default env JAX_COORDINATOR_ADDRESS).
+    num_processes, process_id: default env JAX_NUM_PROCESSES / JAX_PROCESS_ID; negative or None = unset.
+  With nothing set, `jax.distributed.initialize()` auto-detects the cluster (Cloud TPU VM pods, SLURM, Open MPI;
+  jax.distributed docs). Returns True iff this process runs distributed afterwards.
+  Raises:
+    ValueError: JAX_NUM_PROCESSES / JAX_PROCESS_ID is set but not an integer (the message names it). jax raises
+      when an explicit coordinator lacks num_processes / process_id outside an auto-detected cluster.
   """
-  devices = list(jax.devices() if devices is None else devices)
-  if fsdp < 1 or len(devices) % fsdp:
-    raise ValueError(f"fsdp={fsdp} must divide the device count {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
+  def env_int(name, value):
+    if value is not None and int(value) >= 0:
+      return int(value)
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+      return None
+    try:
+      return int(raw)
+    except ValueError as e:
+      raise ValueError(f"environment variable {name}={raw!r} is not an integer") from e
+  addr = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if enabled is None:
+    enabled = bool(addr)
+  if not enabled:
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  jax.distributed.initialize(coordinator_address=addr, num_processes=env_int("JAX_NUM_PROCESSES", num_processes),
+                             process_id=env_int("JAX_PROCESS_ID", process_id))
+  return True
 
 
-def param_sharding(mesh: Mesh, tree: Any, stacked_prefix: str = "layers") -> Any:
-  """NamedShardings for frozen weights: the largest axis divisible by the fsdp size is split over "fsdp" (the
-  leading layer axis of `layers/*` is never split: it is scanned); everything else replicated."""
-  n = mesh.shape["fsdp"]
+def param_sharding(mesh: Mesh, tree: Any, cfg: ModelConfig | None = None) -> Any:
+  """NamedShardings for frozen weights (or full-fine-tuning trainables) from the plan of models.sharding:
+  FSDP on "fsdp", Megatron column / row splits on "tensor", the leading layer axis of `layers/*` never split
+  (it is scanned), norms and o-bias replicated. With `cfg`, attention tensors are split over "tensor" only in
+  whole heads. Raises ValueError for a leaf name the plan does not know."""
+  return named(mesh, param_specs(mesh, cfg, tree)[0])
 
-  def one(path, x):
-    names = [getattr(p, "key", None) for p in path]
-    if n == 1 or x.ndim == 0:
-      return NamedSharding(mesh, P())
-    first = 1 if stacked_prefix in names else 0
-    axes = [a for a in range(first, x.ndim) if x.shape[a] % n == 0]
-    if not axes:
-      return NamedSharding(mesh, P())
-    a = max(axes, key=lambda a: x.shape[a])
-    spec = [None] * x.ndim
-    spec[a] = "fsdp"
-    return NamedSharding(mesh, P(*spec))
-  return jax.tree_util.tree_map_with_path(one, tree)
+
+def state_specs(mesh: Mesh | dict[str, int], state: dict[str, Any], tx: optax.GradientTransformation,
+                cfg: ModelConfig | None = None, mode: str = "lora") -> tuple[dict[str, Any], list[str]]:
+  """PartitionSpecs for a train state `{step, trainable, opt_state, rng}` (arrays or ShapeDtypeStructs).
+
+  trainable: LoRA factors (mode "lora", `models.sharding.lora_specs`) or full-fine-tuning tensors (mode "full",
+  the frozen tensor's spec). opt_state: every parameter-shaped moment (AdamW mu / nu, ...) takes its parameter's
+  spec via `optax.tree_map_params`; counters and other non-parameter leaves are replicated, as are step and rng.
+  mesh may be a Mesh or `{axis: size}` (plans without devices). Returns (specs, divisibility notes).
+  Raises ValueError for an unknown mode.
+  """
+  if mode == "lora":
+    tr, notes = lora_specs(mesh, state["trainable"], cfg)
+  elif mode == "full":
+    tr, notes = param_specs(mesh, cfg, state["trainable"])
+  else:
+    raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+  opt = optax.tree_map_params(tx, lambda _, spec: spec, state["opt_state"], tr, transform_non_params=lambda _: P(),
+                              is_leaf=lambda x: isinstance(x, P))
+  return {"step": P(), "trainable": tr, "opt_state": opt, "rng": P()}, notes
+
+
+def state_sharding(mesh: Mesh, state: dict[str, Any], tx: optax.GradientTransformation,
+                   cfg: ModelConfig | None = None, mode: str = "lora") -> dict[str, Any]:
+  """NamedShardings on `mesh` for a train state (see `state_specs`)."""
+  return named(mesh, state_specs(mesh, state, tx, cfg, mode)[0])
+
+
+def put_tree(tree: Any, shardings: Any) -> Any:
+  """Place a pytree on `shardings` (same structure), on one host or many: leaves that are host data or
+  fully addressable arrays go through `jax.make_array_from_callback` when the sharding spans other processes
+  (every process must pass the same values), so each process materialises only its own shards; global arrays
+  are resharded with `jax.device_put`."""
+  def one(x, sh):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sh)
+    if sh.is_fully_addressable:
+      return jax.device_put(x, sh)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """numpy copies of every leaf, gathering shards held by other processes
+  (`jax.experimental.multihost_utils.process_allgather`) where an array is not fully addressable."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
 
 
 def replicated(mesh: Mesh, tree: Any) -> Any:
@@ -82,21 +148,44 @@ def replicated(mesh: Mesh, tree: Any) -> Any:
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
-def put_batch(mesh: Mesh, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Global device arrays from a host batch `{name: [accum, B, ...]}`, B split over ("data", "fsdp").
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+  """Sorted global row indices of a batch axis of `batch_size` split over (data, fsdp) that this process's
+  devices hold (all rows on one host). Raises ValueError if data * fsdp does not divide batch_size."""
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % n:
+    raise ValueError(f"micro-batch size {batch_size} is not divisible by data x fsdp = {n}")
+  sh = NamedSharding(mesh, P(BATCH_AXES))
+  rows: set[int] = set()
+  for idx in sh.addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(*idx[0].indices(batch_size)))
+  return np.asarray(sorted(rows), np.int64)
 
-  Every process passes the same global host batch (it is a pure function of seed and step); each device gets
-  its slice via `jax.make_array_from_callback`, which works on one host and on many.
 
-  Raises ValueError if B is not divisible by the number of devices.
+def put_batch(mesh: Mesh, host: dict[str, np.ndarray], batch_size: int | None = None) -> dict[str, jax.Array]:
+  """Global device arrays `{name: [accum, B, ...]}`, B split over ("data", "fsdp"), replicated over tensor.
+
+  Args:
+    host: `{name: [accum, R, ...]}` host arrays. With `batch_size` None they are the whole global batch
+      (R = B); with `batch_size` = B they are only this process's rows, `process_rows(mesh, B)` in that order,
+      so a multi-host run never builds the rows other hosts hold.
+  Each device gets its slice via `jax.make_array_from_callback`, which copies only addressable shards.
+
+  Raises ValueError if B is not divisible by data x fsdp, or R does not match the rows this process needs.
   """
-  n = mesh.size
   out = {}
   for k, v in host.items():
-    if v.shape[1] % n:
-      raise ValueError(f"batch {k!r}: micro-batch size {v.shape[1]} is not divisible by {n} devices")
+    B = v.shape[1] if batch_size is None else int(batch_size)
+    local = process_rows(mesh, B)                      # also checks that data x fsdp divides B
+    rows = local if batch_size is not None else np.arange(B)
+    if v.shape[1] != len(rows):
+      raise ValueError(f"batch {k!r} holds {v.shape[1]} rows; this process's devices need {len(rows)} of {B}")
+    first = {int(r): i for i, r in enumerate(rows)}
     sh = NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (v.ndim - 2))))
-    out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+
+    def cb(idx, v=v, first=first, B=B):
+      lo, hi, _ = idx[1].indices(B)
+      return v[(idx[0], slice(first[lo], first[lo] + hi - lo)) + tuple(idx[2:])]
+    out[k] = jax.make_array_from_callback((v.shape[0], B) + v.shape[2:], sh, cb)
   return out
 
 
@@ -127,6 +216,8 @@ class StepConfig:
   lora_scale: alpha / r (or alpha / sqrt(r)).
   compute_dtype: activation / frozen-weight dtype ("float32" or "bfloat16"); trainables stay in their dtype
     (float32 master weights) and are cast at use.
+  remat: recompute each decoder layer in the backward pass (`forward(remat=True)`): activation memory drops
+    to one `[B, S, D]` residual per layer plus one layer's working set (train.plan prints both).
   """
   mode: str = "lora"
   objective: str = "sft"
@@ -136,6 +227,7 @@ class StepConfig:
   lorra_alpha: float = 1.0
   retain_weight: float = 1.0
   squared_distance: bool = False
+  remat: bool = False
 
 
 def assemble(trainable: Any, frozen: dict[str, Any], sc: StepConfig) -> tuple[dict[str, Any], dict | None]:
@@ -172,7 +264,7 @@ def objective(trainable: Any, frozen: dict[str, Any], mb: dict[str, jax.Array], 
   for LoRRA optionally "retain_tokens", "retain_mask" `[B, S']`. reading: `[L, D]` (LoRRA only).
   """
   params, lora = assemble(trainable, frozen, sc)
-  kw = dict(lora=lora, lora_scale=sc.lora_scale)
+  kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat)
   if sc.objective == "sft":
     logits, _ = forward(params, mb["tokens"], cfg, attention_mask=mb["mask"], **kw)
     return losses.sft_loss_sum(logits, mb["tokens"], mb["loss_mask"]) / jnp.maximum(weights["main"], 1.0)
@@ -210,15 +302,30 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
   optimizer updates, which keeps layers outside the LoRA window exactly zero. metrics: loss (the objective's
   mean over the global batch), grad_norm (before clipping), lr, finite (1.0 iff loss, gradient and updated
   parameters are all finite).
+
+  Shardings: `jax.jit(in_shardings=(state_sharding, frozen_sharding, batch over (data, fsdp), reading
+  unspecified), out_shardings=(state_sharding, replicated))`; the body is traced with `mesh` active
+  (`jax.sharding.use_abstract_mesh`), so the forward pass's activation constraints apply, and the gradient
+  accumulators are constrained to the trainables' shardings (reduce-scattered, never replicated). Lower it for
+  an 8B model without weights: `step.lower(*ShapeDtypeStructs with these shardings).compile()`.
   """
+  tr_sh = state_sharding.get("trainable") if isinstance(state_sharding, dict) else None
+
   def step(state, frozen, batch, reading):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _step(state, frozen, batch, reading)
+
+  def _step(state, frozen, batch, reading):
     weights = batch_weights(batch, sc)
     grad_fn = jax.value_and_grad(objective)
 
     def micro(carry, mb):
       g_acc, l_acc = carry
       l, g = grad_fn(state["trainable"], frozen, mb, weights, reading, cfg, sc)
-      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      if tr_sh is not None:
+        g_acc = jax.lax.with_sharding_constraint(g_acc, tr_sh)
+      return (g_acc, l_acc + l), None
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state["trainable"])
     (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["trainable"])
@@ -234,7 +341,8 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
     return new, metrics
 
   rep = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, None, None),
+  batch_sh = NamedSharding(mesh, P(None, BATCH_AXES, None))
+  return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, batch_sh, None),
                  out_shardings=(state_sharding, rep))
 
 
@@ -242,12 +350,17 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
 class Checkpointer:
   """orbax-checkpoint CheckpointManager over `<workdir>/checkpoints`: items "state" (the train-state pytree)
   and "meta" (JSON: the run config, LoRA rank/alpha/targets/layers). Saves are synchronous and atomic (orbax
-  writes a temporary directory and renames it); the newest `max_to_keep` are kept."""
+  writes a temporary directory and renames it); the newest `max_to_keep` are kept.
+
+  Multi-host: every process constructs it and calls `save` / `restore` with the same arguments (orbax
+  synchronises the processes; each writes the shards its devices hold, process 0 the metadata and "meta"), so
+  `directory` must be one path all hosts share (a gs:// bucket on Cloud TPU, a shared filesystem on GPU
+  clusters); URLs are kept as given."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     import orbax.checkpoint as ocp
     self._ocp = ocp
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)   # gs://... kept
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -281,14 +394,19 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------- the loop
 def fit(step_fn: Callable, state: Any, frozen: Any, reading: Any, *, mesh: Mesh, get_host_batch: Callable,
-        total_steps: int, stop_after: int | None = None, ckpt: Checkpointer | None = None, save_every: int = 0,
+        micro_batch: int, total_steps: int, stop_after: int | None = None, ckpt: Checkpointer | None = None,
+        save_every: int = 0,
         meta: dict[str, Any] | None = None, log: Callable | None = None, log_every: int = 1,
         tokens_per_step: Callable | None = None, progress: bool = True) -> tuple[Any, list[dict]]:
   """Run steps `state["step"] .. total_steps - 1` (or stop after step `stop_after`).
 
+  `get_host_batch(step, rows)` returns `{name: [accum, len(rows), ...]}` host arrays holding only the rows
+  `rows = process_rows(mesh, micro_batch)` of the global micro-batch (all rows on one host), so each process
+  builds only what its devices hold.
   Checkpoints after every `save_every`-th step and at the end / stop. A non-finite loss, gradient or update
   raises TrainingDivergedError naming the step; the offending update is discarded, so the newest checkpoint
-  is the last good state. `log(step, **metrics)` receives loss, grad_norm, lr, tokens_per_s.
+  is the last good state. `log(step, **metrics)` receives loss, grad_norm, lr, tokens_per_s (this process's
+  tokens; tokens_per_step(host) sees only its rows).
   Returns (final state, list of per-step metric dicts).
   """
   from tqdm import tqdm
@@ -297,9 +415,10 @@ def fit(step_fn: Callable, state: Any, frozen: Any, reading: Any, *, mesh: Mesh,
   history = []
   bar = tqdm(total=end - start, initial=0, desc="train", disable=not progress, dynamic_ncols=True)
   t_prev = time.perf_counter()
+  rows = process_rows(mesh, micro_batch)
   for s in range(start, end):
-    host = get_host_batch(s)
-    batch = put_batch(mesh, host)
+    host = get_host_batch(s, rows)
+    batch = put_batch(mesh, host, micro_batch)
     new_state, m = step_fn(state, frozen, batch, reading)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     if m.pop("finite") != 1.0:

@@ -71,6 +71,20 @@ def trainables(params: dict[str, Any], cfg, config, key) -> tuple[Any, Any, Any]
   raise ValueError(f"config.mode must be 'lora' or 'full', got {config.mode!r}")
 
 
+def train_mesh(config):
+  """The training mesh from `config.train` (fields distributed, coordinator_address, num_processes,
+  process_id, fsdp, tensor; the last five optional): initialises multi-host JAX first when asked
+  (engine.maybe_initialize_distributed), then `make_mesh(fsdp, tensor=tensor)` over every global device
+  (data = devices / (fsdp * tensor)). Raises ValueError naming the sizes if they do not divide the device count."""
+  from train import engine
+  tc = config.train
+  engine.maybe_initialize_distributed(True if tc.distributed else None,
+                                      coordinator_address=tc.get("coordinator_address") or None,
+                                      num_processes=tc.get("num_processes", -1),
+                                      process_id=tc.get("process_id", -1))
+  return engine.make_mesh(fsdp=int(tc.fsdp), tensor=int(tc.get("tensor", 1)))
+
+
 def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, retain_set=None, reading=None,
                wd=None) -> TrainResult:
   """Train on tokenised data, resuming from `<workdir>/checkpoints` if a checkpoint exists.
@@ -96,12 +110,11 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   from train import engine
 
   tc = config.train
-  engine.maybe_initialize_distributed(True if tc.distributed else None)
-  mesh = engine.make_mesh(fsdp=tc.fsdp)
+  mesh = train_mesh(config)
   dt = jnp.dtype(config.dtype)
   frozen = jax.tree.map(lambda x: x.astype(dt), params)
-  frozen_sh = engine.param_sharding(mesh, frozen)
-  frozen = jax.device_put(frozen, frozen_sh)
+  frozen_sh = engine.param_sharding(mesh, frozen, cfg)
+  frozen = engine.put_tree(frozen, frozen_sh)
 
   trainable, umask, spec = trainables(params, cfg, config, jax.random.PRNGKey(config.seed))
   if config.objective not in ("sft", "lorra"):
@@ -119,16 +132,18 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   sc = engine.StepConfig(mode=config.mode, objective=config.objective,
                          lora_scale=spec.scale if spec is not None else 1.0, compute_dtype=config.dtype,
                          lorra_layers=tuple(lorra_layers), lorra_alpha=float(config.lorra.alpha),
-                         retain_weight=float(config.lorra.retain_weight))
+                         retain_weight=float(config.lorra.retain_weight),
+                         remat=bool(tc.get("remat", False)))
   tx, sched = engine.make_optimizer(lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
                                     end_lr_frac=tc.end_lr_frac, weight_decay=tc.weight_decay,
                                     clip_norm=tc.clip_norm)
   state = engine.init_state(trainable, tx, config.seed)
-  state_sh = engine.replicated(mesh, state)
-  state = jax.device_put(state, state_sh)
+  state_sh = engine.state_sharding(mesh, state, tx, cfg, config.mode)
+  state = engine.put_tree(state, state_sh)
   step_fn = engine.make_train_step(cfg, sc, tx, sched, umask, mesh, state_sh, frozen_sh)
 
-  ckpt = engine.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.max_to_keep)
+  ckpt = engine.Checkpointer(tc.get("checkpoint_dir") or os.path.join(workdir, "checkpoints"),
+                             max_to_keep=tc.max_to_keep)
   meta = {"config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
           "lora": spec.to_dict() if spec is not None else None, "lora_scale": sc.lora_scale,
           "model_config": dataclasses.asdict(cfg)}
@@ -140,24 +155,31 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
 
   micro, accum = tc.micro_batch, tc.accum
 
-  def host_batch(s):
-    b = D.get_batch(train_set, config.seed, s, accum, micro)
+  def rows_of(data, seed, s, rows):
+    """Rows `rows` of step s's global micro-batches [accum, micro] (train.data.batch_indices order), gathered
+    from the tokenised set without building the other processes' rows."""
+    idx = D.batch_indices(len(data), seed, s, accum * micro).reshape(accum, micro)[:, rows]
+    return {"tokens": data.tokens[idx], "mask": data.mask[idx], "loss_mask": data.loss_mask[idx]}
+
+  def host_batch(s, rows):
+    b = rows_of(train_set, config.seed, s, rows)
     if config.objective == "lorra":
       if config.lorra.positions == "all":
         b["loss_mask"] = b["mask"].astype(np.float32)
       if retain_set is not None:
-        r = D.get_batch(retain_set, config.seed + 1, s, accum, micro)
+        r = rows_of(retain_set, config.seed + 1, s, rows)
         b["retain_tokens"], b["retain_mask"] = r["tokens"], r["mask"].astype(np.float32)
     return b
 
   def log(step, **m):
-    if wd is not None:
+    if wd is not None and jax.process_index() == 0:
       wd.log(step, **m)
 
   try:
     state, hist = engine.fit(step_fn, state, frozen, reading, mesh=mesh, get_host_batch=host_batch,
-                             total_steps=tc.steps, stop_after=None if tc.stop_after < 0 else tc.stop_after,
-                             ckpt=ckpt, save_every=tc.save_every, meta=meta, log=log, log_every=tc.log_every,
+                             micro_batch=micro, total_steps=tc.steps,
+                             stop_after=None if tc.stop_after < 0 else tc.stop_after, ckpt=ckpt,
+                             save_every=tc.save_every, meta=meta, log=log, log_every=tc.log_every,
                              tokens_per_step=lambda b: b["mask"].sum() + (b["retain_mask"].sum()
                                                                          if "retain_mask" in b else 0),
                              progress=tc.progress)

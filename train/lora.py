@@ -32,13 +32,19 @@ def run(config, workdir: str | None = None) -> str:
   from analysis.workdir import Workdir, default_workdir, write_json, write_text
   from models.hf_io import save_hf
   from models.loading import load, load_tokenizer
+  from models.sharding import sharding_fn
   from train import adapters, evaluate
   from train import data as D
+  from train.engine import to_host
+  from train.loop import train_mesh
 
+  mesh = train_mesh(config)          # multi-host init (if asked) before any device is touched
   workdir = workdir or default_workdir(config.model.split("/")[-1].removesuffix(".gguf") + "-lora")
   wd = Workdir(workdir, config)
   t0 = time.time()
-  params, cfg = load(config.model, dtype=jnp.float32)
+  # each stacked tensor goes straight to its shards (models.sharding plan): no device holds the whole model
+  cfg = _model_config(config.model)
+  params, cfg = load(config.model, dtype=jnp.float32, sharding_fn=sharding_fn(mesh, cfg))
   tok = load_tokenizer(config.model)
   logging.info("loaded %s in %.1fs", config.model, time.time() - t0)
   system = config.data.system_prompt or None
@@ -82,7 +88,7 @@ def run(config, workdir: str | None = None) -> str:
     logging.info("stopped after step %d (checkpointed); rerun to resume", int(result.state["step"]))
     return wd.file("checkpoints")
 
-  trained = jax.device_get(result.state["trainable"])
+  trained = to_host(result.state["trainable"])
   if result.spec is not None:
     lora = jax.tree.map(jnp.asarray, trained)
     if config.export.peft:
@@ -129,6 +135,17 @@ def run(config, workdir: str | None = None) -> str:
   write_text(wd.file("report.md"), _report(config, summary, fig_rel))
   wd.close()
   return wd.file("report.md")
+
+
+def _model_config(model: str):
+  """The ModelConfig of a model argument, read without its weights (config.json or GGUF metadata)."""
+  from models import registry
+  from models.config import ModelConfig
+  src = registry.resolve(model)
+  if src.kind == "gguf":
+    from models.gguf_io import config_from_gguf
+    return config_from_gguf(src.path)
+  return ModelConfig.from_hf_file(os.path.join(src.path, "config.json"))
 
 
 def objective_sets(config, params, cfg, tok, examples, train_pairs, system):
