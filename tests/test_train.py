@@ -239,6 +239,33 @@ def test_batch_order_is_a_function_of_step():
   np.testing.assert_array_equal(D.batch_indices(10, 0, 3, 4), a[12:16])
 
 
+def test_grouped_batches_keep_units_together_and_cover_every_unit():
+  n, g = 12, 3
+  data = D.TokenizedSet(np.arange(n * 2, dtype=np.int32).reshape(n, 2), np.ones((n, 2), np.int32),
+                        np.ones((n, 2), np.float32), group=g)
+  rows = np.concatenate([D.step_rows(data, 0, s, 6) for s in range(4)])     # 4 steps x 2 units = 2 epochs
+  units = rows.reshape(-1, g)
+  np.testing.assert_array_equal(units - units[:, :1], np.tile(np.arange(g), (len(units), 1)))   # consecutive
+  assert (units[:, 0] % g == 0).all()                                      # start at a unit boundary
+  for e in range(2):                                                       # each epoch a permutation of units
+    assert sorted(units[4 * e:4 * (e + 1), 0] // g) == [0, 1, 2, 3]
+  np.testing.assert_array_equal(units[:, 0] // g, np.concatenate([D.batch_indices(4, 0, s, 2) for s in range(4)]))
+  b = D.get_batch(data, 0, 1, 1, 6)
+  np.testing.assert_array_equal(b["tokens"][0], data.tokens[D.step_rows(data, 0, 1, 6)])
+  with pytest.raises(D.DatasetError, match="not a multiple of the dataset's group size 3"):
+    D.step_rows(data, 0, 0, 4)
+  with pytest.raises(D.DatasetError, match="not a whole number of groups"):
+    D.TokenizedSet(data.tokens[:5], data.mask[:5], data.loss_mask[:5], group=2)
+
+
+def test_weight_first_target_weights_only_the_first_scored_token():
+  lm = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], np.float32)
+  data = D.TokenizedSet(np.zeros((3, 5), np.int32), np.ones((3, 5), np.int32), lm)
+  out = D.weight_first_target(data, 5.0).loss_mask
+  np.testing.assert_array_equal(out, [[0, 0, 5, 1, 1], [0, 5, 1, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(data.loss_mask, lm)                       # the input is not modified
+
+
 def test_refusal_source_schema():
   pairs = D.refusal_pairs()
   assert len(pairs) == 150 and all(p["harmful"] and p["benign_answer"] for p in pairs)

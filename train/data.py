@@ -176,10 +176,20 @@ def tokenize_example(tokenizer, ex: Example, max_len: int) -> tuple[list[int], l
 @dataclasses.dataclass
 class TokenizedSet:
   """Right-padded arrays for a dataset: tokens `[N, S]` int32, mask `[N, S]` int32 (1 = real token),
-  loss_mask `[N, S]` float32 (1 = response token whose prediction is scored)."""
+  loss_mask `[N, S]` float32 (1 = response token whose prediction is scored; other positive values weight a
+  token's loss, e.g. `weight_first_target`).
+
+  group: rows `[i * group, (i + 1) * group)` form one unit that batches always draw together (e.g. a harmful
+  prompt and a benign one, so every batch holds the contrast; `step_rows`). N must be a multiple of group.
+  """
   tokens: np.ndarray
   mask: np.ndarray
   loss_mask: np.ndarray
+  group: int = 1
+
+  def __post_init__(self):
+    if self.group < 1 or len(self.tokens) % self.group:
+      raise DatasetError(f"TokenizedSet: {len(self.tokens)} rows are not a whole number of groups of {self.group}")
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -212,7 +222,34 @@ def batch_indices(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
   return out
 
 
+def step_rows(data: TokenizedSet, seed: int, step: int, batch_size: int) -> np.ndarray:
+  """Row indices `[batch_size]` of step `step`: `batch_indices` over the set's units of `data.group`
+  consecutive rows, each unit's rows kept together and in order.
+
+  Raises DatasetError if batch_size is not a multiple of data.group.
+  """
+  g = data.group
+  if batch_size % g:
+    raise DatasetError(f"batch size {batch_size} is not a multiple of the dataset's group size {g}")
+  units = batch_indices(len(data) // g, seed, step, batch_size // g)
+  return (units[:, None] * g + np.arange(g)).reshape(-1)
+
+
 def get_batch(data: TokenizedSet, seed: int, step: int, accum: int, micro: int) -> dict[str, np.ndarray]:
-  """Host batch of step `step`: {"tokens", "mask", "loss_mask"} each `[accum, micro, S]` (see batch_indices)."""
-  idx = batch_indices(len(data), seed, step, accum * micro).reshape(accum, micro)
+  """Host batch of step `step`: {"tokens", "mask", "loss_mask"} each `[accum, micro, S]` (see step_rows)."""
+  idx = step_rows(data, seed, step, accum * micro).reshape(accum, micro)
   return {"tokens": data.tokens[idx], "mask": data.mask[idx], "loss_mask": data.loss_mask[idx]}
+
+
+def weight_first_target(data: TokenizedSet, weight: float) -> TokenizedSet:
+  """A copy of `data` whose first scored token of every row has loss weight `weight` (the others keep theirs).
+
+  The first response token carries a chat model's decision (refuse or answer); an SFT mean over ~10-20 response
+  tokens otherwise gives it a small share of the gradient. Rows without scored tokens are unchanged.
+  """
+  lm = data.loss_mask.copy()
+  has = (lm > 0).any(axis=1)
+  first = np.argmax(lm > 0, axis=1)
+  rows = np.nonzero(has)[0]
+  lm[rows, first[rows]] *= weight
+  return dataclasses.replace(data, loss_mask=lm)

@@ -156,9 +156,9 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   micro, accum = tc.micro_batch, tc.accum
 
   def rows_of(data, seed, s, rows):
-    """Rows `rows` of step s's global micro-batches [accum, micro] (train.data.batch_indices order), gathered
+    """Rows `rows` of step s's global micro-batches [accum, micro] (train.data.step_rows order), gathered
     from the tokenised set without building the other processes' rows."""
-    idx = D.batch_indices(len(data), seed, s, accum * micro).reshape(accum, micro)[:, rows]
+    idx = D.step_rows(data, seed, s, accum * micro).reshape(accum, micro)[:, rows]
     return {"tokens": data.tokens[idx], "mask": data.mask[idx], "loss_mask": data.loss_mask[idx]}
 
   def host_batch(s, rows):

@@ -133,19 +133,24 @@ def make_step(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation
   return step
 
 
-def make_program(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation) -> Callable:
-  """The chunk program `run(state, frozen, batches, probe, ref) -> (state, metrics)`, jitted, vmapped over seeds.
+def make_program(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation,
+                 per_run_frozen: bool = False) -> Callable:
+  """The chunk program `run(state, frozen, batches, probe, ref) -> (state, metrics)`, jitted, vmapped over runs
+  (seeds, or grid points).
 
-  state: leading seed axis `[n_seeds, ...]` on every leaf. batches: tokens / mask / loss_mask
-  `[n_seeds, T, B, S]`. frozen, probe, ref: shared (see make_step). Returns the state after T steps and
-  metrics with shape `[n_seeds, T, ...]` (align / proj `[n_seeds, T, L]`). One compilation per (T, shapes).
+  state: leading run axis `[R, ...]` on every leaf. batches: tokens / mask / loss_mask `[R, T, B, S]`. probe:
+  shared (see make_step). frozen (theta_aligned) and ref ({"mean_aligned", "v_rev"} `[L+1, D]`): shared, or with
+  the leading run axis when `per_run_frozen` (every run fine-tunes its own theta_aligned against its own v_rev).
+  Returns the state after T steps and metrics with shape `[R, T, ...]` (align / proj `[R, T, L]`). One
+  compilation per (T, shapes).
   """
   step = make_step(cfg, sc, tx)
 
-  def one_seed(state, frozen, batches, probe, ref):
+  def one_run(state, frozen, batches, probe, ref):
     return jax.lax.scan(lambda s, b: step(s, frozen, b, probe, ref), state, batches)
 
-  return jax.jit(jax.vmap(one_seed, in_axes=(0, None, 0, None, None)))
+  ax = 0 if per_run_frozen else None
+  return jax.jit(jax.vmap(one_run, in_axes=(0, ax, 0, None, ax)))
 
 
 def init_state(lora: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
