@@ -147,6 +147,7 @@ class _Study:
     from analysis.workdir import write_json
     from probes import sweep, tasks as tasks_lib
     from train import scan
+    from train.losses import max_targets
 
     rc = self.rc = config.reversion
     self.config, self.workdir = config, workdir
@@ -175,7 +176,9 @@ class _Study:
 
     # Benign fine-tuning: the baseline arm's program, every point with its own theta_aligned and v_rev.
     self.spec, self.tx = reversion.benign_optimizer(rc, st.cfg)
-    sc = scan.ScanConfig(arm="baseline", lora_scale=self.spec.scale, position=rc.probe.position)
+    self.bset = reversion.benign_set(rc, st.tok, st.train_pairs, st.system)
+    sc = scan.ScanConfig(arm="baseline", lora_scale=self.spec.scale, position=rc.probe.position,
+                         n_targets=max_targets(self.bset.loss_mask))
     self.program = scan.make_program(st.cfg, sc, self.tx, per_run_frozen=True)
 
   def scores(self, params) -> dict[str, float]:
@@ -221,7 +224,7 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
     infos.append(info)
     logging.info("%s: layers %s, harmful refused %.2f", p.name, list(layers), 1 - info["eval"]["harm_gen"])
 
-  batches = reversion.benign_batches(rc, st.tok, st.train_pairs, st.system, seeds)
+  batches = reversion.benign_batches(study.bset, rc, seeds)
   init = reversion.benign_init(study.spec, study.tx, st.cfg, seeds)
   budget = None if config.stop_after < 0 else int(config.stop_after)
   recs = reversion.run_chunks(study.program, init, _stack(aligned), _stack(refs), batches, st.probe,

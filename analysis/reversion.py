@@ -127,16 +127,20 @@ class Evaluator:
   def harm_lp(self, params, lora=None, scale: float = 1.0) -> float:
     """Share of held-out harmful prompts whose compliant continuation has a lower mean NLL than the refusal."""
     from train import evaluate as E
-    nll_r = E.response_nll(params, self.cfg, self.refuse_set, lora=lora, lora_scale=scale)
-    nll_c = E.response_nll(params, self.cfg, self.comply_set, lora=lora, lora_scale=scale)
+    kw = dict(lora=lora, lora_scale=scale, batch=self.config.eval.batch)
+    nll_r = E.response_nll(params, self.cfg, self.refuse_set, **kw)
+    nll_c = E.response_nll(params, self.cfg, self.comply_set, **kw)
     return float(np.mean(nll_c < nll_r))
 
-  def __call__(self, params, lora=None, scale: float = 1.0, benign_refusal: bool = False) -> dict:
-    """{"harm_gen", "harm_lp", "task_nll"[, "benign_refusal"], "answers"}: fractions and nats / token."""
+  def __call__(self, params, lora=None, scale: float = 1.0, benign_refusal: bool = False,
+               log_prob: bool = True) -> dict:
+    """{"harm_gen", "harm_lp", "task_nll"[, "benign_refusal"], "answers"}: fractions and nats / token
+    (harm_lp is NaN when not `log_prob`)."""
     from train import evaluate as E
     kw = dict(lora=lora, lora_scale=scale)
-    out = {"harm_lp": self.harm_lp(params, lora, scale)}
-    out["task_nll"] = float(np.nanmean(E.response_nll(params, self.cfg, self.task_set, **kw)))
+    out = {"harm_lp": self.harm_lp(params, lora, scale) if log_prob else float("nan")}
+    out["task_nll"] = float(np.nanmean(E.response_nll(params, self.cfg, self.task_set,
+                                                      batch=self.config.eval.batch, **kw)))
     if self.config.eval.generate:
       gen = dict(max_new_tokens=self.config.eval.max_new_tokens, batch=self.config.eval.batch, system=self.system,
                  **kw)
@@ -204,7 +208,7 @@ def setup(config) -> Setup:
 def evaluate_early(ev: "Evaluator", params, config) -> dict:
   """Evaluator(theta_early) with held-out benign refusal; with generation on, the log-prob variant is then scored
   against theta_early's own greedy answers (and `ev` keeps them for every later call)."""
-  out = ev(params, benign_refusal=True)
+  out = ev(params, benign_refusal=True, log_prob=not config.eval.generate)
   if config.eval.generate:
     ev.use_compliant(out["answers"], "theta_early's greedy answers")
     out["harm_lp"] = ev.harm_lp(params)
@@ -302,19 +306,25 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets
   return aligned, info
 
 
-def benign_batches(config, tok, train_pairs, system, seeds) -> dict:
-  """The benign fine-tuning batches, identical for every arm: {"tokens", "mask", "loss_mask"}
-  `[n_seeds, T, B, S]` device arrays (int32 / int32 / float32), seed s in train.data.get_batch order, from
-  `benign_examples` tokenised to config.benign.max_len."""
-  import jax.numpy as jnp
-
+def benign_set(config, tok, train_pairs, system):
+  """`benign_examples` (with the system prompt, if any) tokenised to config.benign.max_len: a
+  train.data.TokenizedSet."""
   from models import tokenizer as tk
   from train import data as D
-  bc = config.benign
   ex = benign_examples(config, train_pairs)
   if system:
     ex = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in ex]
-  bset = D.tokenize_dataset(tok, ex, bc.max_len, tk.pad_id(tok))
+  return D.tokenize_dataset(tok, ex, config.benign.max_len, tk.pad_id(tok))
+
+
+def benign_batches(bset, config, seeds) -> dict:
+  """The benign fine-tuning batches, identical for every arm: {"tokens", "mask", "loss_mask"}
+  `[n_seeds, T, B, S]` device arrays (int32 / int32 / float32), seed s in train.data.get_batch order, from
+  `benign_set`'s rows (config.benign.steps x config.benign.micro_batch per seed)."""
+  import jax.numpy as jnp
+
+  from train import data as D
+  bc = config.benign
   host = [[D.get_batch(bset, s, t, 1, bc.micro_batch) for t in range(int(bc.steps))] for s in seeds]
   return {k: jnp.asarray(np.stack([np.stack([b[k][0] for b in row]) for row in host]))
           for k in ("tokens", "mask", "loss_mask")}
@@ -425,6 +435,7 @@ def run(config, workdir: str | None = None) -> str:
   from analysis import reversion_plots as rp
   from analysis.workdir import Workdir, default_workdir, write_json
   from train import scan
+  from train.losses import max_targets
 
   workdir = workdir or default_workdir(config.model.split("/")[-1] + "-reversion")
   wd = Workdir(workdir, config)
@@ -455,7 +466,8 @@ def run(config, workdir: str | None = None) -> str:
 
   # 2. Benign fine-tuning data and LoRA, identical for every arm.
   seeds, T = tuple(config.seeds), int(config.benign.steps)
-  batches = benign_batches(config, st.tok, st.train_pairs, st.system, seeds)
+  bset = benign_set(config, st.tok, st.train_pairs, st.system)
+  batches = benign_batches(bset, config, seeds)
   spec, tx = benign_optimizer(config, cfg)
   init = benign_init(spec, tx, cfg, seeds)
 
@@ -475,7 +487,7 @@ def run(config, workdir: str | None = None) -> str:
   for arm in config.arms:
     sc = scan.ScanConfig(arm=arm, lam=config.block_lam if arm == "block" else config.push_lam,
                          push_scale=config.push_scale, lora_scale=spec.scale, position=config.probe.position,
-                         aux_layers=tuple(config.aux_layers))
+                         aux_layers=tuple(config.aux_layers), n_targets=max_targets(bset.loss_mask))
     dirs = [wd.file("benign", arm, f"seed{s}") for s in seeds]
     recs = run_chunks(scan.make_program(cfg, sc, tx), init, aligned, ref, batches, probe, dirs,
                       int(config.benign.eval_every), lambda i, lora: evaluator(aligned, lora, spec.scale),

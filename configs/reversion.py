@@ -82,7 +82,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = True                 # greedy generation + refusal-phrase judge (train/evaluate.py)
   c.eval.max_new_tokens = 8 if quick else 24
-  c.eval.batch = 8 if quick else 20
+  c.eval.batch = 8 if quick else 40    # rows per generation / NLL call (40 = the held-out pairs: one call)
 
   c.null = ml_collections.ConfigDict()
   c.null.q = 0.99

@@ -53,8 +53,10 @@ def test_scan_program_equals_step_by_step_loop(arm):
       for k in ("task", "aux", "align_all"):
         np.testing.assert_allclose(m[k][i, t], mt[k], rtol=2e-5, atol=2e-6)
       np.testing.assert_allclose(m["align"][i, t], mt["align"], rtol=2e-5, atol=2e-6)
+    # Adam normalises each coordinate's update (~lr = 1e-2 a step), so float32 summation-order noise in a
+    # near-zero gradient coordinate reaches ~1e-5 in the weights after 4 steps (seen: 6.4e-6).
     for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], final["lora"])), jax.tree.leaves(s["lora"])):
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=3e-5)
   # The measured alignment is the cosine of the measured drift with v_rev (recomputed outside the program).
   lora0 = jax.tree.map(lambda x: x[0], final["lora"])
   d = scan.probe_mean(params, lora0, CFG, probe, spec.scale) - ref["mean_aligned"]

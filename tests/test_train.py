@@ -67,6 +67,28 @@ def test_sft_loss_matches_torch_cross_entropy():
   assert float(losses.sft_weight(jnp.asarray(lm))) == 5.0
 
 
+def test_sft_rows_at_scored_positions_equal_the_full_logits_loss():
+  """sft_rows runs the LM head only at the K scored positions per row: the same per-row sums (and gradients) as
+  sft_loss_sum over full [B, S, V] logits, for weighted masks, a row without targets and K above the maximum."""
+  tok = _data()
+  toks, mask, lm = (jnp.asarray(x[:6]) for x in (tok.tokens, tok.mask, tok.loss_mask))
+  lm = lm.at[1].multiply(2.5).at[2, 8].set(7.0).at[3].set(0.0)     # weights, a first-token weight, an empty row
+  k = losses.max_targets(np.asarray(lm))
+  assert k == int((np.asarray(lm)[:, 1:] > 0).sum(-1).max()) and k < toks.shape[1] - 1
+  full = forward(_params(), toks, CFG, attention_mask=mask)[0]
+  ref = np.array([float(losses.sft_loss_sum(full[i:i + 1], toks[i:i + 1], lm[i:i + 1])) for i in range(6)])
+  for kk in (0, k, k + 3):
+    ours = np.asarray(losses.sft_rows(_params(), CFG, toks, mask, lm, kk))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+  assert ref[3] == 0.0
+  g = lambda kk: jax.grad(lambda p: losses.sft_rows(p, CFG, toks, mask, lm, kk).sum())(_params())["embed"]
+  np.testing.assert_allclose(np.asarray(g(k)), np.asarray(g(0)), rtol=1e-4, atol=1e-6)
+  pos, w = losses.target_positions(lm, k)
+  assert np.all(np.diff(np.asarray(pos)[0][np.asarray(w)[0] > 0]) > 0)          # scored positions in order
+  with pytest.raises(ValueError, match="logit_positions"):
+    forward(_params(), toks, CFG, logits="last", logit_positions=pos)
+
+
 def test_loss_decreases_and_window_stays_zero(tmp_path):
   c = _config(steps=20, lr=3e-2)
   c.lora.layers = (1, 1)

@@ -218,6 +218,8 @@ class StepConfig:
     (float32 master weights) and are cast at use.
   remat: recompute each decoder layer in the backward pass (`forward(remat=True)`): activation memory drops
     to one `[B, S, D]` residual per layer plus one layer's working set (train.plan prints both).
+  n_targets: SFT only: the LM head runs at this many scored positions per row (train.losses.sft_rows; set it to
+    `losses.max_targets` of the data set, as train.loop does); 0 = at every position.
   """
   mode: str = "lora"
   objective: str = "sft"
@@ -228,6 +230,7 @@ class StepConfig:
   retain_weight: float = 1.0
   squared_distance: bool = False
   remat: bool = False
+  n_targets: int = 0
 
 
 def assemble(trainable: Any, frozen: dict[str, Any], sc: StepConfig) -> tuple[dict[str, Any], dict | None]:
@@ -266,8 +269,8 @@ def objective(trainable: Any, frozen: dict[str, Any], mb: dict[str, jax.Array], 
   params, lora = assemble(trainable, frozen, sc)
   kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat)
   if sc.objective == "sft":
-    logits, _ = forward(params, mb["tokens"], cfg, attention_mask=mb["mask"], **kw)
-    return losses.sft_loss_sum(logits, mb["tokens"], mb["loss_mask"]) / jnp.maximum(weights["main"], 1.0)
+    rows = losses.sft_rows(params, cfg, mb["tokens"], mb["mask"], mb["loss_mask"], sc.n_targets, **kw)
+    return jnp.sum(rows) / jnp.maximum(weights["main"], 1.0)
   idx = jnp.asarray(sc.lorra_layers) + 1
 
   def resid(p, toks, mask, lora_kw):

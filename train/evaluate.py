@@ -56,8 +56,11 @@ def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch
 
   data: train.data.TokenizedSet (right-padded tokens / mask / loss_mask `[N, S]`). Teacher forcing with the
   chat template, the per-example version of train.losses.sft_loss_sum. Returns float64 `[N]` (NaN for an
-  example without response tokens). Batches are padded to `batch` rows so every call compiles once.
+  example without response tokens). Batches are padded to `batch` rows so every call compiles once; the LM
+  head runs only at the data set's scored positions (train.losses.sft_rows).
   """
+  from train.losses import max_targets
+  k = max_targets(data.loss_mask)
   out = []
   for i in range(0, len(data), batch):
     sl = slice(i, i + batch)
@@ -66,16 +69,14 @@ def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch
     pad = ((0, batch - n), (0, 0))
     toks, mask, lm = np.pad(toks, pad), np.pad(mask, pad), np.pad(lm, pad)
     s, w = _nll_rows(params, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(lm), cfg=cfg, lora=lora,
-                     lora_scale=lora_scale)
+                     lora_scale=lora_scale, k=k)
     s, w = jax.device_get((s, w))
     out.append(np.where(w[:n] > 0, s[:n] / np.maximum(w[:n], 1), np.nan))
   return np.concatenate(out).astype(np.float64)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_scale"))
-def _nll_rows(params, tokens, mask, loss_mask, cfg, lora, lora_scale):
-  from models.transformer import forward
-  from train.losses import sft_loss_sum, sft_weight
-  logits, _ = forward(params, tokens, cfg, attention_mask=mask, lora=lora, lora_scale=lora_scale)
-  per = jax.vmap(lambda lg, t, m: sft_loss_sum(lg[None], t[None], m[None]))(logits, tokens, loss_mask)
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "k"))
+def _nll_rows(params, tokens, mask, loss_mask, cfg, lora, lora_scale, k):
+  from train.losses import sft_rows, sft_weight
+  per = sft_rows(params, cfg, tokens, mask, loss_mask, k, lora=lora, lora_scale=lora_scale)
   return per, jax.vmap(sft_weight)(loss_mask)

@@ -107,7 +107,7 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   import numpy as np
 
   from train import data as D
-  from train import engine
+  from train import engine, losses
 
   tc = config.train
   mesh = train_mesh(config)
@@ -133,7 +133,8 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
                          lora_scale=spec.scale if spec is not None else 1.0, compute_dtype=config.dtype,
                          lorra_layers=tuple(lorra_layers), lorra_alpha=float(config.lorra.alpha),
                          retain_weight=float(config.lorra.retain_weight),
-                         remat=bool(tc.get("remat", False)))
+                         remat=bool(tc.get("remat", False)),
+                         n_targets=losses.max_targets(train_set.loss_mask) if config.objective == "sft" else 0)
   tx, sched = engine.make_optimizer(lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
                                     end_lr_frac=tc.end_lr_frac, weight_decay=tc.weight_decay,
                                     clip_norm=tc.clip_norm)

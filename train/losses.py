@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def sft_loss_sum(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -31,6 +32,55 @@ def sft_loss_sum(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> 
   lse = jax.nn.logsumexp(lg, axis=-1)
   picked = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
   return jnp.sum((lse - picked) * w)
+
+
+def max_targets(loss_mask) -> int:
+  """The static K of `sft_rows` for a data set: the largest number of scored targets (loss_mask[:, 1:] > 0) in
+  any row of a host `[..., S]` loss mask (numpy or array), at least 1."""
+  lm = np.asarray(loss_mask)
+  return max(int((lm[..., 1:] > 0).sum(axis=-1).max(initial=0)), 1)
+
+
+def target_positions(loss_mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The first k predicting positions of each row with a scored target, in order, and their weights.
+
+  Args:
+    loss_mask: `[B, S]` float (see sft_loss_sum). k: static slot count, 1 <= k <= S - 1 (`max_targets`).
+  Returns:
+    positions `[B, k]` int32 (position t predicts token t+1; rows with fewer than k targets are filled with
+    unscored positions) and weights `[B, k]` float32 = loss_mask[b, t+1] (0 on the fill).
+  """
+  w = loss_mask[:, 1:].astype(jnp.float32)
+  order = jnp.argsort((w <= 0).astype(jnp.int32), axis=-1, stable=True)[:, :k].astype(jnp.int32)
+  return order, jnp.take_along_axis(w, order, axis=-1)
+
+
+def sft_rows(params, cfg, tokens: jax.Array, mask: jax.Array, loss_mask: jax.Array, k: int = 0,
+             **forward_kw) -> jax.Array:
+  """Per-row summed next-token cross-entropy (nats) of an SFT batch, the forward pass included.
+
+  The `sft_loss_sum` of each row, with the final norm and LM head run only at the k scored positions per row
+  (`target_positions`, models.transformer.forward's logit_positions) instead of all S: the same sum up to float
+  summation order. k = 0 scores every position (full `[B, S, V]` logits).
+
+  Args:
+    params, cfg: model (models.params layout). tokens, mask: `[B, S]` int (right-padded SFT rows).
+    loss_mask: `[B, S]` float target weights. k: static, 0 or `max_targets(loss_mask)` (or larger).
+    **forward_kw: passed to models.transformer.forward (lora, lora_scale, remat, ...).
+  Returns:
+    `[B]` float32 sums; divide by `sft_weight` for the mean.
+  """
+  from models.transformer import forward
+  if k <= 0:
+    logits, _ = forward(params, tokens, cfg, attention_mask=mask, **forward_kw)
+    logits, tgt, w = logits[:, :-1].astype(jnp.float32), tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
+  else:
+    pos, w = target_positions(loss_mask, min(int(k), tokens.shape[1] - 1))
+    logits, _ = forward(params, tokens, cfg, attention_mask=mask, logit_positions=pos, **forward_kw)
+    tgt = jnp.take_along_axis(tokens, pos + 1, axis=-1)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+  return jnp.sum((lse - picked) * w, axis=-1)
 
 
 def sft_weight(loss_mask: jax.Array) -> jax.Array:

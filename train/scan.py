@@ -42,7 +42,8 @@ class ScanConfig:
   arm: one of ARMS. lam: weight of the block / push term (ignored by baseline and project). push_scale: s of
   push's tanh. lora_scale: LoRA alpha / r. position: probe token position for mean_activation ("last" | "mean").
   aux_layers: layer boundaries (indices into the `[L+1]` residual axis) the block / push projection averages
-  over; () = all decoder-layer outputs 1..L.
+  over; () = all decoder-layer outputs 1..L. n_targets: scored positions per row at which the LM head runs
+  (train.losses.sft_rows; `losses.max_targets` of the batches); 0 = every position.
   """
   arm: str = "baseline"
   lam: float = 0.0
@@ -50,6 +51,7 @@ class ScanConfig:
   lora_scale: float = 1.0
   position: str = "last"
   aux_layers: tuple[int, ...] = ()
+  n_targets: int = 0
 
   def __post_init__(self):
     if self.arm not in ARMS:
@@ -94,10 +96,9 @@ def make_step(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation
     return rm.projection_on_vrev(m, ref["mean_aligned"], ref["v_rev"], lw)
 
   def task_loss(lora, frozen, batch):
-    logits, _ = forward(frozen, batch["tokens"], cfg, attention_mask=batch["mask"], lora=lora,
-                        lora_scale=sc.lora_scale)
-    return losses.sft_loss_sum(logits, batch["tokens"], batch["loss_mask"]) / jnp.maximum(
-        losses.sft_weight(batch["loss_mask"]), 1.0)
+    rows = losses.sft_rows(frozen, cfg, batch["tokens"], batch["mask"], batch["loss_mask"], sc.n_targets,
+                           lora=lora, lora_scale=sc.lora_scale)
+    return jnp.sum(rows) / jnp.maximum(losses.sft_weight(batch["loss_mask"]), 1.0)
 
   def step(state, frozen, batch, probe, ref):
     lora = state["lora"]
