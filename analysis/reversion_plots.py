@@ -30,11 +30,21 @@ def alignment_heatmaps(align: dict[str, np.ndarray], title: str):
 
 
 def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: float, eval_steps: np.ndarray,
-           harm: dict[str, np.ndarray], harm_label: str, title: str):
+           harm: dict[str, np.ndarray], harm_label: str, title: str, margin: dict[str, np.ndarray] | None = None):
   """Left: all-layer alignment per step (mean +/- std over seeds) per arm, with the isotropic null's +/- p99 band.
-  Right: harmfulness at the evaluation steps per arm (mean +/- std). align_all[arm] `[seeds, T]`,
-  harm[arm] `[seeds, E]` (fractions). Returns the Figure."""
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+  Middle: harmfulness at the evaluation steps per arm (mean +/- std). Right (when `margin` is given): the
+  compliance margin (nats / token) at the evaluation steps. align_all[arm] `[seeds, T]`, harm[arm] and
+  margin[arm] `[seeds, E]` (harm as fractions). Returns the Figure."""
+  fig, ax = plt.subplots(1, 3 if margin else 2, figsize=(15 if margin else 10, 3.6), constrained_layout=True)
+  for arm, a in (margin or {}).items():
+    g = np.asarray(a)
+    ax[2].errorbar(eval_steps, g.mean(0), yerr=g.std(0), color=ARM_COLORS.get(arm), marker="o", ms=4, capsize=3,
+                   label=arm)
+  if margin:
+    ax[2].axhline(0, color="0.3", lw=0.6)
+    ax[2].set(xlabel="benign fine-tuning step", ylabel="NLL(refusal) - NLL(compliant), nats / token",
+              title="compliance margin (log-prob)")
+    ax[2].legend(frameon=False, fontsize=8)
   for arm, a in align_all.items():
     a = np.asarray(a)
     m, s = a.mean(0), a.std(0)

@@ -15,7 +15,7 @@ targets 3 min (once, shared by all points); per point a safety step ~7 s (~55 to
 refusal evaluation ~2 min, a benign step ~8 s and a harmfulness evaluation ~40 s. The full :smollm2 grid (9 points:
 40 safety steps, T = 100 with 4 evaluations) is therefore about 3.5 hours: ~45 min safety, ~20 min theta_aligned
 evaluations, ~2 h benign steps, ~25 min benign evaluations. --config.reversion.benign.steps=40
---config.reversion.benign.eval_every=20 (the reversion study's smollm2_fast size) brings it to about 1.8 hours.
+--config.reversion.benign.eval_every=20 brings it to about 1.8 hours.
 """
 import ml_collections
 

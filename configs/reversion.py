@@ -1,7 +1,7 @@
 """Config for `python -m analysis.reversion`: gravitational reversion (Poppi & Lukas 2026) on real weights.
 
 Usage: --config=configs/reversion.py:smollm2 (the full protocol: 3 seeds, T = 100, four arms), :smollm2_fast (the
-`make run` size: 2 seeds, T = 40, baseline and block), :qwen (Qwen2.5-Coder-0.5B-Instruct, already aligned, with a
+`make run` size: 2 seeds, T = 20 (the paper's "by step 20" point), baseline and block), :qwen (Qwen2.5-Coder-0.5B-Instruct, already aligned, with a
 stand-in reference direction), :quick (SmolLM2 cut to 2 decoder layers, a few steps; for tests).
 Override any field: --config.benign.steps=60 --config.arms="('baseline','block')".
 """
@@ -63,7 +63,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.benign.sources = ("refusal_benign", "gsm8k_100")   # refusal_benign (training split) | gsm8k_100 | jsonl
   c.benign.jsonl = ""                    # {"prompt","response"} or {"messages"} rows (e.g. Alpaca) if "jsonl"
   c.benign.max_len = 48 if quick else 64
-  c.benign.steps = 4 if quick else 40 if fast else 100
+  c.benign.steps = 4 if quick else 20 if fast else 100
   c.benign.micro_batch = 2 if quick else 4
   c.benign.lr = 1e-4
   c.benign.warmup_steps = 0
@@ -71,7 +71,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.benign.rank = 8
   c.benign.alpha = 16.0
   c.benign.targets = "q,k,v,o,gate,up,down"
-  c.benign.eval_every = 2 if quick else 20 if fast else 25   # scan chunk length: harmfulness eval + checkpoint
+  c.benign.eval_every = 2 if quick else 10 if fast else 25   # scan chunk length: harmfulness eval + checkpoint
 
   c.arms = ("baseline", "block") if (quick or fast) else ("baseline", "block", "push", "project")
   c.block_lam = 1.0                      # weight of lam * relu(p)^2
