@@ -16,10 +16,10 @@ unparsed and the truthful rate is 0.
 Cost model (2-core CPU, SmolLM2-135M fp32, ~500-700 tokens/s): the sweep processes
   (#layers x #alphas x (1 + n_random)) x (tokens of all scored probes) x ~0.6 (method "suffix" skips the layers
   before the steered one; the LM head over every position of the teacher-forced sets is not skipped)
-tokens, plus one capture pass over the contrast pairs. The smollm2 default (15 layers x 3 alphas x 3 directions =
-135 configurations x ~5k tokens) is sized for about 10 minutes. smollm2_fast keeps every behavior and the same
+tokens, plus one capture pass over the contrast pairs. The smollm2 default (15 layers x 4 alphas x 3 directions =
+180 configurations x ~5.5k tokens) is sized for about 13 minutes. smollm2_fast keeps every behavior and the same
 scored probes (so its baselines equal smollm2's) but sweeps every 4th layer from layer 2 (7 layers, 6.7-86.7% depth)
-at rho-eval's alpha = +4 only (21 configurations, about a sixth of smollm2's suffix-layer work), with 24 instead
+at rho-eval's alpha = +4 only (21 configurations, about an eighth of smollm2's suffix-layer work), with 24 instead
 of 48 contrast pairs for the vector, fewer pairs for the linear probes and one generation-checked cell per choice
 behavior. Measured (2-core CPU, `python -m probes.sweep --config=configs/sweep.py:smollm2_fast`): 5 min 35 s wall,
 336 CPU-s, while another 1-core job shared the machine (load 2-3.7); 8 min 55 s at load ~5. Breakdown of the first:
@@ -63,7 +63,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   # Sweep grid.
   c.layer_start = 0
   c.layer_stride = 1 if full else (10 if quick else 2)   # rho-eval swept every 2nd layer
-  c.alphas = [-4.0, 4.0] if quick else [-4.0, 1.0, 4.0]
+  c.alphas = [-4.0, 4.0] if quick else [-4.0, 0.5, 1.0, 4.0]   # small alphas beside rho-eval's 4 (off-distribution)
   if full:
     c.alphas = [-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0]
   c.n_random = 2 if not full else 4       # norm-matched random directions per layer (the control)
