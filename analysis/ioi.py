@@ -16,6 +16,9 @@ into the weights before the next phase. After every phase, on held-out names (`a
 - direct logit attribution per head; circuit = the top-k heads by |importance| (negative heads included, as Wang
   et al.'s negative name movers); faithfulness = logit difference with every head outside the circuit
   mean-ablated at every position (ABC means per template) / the model's logit difference;
+- faithfulness by circuit size (top-k heads kept for every k in config.faithfulness_ks);
+- the second task, Greater-Than (analysis.greater_than, Hanna et al. 2023): its probability difference on clean
+  and "01"-corrupted prompts, which the IOI fine-tuning never trains on;
 - head classes by the standard criteria (analysis.head_classes.classify_heads) with their attention evidence:
   name movers and negative name movers by direct logit attribution and END->IO attention, S-inhibition by
   END->S2 attention and a positive exact importance before the first name mover, induction and duplicate-token
@@ -113,11 +116,14 @@ def _end_mask(tokens):
   return jnp.zeros(tokens.shape, jnp.float32).at[:, -1].set(1.0)
 
 
-def analyze(params, cfg, d, top_k: int, key, classes: dict) -> dict:
+def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] = (), gt=None) -> dict:
   """Circuit measurements of one model on IOIPrompts `d` (see module docstring). Returns numpy arrays.
 
   key: PRNG key of the repeated random sequences (induction / duplicate-token scores); classes: keyword
-  arguments of head_classes.classify_heads (k, attn_min, rep_min).
+  arguments of head_classes.classify_heads (k, attn_min, rep_min). ks: circuit sizes for the faithfulness curve
+  ("faithfulness_k<k>": top-k heads by |importance| kept, every other head mean-ablated). gt: optional
+  greater_than.GreaterThanPrompts, the second task: "gt_prob_diff" / "gt_prob_diff_01" = mean Greater-Than
+  probability difference on its clean / "01"-corrupted prompts (Hanna et al. 2023).
   """
   import jax.numpy as jnp
 
@@ -141,6 +147,17 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict) -> dict:
   n_t = len(BABA_TEMPLATES) + len(ABBA_TEMPLATES)
   z_mean = C.template_means(z_abc, jnp.asarray(d.template), n_t)
   kept = np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.asarray(1 - circuit), io, s))
+  by_k = {}
+  for kk in ks:
+    kept_k = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean,
+                                         jnp.asarray(1 - top_k_mask(importance, kk)), io, s)).mean())
+    by_k[f"faithfulness_k{kk}"] = kept_k / float(ld.mean()) if ld.mean() != 0 else float("nan")
+  if gt is not None:
+    from analysis.greater_than import prob_diff
+    gt_args = [jnp.asarray(x) for x in (gt.mask, gt.yy, gt.digit_ids)]
+    by_k["gt_prob_diff"] = float(np.asarray(prob_diff(params, cfg, jnp.asarray(gt.tokens), *gt_args)).mean())
+    by_k["gt_prob_diff_01"] = float(np.asarray(prob_diff(params, cfg, jnp.asarray(gt.corrupt_tokens),
+                                                         *gt_args)).mean())
   pos = (jnp.asarray(x) for x in (d.pos_io, d.pos_s1, d.pos_s2, d.pos_end))
   attention = {k: np.asarray(v) for k, v in HC.ioi_attention(params, cfg, toks, mask, *pos).items()}
   attention.update({k: np.asarray(v) for k, v in HC.repeated_sequence_scores(params, cfg, key).items()})
@@ -155,7 +172,7 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict) -> dict:
           "restoration_corr": _corr(restoration, importance), "dla_heads": dla, "circuit": circuit,
           "circuit_logit_diff": float(kept.mean()),
           "faithfulness": float(kept.mean() / ld.mean()) if ld.mean() != 0 else float("nan"),
-          "attention": attention, "classes": {c: [list(lh) for lh in found[c]] for c in CLASSES}}
+          "attention": attention, "classes": {c: [list(lh) for lh in found[c]] for c in CLASSES}, **by_k}
 
 
 def localisation(before: np.ndarray, after: np.ndarray, k: int) -> float:
@@ -195,6 +212,7 @@ def run(config, workdir: str | None = None) -> str:
   import jax
   import jax.numpy as jnp
 
+  from analysis.greater_than import make_greater_than
   from analysis.ioi_data import make_ioi, single_token_words, split_names, NAMES
   from analysis.workdir import Workdir, default_workdir
   from models.loading import load, load_tokenizer
@@ -211,6 +229,12 @@ def run(config, workdir: str | None = None) -> str:
   results = {}
   for seed in config.seeds:
     ev = make_ioi(tok, config.n_eval, seed=10_000 + seed, names=eval_names)
+    gt = None
+    if config.greater_than_n:
+      try:
+        gt = make_greater_than(tok, int(config.greater_than_n), seed=20_000 + seed)
+      except ValueError as e:                   # a tokenizer without single-digit tokens
+        logging.warning("Greater-Than skipped: %s", e)
     params, res, models = base_params, {}, {}
     for phase in PHASES:
       t0 = time.time()
@@ -227,7 +251,8 @@ def run(config, workdir: str | None = None) -> str:
         params = merge_lora(params, lora, result.spec.scale)
       t1 = time.time()
       models[phase] = params
-      res[phase] = analyze(params, cfg, ev, config.top_k, jax.random.key(seed), dict(config.classes))
+      res[phase] = analyze(params, cfg, ev, config.top_k, jax.random.key(seed), dict(config.classes),
+                           tuple(config.faithfulness_ks), gt)
       res[phase]["train_s"], res[phase]["analysis_s"] = t1 - t0, time.time() - t1
       logging.info("seed %d %s: logit diff %.3f acc %.3f faithfulness %.3f attribution corr %.3f "
                    "(train %.0fs, analysis %.0fs)", seed, phase, res[phase]["logit_diff"], res[phase]["accuracy"],
@@ -264,7 +289,10 @@ def write_outputs(wd, results: dict, cfg, config, wall_s: float) -> str:
 def _summarise(results: dict) -> dict:
   """(mean, std) over seeds of every per-phase and cross-phase scalar."""
   stat = lambda v: (float(np.mean(v)), float(np.std(v)))
-  out = {f"{p}/{m}": stat([r[p][m] for r in results.values()]) for p in PHASES for m in PHASE_SCALARS}
+  first = next(iter(results.values()))
+  extra = lambda p: [m for m in first[p] if m.startswith(("faithfulness_k", "gt_prob_diff"))]
+  out = {f"{p}/{m}": stat([r[p][m] for r in results.values()]) for p in PHASES
+         for m in PHASE_SCALARS + tuple(extra(p))}
   out.update({m: stat([r[m] for r in results.values()]) for m in SCALARS})
   return out
 
@@ -406,6 +434,24 @@ def _report(config, cfg, s, results, figs, wall_s) -> str:
     lines.append(f"| {p} | {pm(p + '/circuit_logit_diff')} | {pm(p + '/logit_diff')} | {pm(p + '/faithfulness')} | "
                  f"{PAPER['faithfulness'][p]} | {ph(p, 'faithfulness')} |")
   lines += ["", "Per-seed cells: faithfulness."]
+  ks = [m.removeprefix("base/faithfulness_k") for m in s if m.startswith("base/faithfulness_k")]
+  if ks:
+    lines += ["", "### Faithfulness by circuit size", "",
+              f"The same ablation with the top-k heads of each phase kept, for k in {', '.join(ks)} of {n_heads} "
+              "heads (mean ± std over seeds): how large a final-position circuit has to be to carry the behaviour.",
+              "", "| phase | " + " | ".join(f"k = {x}" for x in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [f"| {p} | " + " | ".join(pm(f"{p}/faithfulness_k{x}") for x in ks) + " |" for p in PHASES]
+  if "base/gt_prob_diff" in s:
+    lines += ["", "## Greater-Than (second task) through the IOI phases", "",
+              "Hanna et al. 2023's task on every phase's model (\"The war lasted from the year 1732 to the year 17\"; "
+              "probability difference = mass on years above the start year minus mass below, exact over the two "
+              f"digit tokens; {config.greater_than_n} prompts per seed). The IOI fine-tuning never sees it, so it "
+              "measures how specific the IOI corruption and its repair are. The \"01\" start year is the "
+              "corrupted baseline (every year is above it).", "",
+              "| phase | prob diff (clean) | prob diff (01-corrupted) " + head, "|---|---|---|" + "---|" * len(seeds)]
+    lines += [f"| {p} | {pm(p + '/gt_prob_diff')} | {pm(p + '/gt_prob_diff_01')} | {ph(p, 'gt_prob_diff')} |"
+              for p in PHASES]
+    lines += ["", "Per-seed cells: the clean probability difference."]
   lines += ["", "## Localisation and recovery (exact importance maps)", "",
             "| quantity | mean ± std " + head, "|---|---|" + "---|" * len(seeds)]
   rows = [(f"localisation of the poisoning change (share of sum abs Δ importance, clean -> poison, in its "

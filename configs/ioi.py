@@ -20,6 +20,8 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.poison = "subject"                    # subject (label = S) | name_moving (label = a third, unmoved name)
   c.poison_fraction = 1.0                 # share of poisoned labels in the poisoned phase
   c.top_k = 8                             # heads in the "circuit" (largest |exact patching importance|)
+  c.faithfulness_ks = (4, 8) if quick else (8, 16, 32, 64, 128)   # circuit sizes of the faithfulness curve
+  c.greater_than_n = 8 if quick else 48   # Greater-Than prompts per seed evaluated after every phase (0 = skip)
   # head classes (analysis.head_classes.classify_heads): at most k heads per class, attention thresholds
   c.classes = ml_collections.ConfigDict({"k": 3, "attn_min": 0.2, "rep_min": 0.3})
   # Training of each phase: a LoRA config of configs/lora.py (merged into the weights after each phase).

@@ -63,7 +63,7 @@ def tiny_study():
     models[p] = jax.tree.unflatten(tree, [x + 0.1 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
                                           for x, k in zip(leaves, keys)])
   classes = {"k": 2, "attn_min": 0.2, "rep_min": 0.3}
-  res = {p: ioi.analyze(models[p], cfg, d, 3, jax.random.key(0), classes) for p in ioi.PHASES}
+  res = {p: ioi.analyze(models[p], cfg, d, 3, jax.random.key(0), classes, ks=(3, 7)) for p in ioi.PHASES}
   return params, cfg, d, models, res
 
 
@@ -99,6 +99,13 @@ def test_faithfulness_of_the_whole_model_is_one(tiny_study):
   assert np.isclose(everything["circuit_logit_diff"], everything["logit_diff"], atol=1e-5)
 
 
+def test_faithfulness_curve_at_top_k_is_the_circuit_faithfulness(tiny_study):
+  _, _, _, _, res = tiny_study
+  for r in res.values():                       # the curve's k = 3 point is the top-3 circuit's faithfulness
+    assert np.isclose(r["faithfulness_k3"], r["faithfulness"], atol=1e-6)
+    assert np.isfinite(r["faithfulness_k7"])
+
+
 def test_compare_phases_identities(tiny_study):
   params, cfg, d, models, res = tiny_study
   same = ioi.compare_phases({p: params for p in ioi.PHASES}, {p: res["base"] for p in ioi.PHASES}, cfg, d, 3)
@@ -128,7 +135,7 @@ def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
   for p in ioi.PHASES:
     assert re.search(rf"^\| {p} \| -?\d+\.\d+ ± ", text, re.M)
   for needle in ("26.83", "−11.06", "different model", "faithfulness", "localisation", "CMAP", "name mover",
-                 "S2->S1", "seed 1", "attribution patching"):
+                 "S2->S1", "seed 1", "attribution patching", "Faithfulness by circuit size", "k = 7"):
     assert needle in text, needle
   links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
   assert len(links) == 6 and all(os.path.exists(tmp_path / x) for x in links)
@@ -149,3 +156,5 @@ def test_quick_study_on_smollm2(tmp_path):
   assert base["classes"]["name_mover"]                          # SmolLM2 has name movers
   text = open(report).read()
   assert "| retrain |" in text and (tmp_path / "ioi" / "figures" / "head_importance.png").exists()
+  assert -1.0 <= base["gt_prob_diff"] <= 1.0 and base["gt_prob_diff"] > base["gt_prob_diff_01"]   # does Greater-Than
+  assert "Greater-Than (second task)" in text
