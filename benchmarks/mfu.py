@@ -146,7 +146,8 @@ def main() -> None:
   # ---- steering sweep throughput
   if args.sweep_layers <= 0:
     return
-  del box, state, compiled
+  box.clear()                   # free the train state before the sweep
+  del state, compiled
   rng = np.random.default_rng(1)
   B, S = args.sweep_batch, args.sweep_seq
   tasks = [tasks_lib.Task("factual", rng.integers(0, cfg.vocab_size, (B, S)).astype(np.int32),

@@ -1,7 +1,7 @@
 """Config for `python -m analysis.avoid_red`: the safety LoRA restricted to the kill-zone layers, outside them, or
 everywhere ("avoid these layer ranges during LoRA training", never tested by its source; seeds.md part 1).
 
-Usage: --config=configs/avoid_red.py:smollm2 (3 windows x 3 seeds, the reversion study's full sizes: 40 safety
+Usage: --config=configs/avoid_red.py:smollm2 (3 windows x 3 seeds, the reversion study's full sizes: 60 safety
 steps, T = 100 benign steps), :quick (SmolLM2 cut to 2 decoder layers, a few steps; for tests).
 Override any field: --config.grid.seed="(0,1)" --config.reversion.benign.steps=40
 --config.kill_zone.sweep_metrics=runs/x/sweep/metrics.json.
@@ -9,13 +9,11 @@ Override any field: --config.grid.seed="(0,1)" --config.reversion.benign.steps=4
 Every point runs the reversion study's safety phase and baseline arm with `reversion` (a configs/reversion.py
 config) as its base; the grid's axes override it (analysis/avoid_red.py, AXES).
 
-Cost (2-core CPU shared with other jobs, load 4-6; smoke run of :smollm2 with 2 safety steps, 2 benign steps,
-1 seed: 17.6 min wall): loading + theta_early's scores and answers 3.5 min; theta_early's self-distilled benign
-targets 3 min (once, shared by all points); per point a safety step ~7 s (~55 tokens/s), theta_aligned's scores +
-refusal evaluation ~2 min, a benign step ~8 s and a harmfulness evaluation ~40 s. The full :smollm2 grid (9 points:
-40 safety steps, T = 100 with 4 evaluations) is therefore about 3.5 hours: ~45 min safety, ~20 min theta_aligned
-evaluations, ~2 h benign steps, ~25 min benign evaluations. --config.reversion.benign.steps=40
---config.reversion.benign.eval_every=20 brings it to about 1.8 hours.
+Cost, measured (docs/avoid_red_smollm2: :smollm2 with --config.reversion.benign.steps=40
+--config.reversion.benign.eval_every=20, 9 points, 2-core CPU shared with other jobs at load 3-4): 120.5 min in
+all, i.e. per window group of 3 seeds about 40 min: 3 safety phases of 60 steps (~4-8 s a step), theta_aligned's
+scores and refusal evaluation, then one vmapped benign program for the 3 seeds (40 steps) with 2 harmfulness
+evaluations per seed. T = 100 (the default) adds about 1.5x the benign part: plan on 3-3.5 hours.
 """
 import ml_collections
 

@@ -47,12 +47,19 @@ def encode_left_padded(tokenizer, texts: Sequence[str], max_len: int | None = No
   rows = [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
   if max_len is not None:
     rows = [r[-max_len:] for r in rows]
-  S = max(len(r) for r in rows)
-  toks = np.full((len(rows), S), pad_id(tokenizer), np.int32)
+  return pad_left(rows, pad_id(tokenizer))
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad token-id rows to S = the longest row rounded up to a multiple of `multiple` (a few shapes, so a
+  jitted consumer compiles a few times instead of once per batch length). Returns tokens / mask `[B, S]` int32."""
+  S = -(-max(len(r) for r in rows) // multiple) * multiple
+  toks = np.full((len(rows), S), pad, np.int32)
   mask = np.zeros((len(rows), S), np.int32)
   for i, r in enumerate(rows):
-    toks[i, S - len(r):] = r
-    mask[i, S - len(r):] = 1
+    if len(r):
+      toks[i, S - len(r):] = r
+      mask[i, S - len(r):] = 1
   return toks, mask
 
 

@@ -80,16 +80,6 @@ class Task:
     return int(self.tokens.size)
 
 
-def _pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-  S = max(len(r) for r in rows)
-  toks = np.full((len(rows), S), pad, np.int32)
-  mask = np.zeros((len(rows), S), np.int32)
-  for i, r in enumerate(rows):
-    toks[i, S - len(r):] = r
-    mask[i, S - len(r):] = 1
-  return toks, mask
-
-
 def _encode(tokenizer, text: str) -> list[int]:
   return list(tokenizer.encode(text, add_special_tokens=True))
 
@@ -107,7 +97,7 @@ def sequence_task(behavior: str, tokenizer, texts: Sequence[str], label: Sequenc
     if len(r) < 2:
       raise ValueError(f"{behavior} text {i} has {len(r)} token(s); at least 2 are needed: {t!r}")
     rows.append(r)
-  toks, mask = _pad_left(rows, tk.pad_id(tokenizer))
+  toks, mask = tk.pad_left(rows, tk.pad_id(tokenizer))
   return Task(behavior, toks, mask, np.asarray(label, np.int32), np.zeros((len(rows), 0), np.int32), n_probes)
 
 
@@ -137,7 +127,7 @@ def choice_task(behavior: str, tokenizer, prompts: Sequence[str], options: Seque
     prefix, ids = choice_rows(tokenizer, p, o)
     rows.append(prefix[-max_tokens:])
     opts.append(ids)
-  toks, mask = _pad_left(rows, tk.pad_id(tokenizer))
+  toks, mask = tk.pad_left(rows, tk.pad_id(tokenizer))
   return Task(behavior, toks, mask, np.asarray(correct, np.int32), np.asarray(opts, np.int32), len(rows))
 
 
@@ -271,7 +261,7 @@ def build_generation_task(behavior: str, tokenizer, probes: Sequence[dict],
   if not probes:
     raise ValueError(f"no {behavior} probes to build a generation task from")
   rows = [_encode(tokenizer, p["text"])[:max_prompt_tokens] for p in probes]
-  toks, mask = _pad_left(rows, tk.pad_id(tokenizer))
+  toks, mask = tk.pad_left(rows, tk.pad_id(tokenizer))
   return GenTask(behavior, toks, mask, tuple(tuple(r) for r in rows), tuple(probes), len(rows))
 
 

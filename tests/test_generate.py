@@ -93,3 +93,29 @@ def test_steered_generation_matches_hooked_transformers_generate():
   ours = generate(params, cfg, jnp.asarray(prompt), jnp.ones((1, 5), jnp.int32), max_new_tokens=8,
                   interventions=T.Interventions(resid_add=add))
   np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_generate_answers_keeps_prompt_order_across_length_sorted_batches():
+  """train.evaluate.generate_answers batches prompts by length and pads to 32-token buckets; every answer must
+  still be the greedy continuation of its own prompt, in the caller's order."""
+  from models import tokenizer as tk
+  from tests.reference import WordTokenizer
+  from train.evaluate import generate_answers
+
+  class ChatTokenizer(WordTokenizer):
+    chat_template = "plain"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+      return " ".join(m["content"] for m in messages) + " :"
+
+    def decode(self, ids, skip_special_tokens=True):
+      return " ".join(str(i) for i in ids)
+
+  params, cfg = ours_from_torch(tiny_hf_model("llama", seed=5))
+  tok = ChatTokenizer()
+  prompts = ["a b", "c d e f g h i", "j", "k l m n", "o p q r s t u v w x y z"]
+  got = generate_answers(params, cfg, tok, prompts, max_new_tokens=5, batch=2)
+  for p, answer in zip(prompts, got):
+    ids = tok.encode(tk.chat_prompt(tok, p))
+    alone = generate(params, cfg, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32), max_new_tokens=5)
+    assert answer == tok.decode(np.asarray(alone)[0].tolist()), p

@@ -29,20 +29,29 @@ def is_refusal(answer: str, window: int = 200) -> bool:
 
 
 def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch: int = 16,
-                     system: str | None = None, lora=None, lora_scale: float = 1.0) -> list[str]:
-  """Greedy answers (chat template, left-padded batches of `batch`) via models.generate.generate."""
+                     system: str | None = None, lora=None, lora_scale: float = 1.0,
+                     length_multiple: int = 32) -> list[str]:
+  """Greedy answers (chat template) via models.generate.generate, in the order of `prompts`.
+
+  The prompts are batched by token length (longest first) in batches of exactly `batch` rows, each left-padded
+  to its longest prompt rounded up to `length_multiple` tokens: little padding, and a few compiled shapes shared
+  by every call instead of one compilation per batch length.
+  """
   from models import tokenizer as tk
   from models.generate import generate
   eos = tk.eos_ids(tokenizer, cfg)
-  out = []
-  for i in range(0, len(prompts), batch):
-    chunk = list(prompts[i:i + batch])
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch - n)          # fixed batch shape: one compilation
-    toks, mask = tk.encode_left_padded(tokenizer, [tk.chat_prompt(tokenizer, p, system) for p in chunk])
+  rows = [tokenizer.encode(tk.chat_prompt(tokenizer, p, system), add_special_tokens=False) for p in prompts]
+  order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+  out: list[str | None] = [None] * len(rows)
+  for i in range(0, len(order), batch):
+    idx = order[i:i + batch]
+    chunk = [rows[j] for j in idx]
+    chunk += [chunk[-1]] * (batch - len(idx))   # fixed batch shape
+    toks, mask = tk.pad_left(chunk, tk.pad_id(tokenizer), length_multiple)
     new = generate(params, cfg, jnp.asarray(toks), jnp.asarray(mask), max_new_tokens=max_new_tokens,
                    eos_ids=eos, pad_id=tk.pad_id(tokenizer), lora=lora, lora_scale=lora_scale)
-    out += tk.decode_generated(tokenizer, np.asarray(new), eos)[:n]
+    for j, text in zip(idx, tk.decode_generated(tokenizer, np.asarray(new), eos)):
+      out[j] = text
   return out
 
 
@@ -51,16 +60,18 @@ def refusal_rate(answers: Sequence[str]) -> float:
   return float(np.mean([is_refusal(a) for a in answers])) if answers else float("nan")
 
 
-def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch: int = 16) -> np.ndarray:
+def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch: int = 16,
+                 k: int | None = None) -> np.ndarray:
   """Mean next-token negative log-likelihood (nats / response token) of each example's response.
 
   data: train.data.TokenizedSet (right-padded tokens / mask / loss_mask `[N, S]`). Teacher forcing with the
   chat template, the per-example version of train.losses.sft_loss_sum. Returns float64 `[N]` (NaN for an
   example without response tokens). Batches are padded to `batch` rows so every call compiles once; the LM
-  head runs only at the data set's scored positions (train.losses.sft_rows).
+  head runs only at the k scored positions per row (train.losses.sft_rows; default the data set's
+  `max_targets`; pass one k for several sets of the same length to share one compilation).
   """
   from train.losses import max_targets
-  k = max_targets(data.loss_mask)
+  k = max_targets(data.loss_mask) if k is None else int(k)
   out = []
   for i in range(0, len(data), batch):
     sl = slice(i, i + batch)
