@@ -1,8 +1,9 @@
 """Config for `python -m analysis.reversion`: gravitational reversion (Poppi & Lukas 2026) on real weights.
 
 Usage: --config=configs/reversion.py:smollm2 (the full protocol: 3 seeds, T = 100, four arms), :smollm2_fast (the
-`make run` size: 2 seeds, T = 20 (the paper's "by step 20" point), baseline and block), :qwen (Qwen2.5-Coder-0.5B-Instruct, already aligned, with a
-stand-in reference direction), :quick (SmolLM2 cut to 2 decoder layers, a few steps; for tests).
+`make run` size: 2 seeds, T = 20 (the paper's "by step 20" point), baseline and block), :qwen
+(Qwen2.5-Coder-0.5B-Instruct, already aligned, with a stand-in reference direction), :quick (SmolLM2 cut to 2
+decoder layers, a few steps; for tests).
 Override any field: --config.benign.steps=60 --config.arms="('baseline','block')".
 """
 import ml_collections

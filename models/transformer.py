@@ -148,9 +148,16 @@ def _mix(x, mask, value):
   return x + mask.astype(x.dtype) * (value.astype(x.dtype) - x)
 
 
-def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cache_kv, q_slots, k_valid,
-           positions, index):
-  """One decoder layer. h `[B, S, D]`; lp / iv / lora: this layer's parameters, interventions, LoRA factors."""
+def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cache_kv, new_valid, positions,
+           index):
+  """One decoder layer. h `[B, S, D]`; lp / iv / lora: this layer's parameters, interventions, LoRA factors.
+
+  new_valid `[B, S]` bool marks the real new tokens (causal attention among them). cache_kv: None, or this
+  layer's cache (k `[B, T, KV, hd]`, v, old_valid `[B, T]` = slots written before this call): the new queries
+  attend to those slots and to the new tokens, with one softmax over both; index = the new tokens' first slot.
+  Returns (h, acts, (k, v)) with the new tokens' keys (after RoPE) and values `[B, S, KV, hd]` for the caller
+  to store (None without a cache).
+  """
   B, S, _ = h.shape
   H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   G = H // KV
@@ -183,22 +190,28 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
       v = _mix(v, iv.kv_from_source[..., None], vs)
   q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-  if cache_kv is not None:
-    ck, cv = cache_kv
-    k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-    v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-    new_kv = (k, v)
-  else:
-    new_kv = None
-  T = k.shape[1]
-  k_slots = jnp.arange(T)
-  allowed = (k_slots[None, None, :] <= q_slots[None, :, None]) & k_valid[:, None, :]       # [B, S, T]
-
+  new_kv = None
+  slots = jnp.arange(S)
+  allowed = (slots[None, None, :] <= slots[None, :, None]) & new_valid[:, None, :]          # [B, S, S]
   qg = q.reshape(B, S, KV, G, hd)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(q.dtype)).astype(jnp.float32) / math.sqrt(hd)
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / math.sqrt(hd)
+  if cache_kv is not None:
+    # The cache is only read here (no per-layer copy of it): scores over the old slots and the new tokens.
+    ck, cv, old_valid = cache_kv
+    new_kv = (k.astype(ck.dtype), v.astype(cv.dtype))
+    T = ck.shape[1]
+    old = jnp.einsum("bskgd,btkd->bkgst", qg, ck.astype(q.dtype)).astype(jnp.float32) / math.sqrt(hd)
+    scores = jnp.concatenate([old, scores], axis=-1)
+    allowed = jnp.concatenate([jnp.broadcast_to(old_valid[:, None, :], (B, S, T)), allowed], axis=-1)
   scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1)
-  z = jnp.einsum("bkgst,btkd->bskgd", probs.astype(q.dtype), v.astype(q.dtype)).reshape(B, S, H, hd)
+  if cache_kv is None:
+    z = jnp.einsum("bkgst,btkd->bskgd", probs.astype(q.dtype), v)
+  else:
+    pq = probs.astype(q.dtype)
+    z = (jnp.einsum("bkgst,btkd->bskgd", pq[..., :T], cv.astype(q.dtype))
+         + jnp.einsum("bkgst,btkd->bskgd", pq[..., T:], v))
+  z = z.reshape(B, S, H, hd)
 
   if iv.head_scale is not None:
     z = z * iv.head_scale.astype(z.dtype)[..., None]
@@ -231,7 +244,10 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
   if "mlp_out" in capture:
     acts["mlp_out"] = mlp_out
   if "attn_probs" in capture:
-    acts["attn_probs"] = probs.reshape(B, H, S, T)
+    if cache_kv is not None:   # in slot order: the new tokens' probabilities at slots index .. index + S - 1
+      probs = probs[..., :T] + jax.lax.dynamic_update_slice(jnp.zeros_like(probs[..., :T]), probs[..., T:],
+                                                            (0, 0, 0, 0, index))
+    acts["attn_probs"] = probs.reshape(B, H, S, -1)
   return h, acts, new_kv
 
 
@@ -268,7 +284,8 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
                    attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                    capture: Sequence[str] = (), interventions: Interventions | None = None,
                    cache: KVCache | None = None, logits: str = "all", lora: dict | None = None,
-                   lora_scale: float = 1.0, remat: bool = False, logit_positions: jax.Array | None = None):
+                   lora_scale: float = 1.0, remat: bool = False, logit_positions: jax.Array | None = None,
+                   lora_from: int = 0):
   """Forward pass that also reads/writes a KV cache. See `forward` for the arguments.
 
   With a cache, `tokens` are written at slots `cache.index ... cache.index + S - 1`, `attention_mask`
@@ -285,15 +302,12 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
   new_valid = attention_mask.astype(bool)
   if cache is None:
     index = jnp.zeros((), jnp.int32)
-    k_valid = new_valid
     if positions is None:
       positions = default_positions(attention_mask)
   else:
     if positions is None:
       raise ValueError("forward_cached with a cache needs explicit positions [B, S]")
     index = cache.index
-    k_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, index))
-  q_slots = index + jnp.arange(S)
   inv_freq = rope_inv_freq(cfg)
 
   h = constrain(params["embed"][tokens], BATCH_AXES, None, None)
@@ -306,14 +320,28 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
 
   def body(h, xs):
     lp, liv, llora, lkv = xs
-    h, acts, new_kv = _layer(cfg, inv_freq, capture, lora_scale, h, lp, liv, llora, lkv, q_slots, k_valid,
-                             positions, index)
+    lkv = None if lkv is None else (*lkv, old_valid)
+    h, acts, new_kv = _layer(cfg, inv_freq, capture, lora_scale, h, lp, liv, llora, lkv, new_valid, positions,
+                             index)
     return h, (acts, new_kv)
 
+  # The layer scan only reads the cache and emits the new tokens' keys / values `[L, B, S, KV, hd]`; one
+  # in-place write below stores them (a cache passed through the scan as output would be copied every step).
   cache_kv = (cache.k, cache.v) if cache is not None else None
+  old_valid = None if cache is None else cache.valid & (jnp.arange(cache.valid.shape[1]) < index)[None, :]
   if remat:   # keep only each layer's input for the backward pass; recompute the layer (jax.checkpoint)
     body = jax.checkpoint(body, prevent_cse=False)
-  h, (acts, new_kv) = jax.lax.scan(body, h, (params["layers"], iv, lora, cache_kv))
+  xs = (params["layers"], iv, lora, cache_kv)
+  if lora is not None and lora_from > 0:
+    # Layers below lora_from run without adapters in a scan of their own: nothing in it depends on the LoRA
+    # factors, so autodiff runs no backward pass through those layers.
+    split = lambda t, sl: jax.tree.map(lambda x: x[sl], t)
+    lo, hi = slice(0, lora_from), slice(lora_from, None)
+    h, out0 = jax.lax.scan(body, h, (split(params["layers"], lo), split(iv, lo), None, split(cache_kv, lo)))
+    h, out1 = jax.lax.scan(body, h, split(xs, hi))
+    acts, new_kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out0, out1)
+  else:
+    h, (acts, new_kv) = jax.lax.scan(body, h, xs)
   if "resid" in acts:
     acts["resid"] = jnp.concatenate([resid0[None], acts["resid"]], axis=0)
 
@@ -324,7 +352,9 @@ def forward_cached(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, 
   out = final_logits(params, cfg, h, logits) if logits != "none" else None
   new_cache = None
   if cache is not None:
-    new_cache = KVCache(new_kv[0], new_kv[1], k_valid, index + S)
+    write = lambda c, n: jax.lax.dynamic_update_slice(c, n, (0, 0, index, 0, 0))
+    new_cache = KVCache(write(cache.k, new_kv[0]), write(cache.v, new_kv[1]),
+                        jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, index)), index + S)
   return out, acts, new_cache
 
 
@@ -348,15 +378,13 @@ def run_layers(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, attention
   """
   inv_freq = rope_inv_freq(cfg)
   positions = default_positions(attention_mask)
-  q_slots = jnp.arange(h.shape[1])
-  k_valid = attention_mask.astype(bool)
+  valid = attention_mask.astype(bool)
   none = Interventions()
 
   def body(i, h):
     h = constrain(h, BATCH_AXES, None, None)
     lp = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
-    h, _, _ = _layer(cfg, inv_freq, (), 1.0, h, lp, none, None, None, q_slots, k_valid, positions,
-                     jnp.zeros((), jnp.int32))
+    h, _, _ = _layer(cfg, inv_freq, (), 1.0, h, lp, none, None, None, valid, positions, jnp.zeros((), jnp.int32))
     return h
 
   return jax.lax.fori_loop(start, cfg.n_layers, body, h)
@@ -366,7 +394,7 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
             capture: Sequence[str] = (), interventions: Interventions | None = None,
             logits: str = "all", lora: dict | None = None, lora_scale: float = 1.0, remat: bool = False,
-            logit_positions: jax.Array | None = None):
+            logit_positions: jax.Array | None = None, lora_from: int = 0):
   """Decoder forward pass.
 
   Args:
@@ -397,6 +425,10 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
       there and logits are `[B, K, V]` (row b, slot k = position logit_positions[b, k]). The LM head over a
       49k-152k vocabulary is a third of a 135M model's forward time, so an SFT loss that scores a few response
       tokens per row computes only those (train.losses.sft_rows).
+    lora_from: static; the LoRA factors of layers below it must be zero (a depth window starting there,
+      train.adapters.LoraSpec): those layers run without the adapter term, and gradients with respect to the
+      factors skip their backward pass (a window over the top 60% of depth saves ~40% of the backward).
+      Values are unchanged.
 
   Returns:
     (logits float32, acts dict of the captured arrays in the activation dtype).
@@ -407,8 +439,9 @@ def forward(params: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, *,
   """
   out, acts, _ = forward_cached(params, tokens, cfg, attention_mask=attention_mask, positions=positions,
                                 capture=capture, interventions=interventions, logits=logits, lora=lora,
-                                lora_scale=lora_scale, remat=remat, logit_positions=logit_positions)
+                                lora_scale=lora_scale, remat=remat, logit_positions=logit_positions,
+                                lora_from=lora_from)
   return out, acts
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "logits", "lora_scale", "remat"))
+forward_jit = jax.jit(forward, static_argnames=("cfg", "capture", "logits", "lora_scale", "remat", "lora_from"))

@@ -103,6 +103,33 @@ def test_window_layers_zero_and_merge_equals_adapter_forward():
   np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), atol=2e-5, rtol=1e-5)
 
 
+def test_lora_from_skips_the_frozen_prefix_with_identical_values_and_gradients():
+  """forward(lora_from=first adapted layer): same logits and LoRA gradients as the full-depth scan, and the
+  jaxpr of the gradient has one layer scan in the backward pass over only the adapted layers."""
+  from models.transformer import forward as fwd
+  params = _params()
+  spec = adapters.LoraSpec.create(CFG, rank=4, alpha=8, targets="all", layers=(2, 3))
+  lora = _random_lora(spec, jax.random.PRNGKey(5))
+  toks = jax.random.randint(jax.random.PRNGKey(6), (2, 9), 0, CFG.vocab_size)
+
+  def loss(lo, lora_from):
+    logits, _ = fwd(params, toks, CFG, lora=lo, lora_scale=spec.scale, lora_from=lora_from)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 3])
+
+  full = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (v0, g0), (v2, g2) = full(lora, 0), full(lora, min(spec.layers))
+  np.testing.assert_allclose(float(v2), float(v0), rtol=1e-6)
+  for t in lora:
+    for f in ("a", "b"):
+      np.testing.assert_allclose(np.asarray(g2[t][f]), np.asarray(g0[t][f]), rtol=1e-5, atol=1e-6)
+      assert float(jnp.abs(g2[t][f][:2]).max()) == 0.0
+  assert float(jnp.abs(g2["wq"]["b"][2:]).max()) > 0
+  lengths = lambda lf: sorted(e.params["length"] for e in jax.make_jaxpr(jax.grad(loss), static_argnums=1)(
+      lora, lf).eqns if e.primitive.name == "scan")
+  assert lengths(0) == [4, 4]                 # forward and backward over all 4 layers
+  assert lengths(2) == [2, 2, 2]              # frozen prefix forward only; adapted layers forward + backward
+
+
 def test_peft_export_loads_and_reproduces_logits(tmp_path):
   """Our PEFT export, loaded by peft.PeftModel onto the transformers model, gives our adapter logits."""
   import torch

@@ -220,6 +220,8 @@ class StepConfig:
     to one `[B, S, D]` residual per layer plus one layer's working set (train.plan prints both).
   n_targets: SFT only: the LM head runs at this many scored positions per row (train.losses.sft_rows; set it to
     `losses.max_targets` of the data set, as train.loop does); 0 = at every position.
+  lora_from: LoRA only: the first adapted layer (min of LoraSpec.layers; the factors below it are zero):
+    forward(lora_from=...) runs no backward pass through the layers below it. 0 = every layer.
   """
   mode: str = "lora"
   objective: str = "sft"
@@ -231,6 +233,7 @@ class StepConfig:
   squared_distance: bool = False
   remat: bool = False
   n_targets: int = 0
+  lora_from: int = 0
 
 
 def assemble(trainable: Any, frozen: dict[str, Any], sc: StepConfig) -> tuple[dict[str, Any], dict | None]:
@@ -267,7 +270,7 @@ def objective(trainable: Any, frozen: dict[str, Any], mb: dict[str, jax.Array], 
   for LoRRA optionally "retain_tokens", "retain_mask" `[B, S']`. reading: `[L, D]` (LoRRA only).
   """
   params, lora = assemble(trainable, frozen, sc)
-  kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat)
+  kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat, lora_from=sc.lora_from if lora is not None else 0)
   if sc.objective == "sft":
     rows = losses.sft_rows(params, cfg, mb["tokens"], mb["mask"], mb["loss_mask"], sc.n_targets, **kw)
     return jnp.sum(rows) / jnp.maximum(weights["main"], 1.0)

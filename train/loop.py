@@ -134,7 +134,8 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
                          lorra_layers=tuple(lorra_layers), lorra_alpha=float(config.lorra.alpha),
                          retain_weight=float(config.lorra.retain_weight),
                          remat=bool(tc.get("remat", False)),
-                         n_targets=losses.max_targets(train_set.loss_mask) if config.objective == "sft" else 0)
+                         n_targets=losses.max_targets(train_set.loss_mask) if config.objective == "sft" else 0,
+                         lora_from=min(spec.layers) if spec is not None else 0)
   tx, sched = engine.make_optimizer(lr=tc.lr, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
                                     end_lr_frac=tc.end_lr_frac, weight_decay=tc.weight_decay,
                                     clip_norm=tc.clip_norm)

@@ -188,7 +188,8 @@ def _saved_bytes(local, config, b: int, remat: bool) -> int:
         "loss_mask": jax.ShapeDtypeStruct((b, S), jnp.float32)}
   weights = {"main": jax.ShapeDtypeStruct((), jnp.float32)}
   sc = engine.StepConfig(mode=config.mode, lora_scale=spec.scale if spec is not None else 1.0,
-                         compute_dtype=config.dtype, remat=remat)
+                         compute_dtype=config.dtype, remat=remat,
+                         lora_from=min(spec.layers) if spec is not None else 0)
 
   def with_vjp(tr, fr, batch, w):
     return jax.vjp(lambda t: engine.objective(t, fr, batch, w, None, local, sc), tr)
