@@ -2,7 +2,7 @@
 sweep (steering heatmap with the random-direction control) followed by the gravitational-reversion study.
 
 Presets: smollm2 (the `make run` sizes: configs/sweep.py:smollm2_fast + configs/reversion.py:smollm2_fast, about
-20 minutes on a 2-core CPU), full (the full sweep and the full reversion protocol), quick (tiny sizes; tests).
+19 minutes on a 2-core CPU, measured), full (the full sweep and the full reversion protocol), quick (tiny sizes; tests).
 Override either part: --config.sweep.alphas="(1.0,4.0)" --config.reversion.benign.steps=60.
 """
 import ml_collections
