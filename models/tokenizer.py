@@ -57,9 +57,8 @@ def pad_left(rows: Sequence[Sequence[int]], pad: int, multiple: int = 1) -> tupl
   toks = np.full((len(rows), S), pad, np.int32)
   mask = np.zeros((len(rows), S), np.int32)
   for i, r in enumerate(rows):
-    if len(r):
-      toks[i, S - len(r):] = r
-      mask[i, S - len(r):] = 1
+    toks[i, S - len(r):] = r
+    mask[i, S - len(r):] = 1
   return toks, mask
 
 

@@ -270,7 +270,7 @@ def objective(trainable: Any, frozen: dict[str, Any], mb: dict[str, jax.Array], 
   for LoRRA optionally "retain_tokens", "retain_mask" `[B, S']`. reading: `[L, D]` (LoRRA only).
   """
   params, lora = assemble(trainable, frozen, sc)
-  kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat, lora_from=sc.lora_from if lora is not None else 0)
+  kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat, lora_from=sc.lora_from)
   if sc.objective == "sft":
     rows = losses.sft_rows(params, cfg, mb["tokens"], mb["mask"], mb["loss_mask"], sc.n_targets, **kw)
     return jnp.sum(rows) / jnp.maximum(weights["main"], 1.0)
