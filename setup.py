@@ -1,12 +1,12 @@
 """gravlab: layer-wise mechanics of safety in open LLMs, in JAX."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="gravlab",
     version="0.1.0",
     description="Layer-wise mechanics of safety in open LLMs: steering sweeps, circuit patching, reversion",
     python_requires=">=3.11,<3.12",
-    packages=["models", "train", "probes", "analysis", "configs"],
+    packages=find_packages(include=["models*", "train*", "probes*", "analysis*", "configs*"]),
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -24,6 +24,7 @@ setup(
         "tqdm==4.70.1",
         "scipy==1.17.1",
         "tensorboardX==2.6.5",
+        "jinja2==3.1.6",          # chat templates (transformers apply_chat_template)
     ],
     extras_require={
         "test": [

@@ -144,7 +144,7 @@ class _Study:
 
   def __init__(self, config, workdir: str):
     from analysis import reversion
-    from analysis.workdir import write_json
+    from train.rundir import write_json
     from probes import sweep, tasks as tasks_lib
     from train import scan
     from train.losses import max_targets
@@ -199,7 +199,7 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
   import jax.numpy as jnp
 
   from analysis import reversion
-  from analysis.workdir import write_json
+  from train.rundir import write_json
   from train import adapters
   rc, st = config.reversion, study.st
   targets = os.path.join(study.workdir, "shared", "benign_targets.json")   # theta_early's: same for every point
@@ -256,7 +256,7 @@ def run(config, workdir: str | None = None) -> str:
   """The whole study (module docstring); returns the report path, or the workdir when `config.stop_after`
   stopped it early (rerun to resume). Raises ValueError / FileNotFoundError for a bad kill zone or grid."""
   from analysis import avoid_red_report
-  from analysis.workdir import Workdir, default_workdir
+  from train.rundir import Workdir, default_workdir
 
   rc = config.reversion
   workdir = workdir or default_workdir(rc.model.split("/")[-1] + "-avoid-red")
@@ -285,5 +285,5 @@ def run(config, workdir: str | None = None) -> str:
 
 
 if __name__ == "__main__":
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(run, "configs/avoid_red.py", "Run directory (default runs/<date>-<model>-avoid-red).")

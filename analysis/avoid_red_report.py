@@ -104,7 +104,7 @@ def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
 
   from analysis import reversion_metrics as rm
   from analysis import reversion_plots as rp
-  from analysis.workdir import write_json, write_text
+  from train.rundir import write_json, write_text
   rc = config.reversion
   workdir = wd.path
   csv_path = wd.file("grid.csv")

@@ -148,7 +148,7 @@ def is_finished(workdir: str, point: Point) -> bool:
 def write_point(directory: str, point: Point, scalars: dict[str, float], **extra) -> str:
   """Atomically write a finished point's metrics.json: {"point", "values", "scalars" (the table's columns,
   floats), **extra}; returns its path. Call it last: its existence marks the point finished."""
-  from analysis.workdir import write_json
+  from train.rundir import write_json
   path = os.path.join(directory, METRICS_FILE)
   write_json(path, {"point": point.name, "values": dict(point.values),
                     "scalars": {k: float(v) for k, v in scalars.items()}, **extra})
@@ -173,7 +173,7 @@ def check_fingerprint(workdir: str, point: Point, fp: Any) -> None:
   """Record `fp` (JSON-able: what determines the point's results) in `<point dir>/point.json`, or, when it is
   there already, raise GridError if it differs (naming the first differing field), so that a finished or
   half-run point is never reused under a changed config."""
-  from analysis.workdir import write_json
+  from train.rundir import write_json
   fp = json.loads(json.dumps(fp, default=str))
   path = os.path.join(point_dir(workdir, point), "point.json")
   if os.path.isfile(path):
@@ -289,8 +289,8 @@ def markdown_table(table: dict[str, Any], columns: Sequence[tuple[str, str, str]
 
 def figure(table: dict[str, Any], columns: Sequence[tuple[str, str]], title: str, ncols: int = 4):
   """One panel per `(metric, label)`: every group's mean ± std (error bar) with its points as dots. Returns the
-  Figure (house style: analysis/plots.py)."""
-  from analysis import plots as _style  # noqa: F401  (Agg backend)
+  Figure."""
+  from analysis import plots as _style  # noqa: F401  (sets the Agg backend)
   import matplotlib.pyplot as plt
   n = len(columns)
   nc = min(ncols, n)
@@ -319,5 +319,5 @@ def figure(table: dict[str, Any], columns: Sequence[tuple[str, str]], title: str
 
 if __name__ == "__main__":
   from analysis import avoid_red
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(avoid_red.run, "configs/grid.py", "Run directory (default runs/<date>-<model>-avoid-red).")

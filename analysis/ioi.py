@@ -214,7 +214,7 @@ def run(config, workdir: str | None = None) -> str:
 
   from analysis.greater_than import make_greater_than
   from analysis.ioi_data import make_ioi, single_token_words, split_names, NAMES
-  from analysis.workdir import Workdir, default_workdir
+  from train.rundir import Workdir, default_workdir
   from models.loading import load, load_tokenizer
   from train.adapters import merge_lora
   from train.loop import train_loop
@@ -277,7 +277,7 @@ PHASE_SCALARS = ("logit_diff", "accuracy", "circuit_logit_diff", "faithfulness",
 def write_outputs(wd, results: dict, cfg, config, wall_s: float) -> str:
   """metrics.json, figures/ and report.md of a run (results: seed -> phases' `analyze` + `compare_phases`).
   Returns the report path."""
-  from analysis.workdir import write_json, write_text
+  from train.rundir import write_json, write_text
   summary = _summarise(results)
   write_json(wd.file("metrics.json"), {"summary": summary, "wall_s": wall_s, "paper": PAPER,
                                        "per_seed": {str(k): r for k, r in results.items()}})
@@ -499,5 +499,5 @@ def _report(config, cfg, s, results, figs, wall_s) -> str:
 
 
 if __name__ == "__main__":
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(run, "configs/ioi.py", "Run directory (default runs/<date>-<model>-ioi).")

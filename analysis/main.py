@@ -36,7 +36,7 @@ def _relink(section: str, sub: str) -> str:
 def run(config, workdir: str | None = None) -> str:
   """Run the enabled stages and write the top-level report; returns its path."""
   from analysis import reversion
-  from analysis.workdir import Workdir, default_workdir, write_text
+  from train.rundir import Workdir, default_workdir, write_text
   from probes import sweep
 
   if config.quiet_libraries:
@@ -82,5 +82,5 @@ def run(config, workdir: str | None = None) -> str:
 
 
 if __name__ == "__main__":
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(run, "configs/main.py", "Run directory (default runs/<date>-smollm2).")

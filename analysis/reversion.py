@@ -232,7 +232,7 @@ def safety_benign_prompts(config, train_pairs) -> list[str]:
 def benign_targets(params, cfg, tok, prompts, config, system, path: str) -> list[str]:
   """theta_early's greedy answers (config.safety_target_tokens new tokens) to `prompts`, cached as JSON at `path`
   (read back when present). Raises ValueError when the cache holds another number of answers."""
-  from analysis.workdir import write_json
+  from train.rundir import write_json
   from train import evaluate as E
   if os.path.exists(path):
     with open(path) as f:
@@ -276,15 +276,14 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets
   benign twin and an edgy benign prompt, train.data.TokenizedSet.group = 3) whose first response token weighs
   config.safety_first_token_weight (train.data.weight_first_target) and whose harmful rows weigh
   config.safety_harmful_weight relative to the benign ones. LoRRA (config.safety.objective = "lorra"):
-  train.lora.objective_sets on the same examples. Returns (aligned params, summary dict).
+  train.loop.objective_sets on the same examples. Returns (aligned params, summary dict).
   """
   import jax
 
-  from analysis.workdir import Workdir, write_json
+  from train.rundir import Workdir, write_json
   from train import adapters
   from train import data as D
-  from train.lora import objective_sets
-  from train.loop import train_loop
+  from train.loop import objective_sets, train_loop
   sc = config.safety
   prompts = safety_benign_prompts(config, train_pairs)
   answers = benign_targets(params, cfg, tok, prompts, config, system,
@@ -441,7 +440,7 @@ def run(config, workdir: str | None = None) -> str:
 
   from analysis import reversion_metrics as rm
   from analysis import reversion_plots as rp
-  from analysis.workdir import Workdir, default_workdir, write_json
+  from train.rundir import Workdir, default_workdir, write_json
   from train import scan
   from train.losses import max_targets
 
@@ -566,12 +565,12 @@ def run(config, workdir: str | None = None) -> str:
     paths[k] = os.path.relpath(wd.save_figure(f, "reversion_" + k), workdir)
     plt.close(f)
   from analysis.reversion_report import report
-  from analysis.workdir import write_text
+  from train.rundir import write_text
   write_text(wd.file("report.md"), report(config, summary, per_arm, paths, PAPER))
   wd.close()
   return wd.file("report.md")
 
 
 if __name__ == "__main__":
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(run, "configs/reversion.py", "Run directory (default runs/<date>-<model>-reversion).")

@@ -22,7 +22,7 @@ def run(config, workdir: str | None = None) -> str:
 
   from analysis import plots
   from analysis.residual_stats import mean_difference_separation, residual_stats
-  from analysis.workdir import Workdir, default_workdir, write_json, write_text
+  from train.rundir import Workdir, default_workdir, write_json, write_text
   from models import tokenizer as tk
   from models.generate import generate
   from models.loading import load, load_tokenizer
@@ -102,5 +102,5 @@ def _report(config, cfg, stats, sep, rows, t_load, t_gen, fig_rel) -> str:
 
 
 if __name__ == "__main__":
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(run, "configs/survey.py", "Run directory (default runs/<date>-<model>).")

@@ -4,9 +4,8 @@ Usage: --config=configs/ioi.py:smollm2 (default), :qwen, or :quick (tiny phases 
 """
 import ml_collections
 
+from configs import MODELS
 from configs import lora as lora_configs
-
-MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct"}
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@ Override any field: --config.lora.rank=16 --config.lora.depth="(0.35,0.52)" --co
 """
 import ml_collections
 
-MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct"}
+from configs import MODELS
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:

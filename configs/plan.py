@@ -1,11 +1,12 @@
 """Config for `python -m train.plan`: per-device memory of a training run on a (data, fsdp, tensor) mesh.
 
-Usage: --config=configs/plan.py:llama3_8b (default), :qwen2_7b, :smollm2; override any field, e.g.
+Usage: --config=configs/plan.py:llama3_8b (default), :qwen2_7b, :smollm2, :quick; override any field, e.g.
   --config.mode=full --config.mesh.fsdp=8 --config.mesh.tensor=2 --config.memory_gib=80 --config.batch.seq_len=4096
 
 Presets: llama3_8b / qwen2_7b plan LoRA (rank 16, all seven projections) in bfloat16 on 16 devices as
 (data 2, fsdp 4, tensor 2), micro-batch 32 x 2048 tokens, against 95 GiB (a v5p chip; a v5p-32 slice has 16).
-smollm2 plans the embedded SmolLM2-135M as configs/lora.py trains it (float32, micro-batch 8 x 96, 1 device).
+smollm2 plans the embedded SmolLM2-135M as configs/lora.py trains it (float32, micro-batch 8 x 96, 1 device);
+quick plans the same from the embedded GGUF's own metadata (the registry name; tests).
 
 model: a name in models.config.KNOWN_SHAPES ("llama-3.1-8b", "qwen2.5-7b", "smollm2-135m"), a registry name or a
 Hugging Face directory / .gguf file (only config.json / metadata is read), or "custom" (every `dims` field given).
@@ -14,7 +15,8 @@ dims: ModelConfig fields overriding the model's (e.g. --config.dims.n_layers=2);
 import ml_collections
 from ml_collections import config_dict
 
-PRESETS = {"llama3_8b": "llama-3.1-8b", "qwen2_7b": "qwen2.5-7b", "smollm2": "smollm2-135m"}
+PRESETS = {"llama3_8b": "llama-3.1-8b", "qwen2_7b": "qwen2.5-7b", "smollm2": "smollm2-135m",
+           "quick": "smollm2-135m-instruct"}
 DIM_FIELDS = {"arch": str, "vocab_size": int, "d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
               "head_dim": int, "d_ff": int, "tie_embeddings": bool, "qkv_bias": bool, "o_bias": bool,
               "qk_norm": bool}
@@ -47,7 +49,7 @@ def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
   c.remat = True                 # recompute each layer in the backward pass (train config: train.remat)
   c.memory_gib = 95.0            # device memory (v5p 95 GiB, v4 32 GiB, H100 80 GB = 74.5 GiB, H200 141 GB)
 
-  if arg == "smollm2":
+  if arg in ("smollm2", "quick"):
     c.dtype = "float32"
     c.lora.rank = 8
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1

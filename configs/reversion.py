@@ -8,9 +8,8 @@ Override any field: --config.benign.steps=60 --config.arms="('baseline','block')
 """
 import ml_collections
 
+from configs import MODELS
 from configs import lora as lora_configs
-
-MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct"}
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
@@ -58,7 +57,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
 
   c.probe = ml_collections.ConfigDict()
   c.probe.n = 4 if quick else 8 if fast else 16   # harmful probe prompts (training split) for v_rev and drift
-  c.probe.position = "last"              # last | mean (see reversion_metrics.mean_activation)
+  c.probe.position = "last"              # last | mean (see models.readout.mean_activation)
 
   c.benign = ml_collections.ConfigDict()
   c.benign.sources = ("refusal_benign", "gsm8k_100")   # refusal_benign (training split) | gsm8k_100 | jsonl

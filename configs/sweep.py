@@ -28,7 +28,7 @@ kill-zone cells (mostly compilation).
 """
 import ml_collections
 
-MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-coder-0.5b-instruct"}
+from configs import MODELS
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:

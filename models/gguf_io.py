@@ -260,25 +260,66 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, sharding_fn=None) -
   return build_params(cfg, get_tensor, dtype=dtype, sharding_fn=sharding_fn, source=path), cfg
 
 
-def load_gguf_tokenizer(path: str | os.PathLike):
-  """The tokenizer of a GGUF file, as transformers builds it (`convert_gguf_tokenizer`), offline.
+# GGUF `tokenizer.ggml.*_id` key -> tokenizer attribute (transformers 5.23 `gguf_tokenizer_mapping._SPECIAL_TOKENS`).
+_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                      "pad_token": "padding_token_id"}
 
-  Calls `AutoTokenizer.from_pretrained(dirname, gguf_file=basename, local_files_only=True)`; the chat template
-  comes from `tokenizer.chat_template`.
+
+def gguf_tokenizer_metadata(path: str | os.PathLike) -> tuple[str, dict, dict]:
+  """`(architecture, tokenizer_dict, tokenizer_config)` of a GGUF file, read with the `gguf` package.
+
+  The same triple as transformers 5.23 `integrations.gguf.get_gguf_tokenizer`, whose reader module imports torch;
+  the keys are renamed by transformers' own `GGUF_TOKENIZER_MAPPING` table. tokenizer_dict holds the vocabulary
+  (`tokens`, a list of str), `merges`, `token_type`, `scores` where present; tokenizer_config holds
+  `chat_template`, `add_bos_token` / `add_eos_token` and the special tokens as strings.
+
+  Raises:
+    ModelError / CorruptFileError: as `_open` (missing, truncated or unreadable file).
+  """
+  from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
+  path = os.fspath(path)
+  reader = _open(path)
+  try:
+    meta = {k: f.contents() for k, f in reader.fields.items()
+            if k.startswith("tokenizer.") or k == "general.architecture"}
+  except _READ_ERRORS as e:
+    raise CorruptFileError(f"{path}: tokenizer metadata cannot be decoded ({type(e).__name__}: {e})") from e
+  if "tokenizer.ggml.tokens" not in meta:
+    raise CorruptFileError(f"{path}: no 'tokenizer.ggml.tokens' in the GGUF metadata (no tokenizer)")
+  grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+             for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+  if tokenizer.get("tokenizer_type") == "llama":
+    # as transformers: llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise
+    tokenizer_config.setdefault("add_bos_token", True)
+  for name, key in _SPECIAL_TOKEN_IDS.items():
+    token_id = meta.get(f"tokenizer.ggml.{key}")
+    tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+  return meta["general.architecture"], tokenizer, tokenizer_config
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+  """The fast tokenizer of a GGUF file, with its chat template, offline and without torch.
+
+  Reads the metadata with the `gguf` package (`gguf_tokenizer_metadata`), builds the `tokenizers` backend with
+  transformers' GGUF vocabulary converter (`integrations.gguf.convert_gguf_tokenizer`: byte-level BPE for
+  "gpt2" vocabularies, sentencepiece for "llama") and wraps it in `PreTrainedTokenizerFast`. Token ids, special
+  tokens and `apply_chat_template` strings equal those of
+  `AutoTokenizer.from_pretrained(dirname, gguf_file=basename)` (tests/test_tokenizer_parity.py), which would
+  import torch through transformers' GGUF reader.
+
+  Returns:
+    transformers.PreTrainedTokenizerFast.
 
   Raises:
     ModelError: the file does not exist.
-    CorruptFileError: the file is truncated or unreadable.
+    CorruptFileError: the file is truncated or unreadable, or holds no tokenizer.
   """
+  from transformers import PreTrainedTokenizerFast
+  from transformers.integrations.gguf import convert_gguf_tokenizer
   path = os.path.abspath(os.fspath(path))
   if not os.path.isfile(path):
     raise ModelError(f"{path}: GGUF file not found")
-  from transformers import AutoTokenizer
-  try:
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                         local_files_only=True)
-  except ModelError:
-    raise
-  except _READ_ERRORS:
-    _open(path)  # raises CorruptFileError naming the file if that is the cause (only on this error path)
-    raise
+  arch, tokenizer_dict, tokenizer_config = gguf_tokenizer_metadata(path)
+  backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

@@ -1,11 +1,12 @@
-"""Figures of the steering and probe sweeps (matplotlib, Agg; analysis.plots sets the backend and style)."""
+"""Figures of the steering and probe sweeps (matplotlib, Agg backend)."""
 from __future__ import annotations
 
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 
-from analysis import plots as _style  # noqa: F401  (Agg backend)
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 

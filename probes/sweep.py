@@ -72,7 +72,7 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
   import numpy as np
   from tqdm import tqdm
 
-  from analysis.workdir import Workdir, default_workdir, write_json, write_text
+  from train.rundir import Workdir, default_workdir, write_json, write_text
   from models import tokenizer as tk
   from models.generate import generate
   from probes import data, linear, plots, steering, tasks as tasks_lib
@@ -452,5 +452,5 @@ def _report(config, cfg, name, behaviors, layers, alphas, res, an, probe_res, ve
 
 
 if __name__ == "__main__":
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(run, "configs/sweep.py", "Run directory (default runs/<date>-<model>-sweep).")

@@ -14,6 +14,7 @@ from analysis import avoid_red, grid, reversion
 from configs.avoid_red import get_config
 from models.config import ModelConfig
 from models.params import init_params
+from tests.runtime_only import run_runtime_only
 from train import adapters, engine, scan
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -194,10 +195,13 @@ def test_run_chunks_resumes_from_its_checkpoints(group, tmp_path):
 
 @pytest.mark.slow
 def test_quick_study_end_to_end_and_rerun_does_no_work(tmp_path):
+  """`python -m analysis.avoid_red` with torch / peft / accelerate unimportable, then an in-process rerun."""
   c = get_config("quick")
   c.grid.seed = (0,)
   wd = str(tmp_path / "ar")
-  report = avoid_red.run(c, wd)
+  run_runtime_only("analysis.avoid_red", "--config=configs/avoid_red.py:quick", f"--workdir={wd}",
+                   "--config.grid.seed=(0,)")
+  report = os.path.join(wd, "report.md")
   m = json.load(open(os.path.join(wd, "metrics.json")))
   assert m["status"]["ran"] == ["window-kill__seed-0", "window-outside__seed-0", "window-all__seed-0"]
   assert m["layers"] == {"kill": [1], "outside": [0], "all": [0, 1]}

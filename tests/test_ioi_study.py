@@ -15,6 +15,7 @@ from analysis.ioi_data import NAMES, make_ioi
 from configs.ioi import get_config
 from models import transformer as T
 from tests.reference import WordTokenizer, ours_from_torch, tiny_hf_model
+from tests.runtime_only import run_runtime_only
 
 
 @pytest.mark.parametrize("label", ["io", "subject", "name_moving"])
@@ -125,7 +126,7 @@ def test_compare_phases_identities(tiny_study):
 
 
 def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
-  from analysis.workdir import Workdir
+  from train.rundir import Workdir
   _, cfg, d, models, res = tiny_study
   cross = ioi.compare_phases(models, res, cfg, d, 3)
   results = {0: {**res, **cross}, 1: {**res, **cross}}
@@ -144,8 +145,9 @@ def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_study_on_smollm2(tmp_path):
-  report = ioi.run(get_config("quick"), str(tmp_path / "ioi"))
+def test_quick_study_on_smollm2_without_test_only_packages(tmp_path):
+  run_runtime_only("analysis.ioi", "--config=configs/ioi.py:quick", f"--workdir={tmp_path / 'ioi'}")
+  report = str(tmp_path / "ioi" / "report.md")
   m = json.loads((tmp_path / "ioi" / "metrics.json").read_text())
   for p in ioi.PHASES:
     lo, hi = m["summary"][f"{p}/accuracy"]

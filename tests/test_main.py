@@ -1,17 +1,18 @@
-"""The main job (`make run`) at its `:quick` sizes on the real embedded model: both stages run and the top-level
-report carries their headline tables and resolvable figure links."""
+"""The main job (`make run`) at its `:quick` sizes on the real embedded model: both stages run, without torch,
+and the top-level report carries their headline tables and resolvable figure links."""
 import os
 import re
 
 import pytest
 
+from tests.runtime_only import run_runtime_only
+
 
 @pytest.mark.slow
-def test_quick_main_job(tmp_path):
-  from analysis import main
-  from configs.main import get_config
-  c = get_config("quick")
-  path = main.run(c, str(tmp_path / "run"))
+def test_quick_main_job_runs_without_test_only_packages(tmp_path):
+  out = run_runtime_only("analysis.main", "--config=configs/main.py:quick", f"--workdir={tmp_path / 'run'}")
+  path = str(tmp_path / "run" / "report.md")
+  assert f"report: {path}" in out
   text = open(path).read()
   assert "## 1. Where steering breaks behaviour" in text and "## 2. Does benign fine-tuning revert" in text
   assert "### Kill zones" in text and "| baseline |" in text and "| block |" in text

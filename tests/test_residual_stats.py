@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from analysis.residual_stats import mean_difference_separation, residual_stats
-from analysis.workdir import Workdir, atomic_path, write_json
+from train.rundir import Workdir, atomic_path, write_json
 
 
 def test_residual_stats_closed_form():

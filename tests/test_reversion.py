@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from analysis import reversion_metrics as rm
+from models.readout import cosine
 from models.config import ModelConfig
 from models.params import init_params
+from tests.runtime_only import run_runtime_only
 from train import adapters, engine, scan
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -60,7 +61,7 @@ def test_scan_program_equals_step_by_step_loop(arm):
   # The measured alignment is the cosine of the measured drift with v_rev (recomputed outside the program).
   lora0 = jax.tree.map(lambda x: x[0], final["lora"])
   d = scan.probe_mean(params, lora0, CFG, probe, spec.scale) - ref["mean_aligned"]
-  np.testing.assert_allclose(m["align"][0, -1], rm.cosine(d[1:], ref["v_rev"][1:]), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(m["align"][0, -1], cosine(d[1:], ref["v_rev"][1:]), rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(m["align"][0, -1]).max()) > 0                   # the LoRA moved the activations
 
 
@@ -170,13 +171,15 @@ def test_quick_study_resumes_mid_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_study_refusal_reversed_track(tmp_path):
-  """The Qwen-style track (an already aligned model, stand-in reference direction) on the 2-layer SmolLM2."""
-  from analysis import reversion
+def test_quick_study_refusal_reversed_track_without_test_only_packages(tmp_path):
+  """The Qwen-style track (an already aligned model, stand-in reference direction) on the 2-layer SmolLM2,
+  as `python -m analysis.reversion` with torch / peft / accelerate unimportable."""
   from configs.reversion import get_config
   c = get_config("quick")
-  c.reference, c.arms, c.eval.generate = "refusal_reversed", ("baseline",), False
-  report = reversion.run(c, str(tmp_path / "q"))
+  run_runtime_only("analysis.reversion", "--config=configs/reversion.py:quick", f"--workdir={tmp_path / 'q'}",
+                   "--config.reference=refusal_reversed", "--config.arms=('baseline',)",
+                   "--config.eval.generate=False")
+  report = str(tmp_path / "q" / "report.md")
   m = json.loads((tmp_path / "q" / "metrics.json").read_text())
   assert "safety" not in m and len(m["arms"]["baseline"]["align_all"][0]) == c.benign.steps
   assert "NOT the paper's v_rev" in open(report).read()

@@ -5,6 +5,8 @@ import numpy as np
 import scipy.stats
 
 from analysis import reversion_metrics as R
+from models import readout
+from train import losses
 
 
 def test_alignment_of_planted_drift_equals_the_cosine():
@@ -27,9 +29,9 @@ def test_alignment_of_planted_drift_equals_the_cosine():
 def test_mean_activation_positions():
   r = np.arange(2 * 2 * 3 * 2, dtype=np.float32).reshape(2, 2, 3, 2)
   mask = np.array([[0, 1, 1], [1, 1, 1]])
-  last = R.mean_activation(jnp.asarray(r), jnp.asarray(mask), "last")
+  last = readout.mean_activation(jnp.asarray(r), jnp.asarray(mask), "last")
   np.testing.assert_allclose(np.asarray(last), r[:, :, -1].mean(1))
-  mean = R.mean_activation(jnp.asarray(r), jnp.asarray(mask), "mean")
+  mean = readout.mean_activation(jnp.asarray(r), jnp.asarray(mask), "mean")
   want = (r[:, 0, 1:].mean(1) + r[:, 1].mean(1)) / 2
   np.testing.assert_allclose(np.asarray(mean), want, rtol=1e-6)
 
@@ -52,15 +54,15 @@ def test_block_and_push_objectives():
   u = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
   forward_move = aligned + 0.7 * u
   backward_move = aligned - 0.7 * u
-  assert float(R.block_loss(forward_move, aligned, v, 0.0)) == 0.0
-  np.testing.assert_allclose(float(R.projection_on_vrev(forward_move, aligned, v)), 0.7, rtol=1e-6)
-  np.testing.assert_allclose(float(R.block_loss(forward_move, aligned, v, 2.0)), 2.0 * 0.49, rtol=1e-6)
-  assert float(R.block_loss(backward_move, aligned, v, 2.0)) == 0.0      # only positive motion is opposed
-  g = jax.grad(lambda m: R.block_loss(m, aligned, v, 1.0))(forward_move)
+  assert float(losses.block_loss(forward_move, aligned, v, 0.0)) == 0.0
+  np.testing.assert_allclose(float(losses.projection_on_vrev(forward_move, aligned, v)), 0.7, rtol=1e-6)
+  np.testing.assert_allclose(float(losses.block_loss(forward_move, aligned, v, 2.0)), 2.0 * 0.49, rtol=1e-6)
+  assert float(losses.block_loss(backward_move, aligned, v, 2.0)) == 0.0      # only positive motion is opposed
+  g = jax.grad(lambda m: losses.block_loss(m, aligned, v, 1.0))(forward_move)
   assert float(jnp.sum(g * u)) > 0                                    # descent moves back against v_rev
-  g = jax.grad(lambda m: R.push_loss(m, aligned, v, 1.0))(forward_move)
+  g = jax.grad(lambda m: losses.push_loss(m, aligned, v, 1.0))(forward_move)
   assert float(jnp.sum(g * u)) < 0                                    # descent moves further along v_rev
-  assert abs(float(R.push_loss(aligned + 100 * u, aligned, v, 1.0, scale=2.0))) <= 2.0
+  assert abs(float(losses.push_loss(aligned + 100 * u, aligned, v, 1.0, scale=2.0))) <= 2.0
 
 
 def test_spearman_matches_scipy_and_known_case():

@@ -4,16 +4,15 @@ import os
 
 import pytest
 
-from analysis import survey
-from configs.survey import get_config
+from tests.runtime_only import run_runtime_only
 
 pytestmark = pytest.mark.slow
 
 
-def test_survey_quick_writes_complete_workdir(tmp_path):
-  cfg = get_config("quick")
-  report = survey.run(cfg, str(tmp_path / "run"))
+def test_survey_quick_writes_complete_workdir_without_test_only_packages(tmp_path):
   run = tmp_path / "run"
+  out = run_runtime_only("analysis.survey", "--config=configs/survey.py:quick", f"--workdir={run}")
+  report = out.split("report: ")[-1].strip()
   for f in ("config.json", "metrics.jsonl", "generations.jsonl", "summary.json", "report.md",
             "figures/residual_depth.png"):
     assert (run / f).exists(), f

@@ -11,6 +11,7 @@ import pytest
 from configs.sweep import get_config
 from probes import sweep
 from tests.reference import ours_from_torch, tiny_hf_model
+from tests.runtime_only import run_runtime_only
 from tests.test_probes_stats import CharTokenizer
 
 
@@ -82,10 +83,10 @@ def test_sweep_run_tiny_model(tmp_path, readout):
 
 
 @pytest.mark.slow
-def test_sweep_quick_smollm2(tmp_path):
+def test_sweep_quick_smollm2_runs_without_test_only_packages(tmp_path):
   config = get_config("quick")
   wd = str(tmp_path / "run")
-  sweep.run(config, wd)
+  run_runtime_only("probes.sweep", "--config=configs/sweep.py:quick", f"--workdir={wd}")
   m = _check_outputs(wd, 30, config)
   # SmolLM2 separates true from false statements better than chance somewhere in depth
   assert max(m["probes"]["truth"]["acc_mean"]) > 0.6

@@ -9,6 +9,7 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
 from absl import logging
 
 
@@ -96,7 +97,7 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
     workdir: run directory (checkpoints/ inside).
     retain_set: LoRRA retain prompts (TokenizedSet; its `mask` marks the scored positions).
     reading: `[L, D]` LoRRA reading vector.
-    wd: analysis.workdir.Workdir for metrics (None: no logging).
+    wd: train.rundir.Workdir for metrics (None: no logging).
 
   Raises:
     TrainingDivergedError: a non-finite loss / gradient / update (the last good checkpoint stays).
@@ -210,3 +211,29 @@ def mean_diff_reading(params, cfg, tokenizer, harmful, benign, system=None, batc
     return np.concatenate(acc, axis=1).mean(axis=1)
   d = mean_last(list(harmful)) - mean_last(list(benign))
   return d / np.linalg.norm(d, axis=-1, keepdims=True)
+
+
+def objective_sets(config, params, cfg, tok, examples, train_pairs, system):
+  """(train_set, retain_set, reading) for train_loop from Examples and config.objective.
+
+  SFT: every example, tokenised (retain and reading None). LoRRA: harmful examples steered toward the
+  reading vector (`config.lorra.reading_vector`: "mean_diff" = train.loop.mean_diff_reading of the pairs'
+  harmful vs benign prompts, or a `[L, D]` .npy path), benign examples retained. `system` (a system prompt or
+  None) is prepended to every example. Raises ValueError for LoRRA without refusal pairs.
+  """
+  from models import tokenizer as tk
+  from train import data as D
+  if system:
+    examples = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in examples]
+  pid, ml = tk.pad_id(tok), config.data.max_len
+  if config.objective != "lorra":
+    return D.tokenize_dataset(tok, examples, ml, pid), None, None
+  if train_pairs is None:
+    raise ValueError("the LoRRA objective uses refusal pairs (harmful prompts steered, benign prompts retained)")
+  if config.lorra.reading_vector == "mean_diff":
+    reading = mean_diff_reading(params, cfg, tok, [p["harmful"] for p in train_pairs],
+                                [p["benign"] for p in train_pairs], system)
+  else:
+    reading = np.load(config.lorra.reading_vector, allow_pickle=False)
+  return (D.tokenize_dataset(tok, [e for e in examples if e.kind == "harmful"], ml, pid),
+          D.tokenize_dataset(tok, [e for e in examples if e.kind == "benign"], ml, pid), reading)

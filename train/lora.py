@@ -19,7 +19,7 @@ import time
 
 from absl import logging
 
-from train.loop import mean_diff_reading, train_loop
+from train.loop import objective_sets, train_loop
 
 
 def run(config, workdir: str | None = None) -> str:
@@ -29,7 +29,7 @@ def run(config, workdir: str | None = None) -> str:
   import jax.numpy as jnp
   import numpy as np
 
-  from analysis.workdir import Workdir, default_workdir, write_json, write_text
+  from train.rundir import Workdir, default_workdir, write_json, write_text
   from models.hf_io import save_hf
   from models.loading import load, load_tokenizer
   from models.sharding import sharding_fn
@@ -111,8 +111,7 @@ def run(config, workdir: str | None = None) -> str:
   hist = result.history
   fig_rel = None
   if hist:
-    from analysis import plots  # noqa: F401  (house figure style)
-    import matplotlib
+    import matplotlib  # local: only runs that plot a loss curve need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -148,34 +147,6 @@ def _model_config(model: str):
   return ModelConfig.from_hf_file(os.path.join(src.path, "config.json"))
 
 
-def objective_sets(config, params, cfg, tok, examples, train_pairs, system):
-  """(train_set, retain_set, reading) for train_loop from Examples and config.objective.
-
-  SFT: every example, tokenised (retain and reading None). LoRRA: harmful examples steered toward the
-  reading vector (`config.lorra.reading_vector`: "mean_diff" = train.loop.mean_diff_reading of the pairs'
-  harmful vs benign prompts, or a `[L, D]` .npy path), benign examples retained. `system` (a system prompt or
-  None) is prepended to every example. Raises ValueError for LoRRA without refusal pairs.
-  """
-  import numpy as np
-
-  from models import tokenizer as tk
-  from train import data as D
-  if system:
-    examples = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in examples]
-  pid, ml = tk.pad_id(tok), config.data.max_len
-  if config.objective != "lorra":
-    return D.tokenize_dataset(tok, examples, ml, pid), None, None
-  if train_pairs is None:
-    raise ValueError("the LoRRA objective uses refusal pairs (harmful prompts steered, benign prompts retained)")
-  if config.lorra.reading_vector == "mean_diff":
-    reading = mean_diff_reading(params, cfg, tok, [p["harmful"] for p in train_pairs],
-                                [p["benign"] for p in train_pairs], system)
-  else:
-    reading = np.load(config.lorra.reading_vector)
-  return (D.tokenize_dataset(tok, [e for e in examples if e.kind == "harmful"], ml, pid),
-          D.tokenize_dataset(tok, [e for e in examples if e.kind == "benign"], ml, pid), reading)
-
-
 def _report(config, s, fig_rel) -> str:
   lines = [f"# {s['mode']} {s['objective']} fine-tune of {s['model']}", "",
            f"LoRA: {s['lora']}" if s["lora"] else "Full fine-tuning.", "",
@@ -198,5 +169,5 @@ def _report(config, s, fig_rel) -> str:
 
 
 if __name__ == "__main__":
-  from analysis.workdir import run_app
+  from train.rundir import run_app
   run_app(run, "configs/lora.py", "Run directory (default runs/<date>-<model>-lora).")

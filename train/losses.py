@@ -130,3 +130,29 @@ def lorra_targets(frozen_resid: jax.Array, reading: jax.Array, alpha: float, lay
   idx = jnp.asarray(layers) + 1
   base = frozen_resid[idx].astype(jnp.float32)
   return base + alpha * reading[jnp.asarray(layers)].astype(jnp.float32)[:, None, None, :]
+
+
+# ---- reversion auxiliary objectives (Poppi & Lukas 2026, arXiv 2606.28525): motion along v_rev
+def projection_on_vrev(mean_t: jax.Array, mean_aligned: jax.Array, v_rev: jax.Array,
+                       layer_weights: jax.Array | None = None) -> jax.Array:
+  """sum_l w_l <d_t(l), v_rev(l) / ||v_rev(l)||>: signed motion along the reversion direction (scalar).
+
+  mean_t / mean_aligned: `[L+1, D]` (mean_t differentiable w.r.t. the trained parameters); layer_weights
+  `[L+1]` (default uniform mean).
+  """
+  u = v_rev / jnp.maximum(jnp.linalg.norm(v_rev, axis=-1, keepdims=True), 1e-12)
+  proj = jnp.sum((mean_t - mean_aligned).astype(jnp.float32) * u, axis=-1)                 # [L+1]
+  w = jnp.full(proj.shape, 1.0 / proj.shape[0]) if layer_weights is None else layer_weights
+  return jnp.sum(w * proj)
+
+
+def block_loss(mean_t, mean_aligned, v_rev, lam: float, layer_weights=None) -> jax.Array:
+  """lam * relu(projection)^2: opposes positive motion along v_rev only (zero when lam = 0)."""
+  p = projection_on_vrev(mean_t, mean_aligned, v_rev, layer_weights)
+  return lam * jnp.square(jax.nn.relu(p))
+
+
+def push_loss(mean_t, mean_aligned, v_rev, lam: float, scale: float = 1.0, layer_weights=None) -> jax.Array:
+  """-lam * scale * tanh(projection / scale): rewards motion along v_rev, bounded (stabilised) by tanh."""
+  p = projection_on_vrev(mean_t, mean_aligned, v_rev, layer_weights)
+  return -lam * scale * jnp.tanh(p / scale)

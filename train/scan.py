@@ -7,8 +7,8 @@ the drift's cosine with a reference direction (v_rev): the gravitational-reversi
 2026 (arXiv 2606.28525), analysis/reversion_metrics.py. The same program serves four arms (static `arm`):
 
   baseline  SFT loss only.
-  block     SFT + lam * relu(p)^2, p = motion of the probe activations along v_rev (reversion_metrics.block_loss).
-  push      SFT - lam * s * tanh(p / s), the bounded reinforcing objective (reversion_metrics.push_loss).
+  block     SFT + lam * relu(p)^2, p = motion of the probe activations along v_rev (train.losses.block_loss).
+  push      SFT - lam * s * tanh(p / s), the bounded reinforcing objective (train.losses.push_loss).
   project   SFT gradient g with its component along h = grad p removed whenever a descent step would increase p
             (<g, h> < 0): g <- g - <g, h> / |h|^2 h (gradient projection, as PCGrad, Yu et al. 2020, with one
             fixed "task" h). After the projection a first-order SGD step leaves p unchanged; AdamW rescales
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from analysis import reversion_metrics as rm
 from models.config import ModelConfig
+from models.readout import cosine, mean_activation
 from models.transformer import forward
 from train import losses
 
@@ -61,10 +61,10 @@ class ScanConfig:
 def probe_mean(params: dict[str, Any], lora: dict | None, cfg: ModelConfig, probe: dict[str, jax.Array],
                lora_scale: float = 1.0, position: str = "last") -> jax.Array:
   """Mean residual activation `[L+1, D]` float32 of the probe prompts (tokens / mask `[P, S]`, left-padded)
-  under params + LoRA (reversion_metrics.mean_activation)."""
+  under params + LoRA (models.readout.mean_activation)."""
   _, acts = forward(params, probe["tokens"], cfg, attention_mask=probe["mask"], capture=("resid",),
                     logits="none", lora=lora, lora_scale=lora_scale)
-  return rm.mean_activation(acts["resid"], probe["mask"], position)
+  return mean_activation(acts["resid"], probe["mask"], position)
 
 
 def _layer_weights(n: int, aux_layers: tuple[int, ...]) -> jax.Array:
@@ -93,7 +93,7 @@ def make_step(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation
 
   def motion(lora, frozen, probe, ref):
     m = probe_mean(frozen, lora, cfg, probe, sc.lora_scale, sc.position)
-    return rm.projection_on_vrev(m, ref["mean_aligned"], ref["v_rev"], lw)
+    return losses.projection_on_vrev(m, ref["mean_aligned"], ref["v_rev"], lw)
 
   def task_loss(lora, frozen, batch):
     rows = losses.sft_rows(frozen, cfg, batch["tokens"], batch["mask"], batch["loss_mask"], sc.n_targets,
@@ -127,8 +127,8 @@ def make_step(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation
     m = probe_mean(frozen, lora, cfg, probe, sc.lora_scale, sc.position)
     d, v = (m - ref["mean_aligned"])[1:], ref["v_rev"][1:]          # decoder-layer outputs 1..L
     u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-    metrics = {"task": task, "aux": aux, "grad_norm": gnorm, "cos_gh": cos_gh, "align": rm.cosine(d, v),
-               "proj": jnp.sum(d * u, axis=-1), "align_all": rm.cosine(d.reshape(-1), v.reshape(-1))}
+    metrics = {"task": task, "aux": aux, "grad_norm": gnorm, "cos_gh": cos_gh, "align": cosine(d, v),
+               "proj": jnp.sum(d * u, axis=-1), "align_all": cosine(d.reshape(-1), v.reshape(-1))}
     return {"step": state["step"] + 1, "lora": lora, "opt_state": opt_state}, metrics
 
   return step
