@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from models.config import ModelConfig
+from models.layers import apply_rope, attend, default_positions, mix, rms_norm, rope_inv_freq  # noqa: F401 (public here too)
 from models.sharding import BATCH_AXES, TENSOR, constrain
 
 CAPTURE_NAMES = ("resid", "heads", "attn_out", "mlp_out", "attn_probs")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-_NEG = -1e30  # finite mask value: fully-masked rows (left padding) stay NaN-free
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -95,57 +93,53 @@ class KVCache(NamedTuple):
                jnp.zeros((), jnp.int32))
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """RoPE inverse frequencies `[head_dim // 2]` float32.
-
-  Matches transformers `_compute_default_rope_parameters` and, for rope_type "llama3",
-  `_compute_llama3_parameters` (modeling_rope_utils.py).
-  """
-  dim = cfg.head_dim
-  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-  inv = inv.astype(np.float32)
-  if cfg.rope_type == "llama3":
-    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-    old = cfg.rope_original_max_pos
-    low_wavelen, high_wavelen = old / lo, old / hi
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    inv = np.where(medium, smoothed, scaled).astype(np.float32)
-  return inv
+def _proj(lp, lora, lora_scale, x, name):
+  """x @ W_name, plus the LoRA term (x @ A) @ B * lora_scale where `lora` has factors for `name`."""
+  y = x @ lp[name]
+  if lora is not None and name in lora:
+    a, b = lora[name]["a"], lora[name]["b"]
+    y = y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(lora_scale, x.dtype)
+  return y
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm over the last axis, statistics in float32, as transformers' LlamaRMSNorm. Returns x.dtype."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return w * y.astype(x.dtype)
+def _qkv(cfg: ModelConfig, lp, proj, resid):
+  """Queries `[B, S, H, hd]`, keys and values `[B, S, KV, hd]` of a residual stream `[B, S, D]` (before RoPE)."""
+  B, S, _ = resid.shape
+  x = rms_norm(resid, lp["attn_norm"], cfg.rms_eps)
+  q, k, v = proj(x, "wq"), proj(x, "wk"), proj(x, "wv")
+  if cfg.qkv_bias:
+    q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+  q, k, v = (q.reshape(B, S, cfg.n_heads, cfg.head_dim), k.reshape(B, S, cfg.n_kv_heads, cfg.head_dim),
+             v.reshape(B, S, cfg.n_kv_heads, cfg.head_dim))
+  q, k, v = (constrain(t, BATCH_AXES, None, TENSOR, None) for t in (q, k, v))
+  if cfg.qk_norm:
+    q, k = rms_norm(q, lp["q_norm"], cfg.rms_eps), rms_norm(k, lp["k_norm"], cfg.rms_eps)
+  return q, k, v
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotate-half RoPE. x `[B, S, n, hd]`, positions `[B, S]` int. Matches `apply_rotary_pos_emb`."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]   # [B, S, hd/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  cos = jnp.cos(emb).astype(x.dtype)[:, :, None, :]
-  sin = jnp.sin(emb).astype(x.dtype)[:, :, None, :]
-  half = x.shape[-1] // 2
-  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rot * sin
+def _heads_intervened(z, iv: Interventions):
+  """Per-head output interventions on z `[B, S, H, hd]`: scale, then patch (mask / value), then add."""
+  if iv.head_scale is not None:
+    z = z * iv.head_scale.astype(z.dtype)[..., None]
+  if iv.head_mask is not None:
+    z = mix(z, iv.head_mask[..., None], iv.head_value)
+  if iv.head_add is not None:
+    z = z + iv.head_add.astype(z.dtype)
+  return z
 
 
-def default_positions(attention_mask: jax.Array) -> jax.Array:
-  """Positions `[B, S]` from a `[B, S]` 0/1 mask: cumsum - 1, clipped at 0 (left padding gets position 0).
-
-  This is the rule transformers' `generate` uses, so a left-padded row sees the same RoPE positions as the
-  unpadded sequence.
-  """
-  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def _mix(x, mask, value):
-  return x + mask.astype(x.dtype) * (value.astype(x.dtype) - x)
+def _captured(capture, h, z, attn_out, mlp_out, probs, cached: bool, index):
+  """The requested activations of one layer (CAPTURE_NAMES); attn_probs `[B, H, S, slots]` in slot order."""
+  acts = {"resid": h, "heads": z, "attn_out": attn_out, "mlp_out": mlp_out}
+  acts = {k: v for k, v in acts.items() if k in capture}
+  if "attn_probs" in capture:
+    B, KV, G, S, _ = probs.shape
+    if cached:   # in slot order: the new tokens' probabilities at slots index .. index + S - 1
+      T = probs.shape[-1] - S
+      probs = probs[..., :T] + jax.lax.dynamic_update_slice(jnp.zeros_like(probs[..., :T]), probs[..., T:],
+                                                            (0, 0, 0, 0, index))
+    acts["attn_probs"] = probs.reshape(B, KV * G, S, -1)
+  return acts
 
 
 def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cache_kv, new_valid, positions,
@@ -159,68 +153,19 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
   to store (None without a cache).
   """
   B, S, _ = h.shape
-  H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  G = H // KV
-
-  def proj(x, name):
-    y = x @ lp[name]
-    if lora is not None and name in lora:
-      a, b = lora[name]["a"], lora[name]["b"]
-      y = y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(lora_scale, x.dtype)
-    return y
-
-  def qkv(resid):
-    x = rms_norm(resid, lp["attn_norm"], cfg.rms_eps)
-    q, k, v = proj(x, "wq"), proj(x, "wk"), proj(x, "wv")
-    if cfg.qkv_bias:
-      q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q, k, v = q.reshape(B, S, H, hd), k.reshape(B, S, KV, hd), v.reshape(B, S, KV, hd)
-    q, k, v = (constrain(t, BATCH_AXES, None, TENSOR, None) for t in (q, k, v))
-    if cfg.qk_norm:
-      q, k = rms_norm(q, lp["q_norm"], cfg.rms_eps), rms_norm(k, lp["k_norm"], cfg.rms_eps)
-    return q, k, v
-
-  q, k, v = qkv(h)
+  proj = functools.partial(_proj, lp, lora, lora_scale)
+  q, k, v = _qkv(cfg, lp, proj, h)
   if iv.qkv_source is not None:
-    qs, ks, vs = qkv(jnp.broadcast_to(iv.qkv_source.astype(h.dtype), h.shape))
+    qs, ks, vs = _qkv(cfg, lp, proj, jnp.broadcast_to(iv.qkv_source.astype(h.dtype), h.shape))
     if iv.q_from_source is not None:
-      q = _mix(q, iv.q_from_source[..., None], qs)
+      q = mix(q, iv.q_from_source[..., None], qs)
     if iv.kv_from_source is not None:
-      k = _mix(k, iv.kv_from_source[..., None], ks)
-      v = _mix(v, iv.kv_from_source[..., None], vs)
+      k = mix(k, iv.kv_from_source[..., None], ks)
+      v = mix(v, iv.kv_from_source[..., None], vs)
   q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-
-  new_kv = None
-  slots = jnp.arange(S)
-  allowed = (slots[None, None, :] <= slots[None, :, None]) & new_valid[:, None, :]          # [B, S, S]
-  qg = q.reshape(B, S, KV, G, hd)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / math.sqrt(hd)
-  if cache_kv is not None:
-    # The cache is only read here (no per-layer copy of it): scores over the old slots and the new tokens.
-    ck, cv, old_valid = cache_kv
-    new_kv = (k.astype(ck.dtype), v.astype(cv.dtype))
-    T = ck.shape[1]
-    old = jnp.einsum("bskgd,btkd->bkgst", qg, ck.astype(q.dtype)).astype(jnp.float32) / math.sqrt(hd)
-    scores = jnp.concatenate([old, scores], axis=-1)
-    allowed = jnp.concatenate([jnp.broadcast_to(old_valid[:, None, :], (B, S, T)), allowed], axis=-1)
-  scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if cache_kv is None:
-    z = jnp.einsum("bkgst,btkd->bskgd", probs.astype(q.dtype), v)
-  else:
-    pq = probs.astype(q.dtype)
-    z = (jnp.einsum("bkgst,btkd->bskgd", pq[..., :T], cv.astype(q.dtype))
-         + jnp.einsum("bkgst,btkd->bskgd", pq[..., T:], v))
-  z = z.reshape(B, S, H, hd)
-
-  if iv.head_scale is not None:
-    z = z * iv.head_scale.astype(z.dtype)[..., None]
-  if iv.head_mask is not None:
-    z = _mix(z, iv.head_mask[..., None], iv.head_value)
-  if iv.head_add is not None:
-    z = z + iv.head_add.astype(z.dtype)
-  z = constrain(z, BATCH_AXES, None, TENSOR, None)
-  attn_out = proj(z.reshape(B, S, H * hd), "wo")
+  z, probs, new_kv = attend(q, k, v, new_valid, cache_kv)
+  z = constrain(_heads_intervened(z, iv), BATCH_AXES, None, TENSOR, None)
+  attn_out = proj(z.reshape(B, S, -1), "wo")
   if cfg.o_bias:
     attn_out = attn_out + lp["bo"]
   h = h + attn_out
@@ -229,26 +174,11 @@ def _layer(cfg: ModelConfig, inv_freq, capture, lora_scale, h, lp, iv, lora, cac
   mlp_out = proj(hidden, "w_down")
   h = h + mlp_out
   if iv.resid_mask is not None:
-    h = _mix(h, iv.resid_mask[..., None], iv.resid_value)
+    h = mix(h, iv.resid_mask[..., None], iv.resid_value)
   if iv.resid_add is not None:
     h = h + iv.resid_add.astype(h.dtype)
   h = constrain(h, BATCH_AXES, None, None)
-
-  acts = {}
-  if "resid" in capture:
-    acts["resid"] = h
-  if "heads" in capture:
-    acts["heads"] = z
-  if "attn_out" in capture:
-    acts["attn_out"] = attn_out
-  if "mlp_out" in capture:
-    acts["mlp_out"] = mlp_out
-  if "attn_probs" in capture:
-    if cache_kv is not None:   # in slot order: the new tokens' probabilities at slots index .. index + S - 1
-      probs = probs[..., :T] + jax.lax.dynamic_update_slice(jnp.zeros_like(probs[..., :T]), probs[..., T:],
-                                                            (0, 0, 0, 0, index))
-    acts["attn_probs"] = probs.reshape(B, H, S, -1)
-  return h, acts, new_kv
+  return h, _captured(capture, h, z, attn_out, mlp_out, probs, cache_kv is not None, index), new_kv
 
 
 def _check_capture(capture: Sequence[str]) -> tuple[str, ...]:

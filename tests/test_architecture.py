@@ -22,7 +22,6 @@ OVERSIZE = {
     ("probes/steering.py", None): 471,
     ("probes/sweep.py", None): 456,
     ("train/engine.py", None): 451,
-    ("models/transformer.py", None): 447,
     ("probes/sweep.py", "run"): 208,
     ("analysis/reversion.py", "run"): 137,
     ("analysis/reversion_report.py", "report"): 121,
@@ -30,7 +29,6 @@ OVERSIZE = {
     ("train/lora.py", "run"): 113,
     ("train/loop.py", "train_loop"): 103,
     ("analysis/ioi.py", "_report"): 102,
-    ("models/transformer.py", "_layer"): 101,
     ("probes/steering.py", "sweep_program"): 97,
     ("analysis/avoid_red_report.py", "write"): 84,
 }
