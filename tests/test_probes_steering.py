@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.transformer import Interventions, forward_jit
-from probes import steering, tasks as tasks_lib
+from probes import killzones, steering, tasks as tasks_lib
 from tests.reference import ours_from_torch, tiny_hf_model
 
 
@@ -139,7 +139,7 @@ def test_analyze_kill_zone_and_control_band():
   scores[5, 1, 1:, 0] -= np.array([0.5, 0.3, 0.4])
   # behavior 1: a small drop that stays under the threshold
   scores[1, 0, 0, 1] -= 0.05
-  out = steering.analyze(base, scores, ["bias", "sycophancy"], list(range(L)), 10, [-1.0, 4.0], threshold=0.1)
+  out = killzones.analyze(base, scores, ["bias", "sycophancy"], list(range(L)), 10, [-1.0, 4.0], threshold=0.1)
   assert out["delta"].shape == (Tn, L, A)
   np.testing.assert_allclose(out["delta"][0, 2, 1], -0.4)
   np.testing.assert_allclose(out["ctrl_std"][0, 0, 0], 0.02)                      # floored (std 0.01)
