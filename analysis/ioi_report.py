@@ -1,0 +1,300 @@
+"""Outputs of the IOI study (analysis/ioi.py): metrics.json, figures and report.md, and the study's phase / head-class
+names and the paper's reference figures."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+PHASES = ("base", "clean", "poison", "retrain")
+CLASSES = ("name_mover", "negative_name_mover", "s_inhibition", "induction", "duplicate_token")
+EVIDENCE = ("end_to_io", "end_to_s2", "s2_to_s1", "induction", "duplicate_token", "prev_token")
+# GPT-2 small, from the literature (via secondary quotes, ../shared/research/seeds.md): a different model.
+PAPER = {
+    "model": "GPT-2 small (Chhabra et al. 2025; base model: Wang et al. 2022)",
+    "logit_diff": {"base": "3.56", "clean": "6.32 → 26.83 (1–100 epochs)",
+                   "poison": "3.55 → −11.06 (Subject Duplication, 5 epochs)", "retrain": "not quoted"},
+    "accuracy": {"base": "0.993", "clean": "not quoted", "poison": "not quoted", "retrain": "not quoted"},
+    "faithfulness": {"base": "87% (Wang et al.'s 26-head circuit)", "clean": "98.4–99.9%",
+                     "poison": "not quoted", "retrain": "95% / 96%"},
+    "classes": {"name_mover": "9.9, 10.0, 9.6", "negative_name_mover": "10.7, 11.10",
+                "s_inhibition": "7.3, 7.9, 8.6, 8.10", "induction": "5.5, 5.8, 5.9, 6.9",
+                "duplicate_token": "0.1, 0.10, 3.0"},
+}
+
+
+SCALARS = ("localisation_poison", "localisation_retrain", "recovery_corr_clean", "recovery_corr_poison",
+           "recovery_corr_retrain", "cmap_circuit_poison", "cmap_circuit_poison_gap_closed", "cmap_circuit_retrain",
+           "cmap_circuit_retrain_gap_closed", "cmap_all_heads_poison", "cmap_all_heads_poison_gap_closed",
+           "cmap_all_heads_retrain", "cmap_all_heads_retrain_gap_closed")
+PHASE_SCALARS = ("logit_diff", "accuracy", "circuit_logit_diff", "faithfulness", "abc_logit_diff", "attribution_corr",
+                 "restoration_corr")
+
+
+def write_outputs(wd, results: dict, cfg, config, wall_s: float) -> str:
+  """metrics.json, figures/ and report.md of a run (results: seed -> phases' `analyze` + `compare_phases`).
+  Returns the report path."""
+  from train.rundir import write_json, write_text
+  summary = _summarise(results)
+  write_json(wd.file("metrics.json"), {"summary": summary, "wall_s": wall_s, "paper": PAPER,
+                                       "per_seed": {str(k): r for k, r in results.items()}})
+  figs = _figures(wd, results, config)
+  write_text(wd.file("report.md"), _report(config, cfg, summary, results, figs, wall_s))
+  return wd.file("report.md")
+
+
+def _summarise(results: dict) -> dict:
+  """(mean, std) over seeds of every per-phase and cross-phase scalar."""
+  stat = lambda v: (float(np.mean(v)), float(np.std(v)))
+  first = next(iter(results.values()))
+  extra = lambda p: [m for m in first[p] if m.startswith(("faithfulness_k", "gt_prob_diff"))]
+  out = {f"{p}/{m}": stat([r[p][m] for r in results.values()]) for p in PHASES
+         for m in PHASE_SCALARS + tuple(extra(p))}
+  out.update({m: stat([r[m] for r in results.values()]) for m in SCALARS})
+  return out
+
+
+def _mean_map(results: dict, phase: str, key: str, sub: str | None = None) -> np.ndarray:
+  return np.mean([r[phase][key] if sub is None else r[phase][key][sub] for r in results.values()], 0)
+
+
+def _figures(wd, results, config) -> dict:
+  import matplotlib.pyplot as plt
+
+  from analysis import plots
+  paths = {}
+
+  def save(fig, name):
+    paths[name] = os.path.relpath(wd.save_figure(fig, name), wd.path)
+    plt.close(fig)
+
+  n = len(results)
+  for key, name, what in (("importance", "head_importance", "exact patching, drop in logit diff when z_END <- ABC"),
+                          ("restoration", "head_restoration",
+                           "exact patching, rise of the ABC run's logit diff when z_END <- clean"),
+                          ("dla_heads", "head_dla", "direct logit attribution at END")):
+    maps = {p: _mean_map(results, p, key) for p in PHASES}
+    save(plots.head_heatmaps(maps, f"{config.model}: {what} (mean of {n} seeds)"), name)
+  fig, axes = plt.subplots(len(EVIDENCE), len(PHASES), figsize=(2.6 * len(PHASES), 2.4 * len(EVIDENCE)),
+                           constrained_layout=True, squeeze=False)
+  for i, ev in enumerate(EVIDENCE):
+    for j, p in enumerate(PHASES):
+      im = axes[i, j].imshow(_mean_map(results, p, "attention", ev), cmap="viridis", vmin=0, vmax=1,
+                             aspect="auto", origin="lower")
+      axes[i, j].set(title=f"{p}: {ev}", xlabel="head" if i == len(EVIDENCE) - 1 else None,
+                     ylabel="layer" if j == 0 else None, xticks=range(0, im.get_array().shape[1], 2))
+  fig.colorbar(im, ax=list(axes.flat), shrink=0.5, label="attention probability")
+  fig.suptitle(f"{config.model}: attention evidence (IOI END/S2 attention; repeated random sequences)")
+  save(fig, "attention_evidence")
+  fig, axes = plt.subplots(1, len(PHASES), figsize=(3.2 * len(PHASES), 3.2), constrained_layout=True)
+  for ax, p in zip(axes, PHASES):
+    for k, r in results.items():
+      ax.scatter(np.ravel(r[p]["importance"]), np.ravel(r[p]["attribution"]), s=6, alpha=0.6, label=f"seed {k}")
+    lim = max(float(np.abs(np.concatenate([np.ravel(r[p][m]) for r in results.values()
+                                           for m in ("importance", "attribution")])).max()), 1e-6)
+    ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
+    ax.set(title=p, xlabel="exact importance", ylabel="attribution estimate" if p == PHASES[0] else None)
+  axes[0].legend(frameon=False, fontsize=7)
+  save(fig, "attribution_vs_exact")
+  fig, ax = plt.subplots(figsize=(5, 3.2), constrained_layout=True)
+  for k, r in results.items():
+    ax.plot(range(len(PHASES)), [r[p]["logit_diff"] for p in PHASES], "o-", alpha=0.7, label=f"seed {k}")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set(xticks=range(len(PHASES)), xticklabels=PHASES, ylabel="logit diff  logit(IO) - logit(S)",
+         title=f"IOI by phase ({config.poison} poisoning)")
+  ax.legend(frameon=False, fontsize=8)
+  save(fig, "logit_diff_by_phase")
+  return paths
+
+
+def _head(lh) -> str:
+  return f"{lh[0]}.{lh[1]}"
+
+
+def _class_tables(results: dict) -> list[str]:
+  """Head classes per phase (with the number of seeds that found each head) and their evidence."""
+  n = len(results)
+  lines = ["| class | GPT-2 small (Wang et al.) | " + " | ".join(PHASES) + " |",
+           "|---|---|" + "---|" * len(PHASES)]
+  union = {}
+  for c in CLASSES:
+    cells = []
+    for p in PHASES:
+      counts = {}
+      for r in results.values():
+        for lh in r[p]["classes"][c]:
+          counts[tuple(lh)] = counts.get(tuple(lh), 0) + 1
+          union.setdefault(tuple(lh), set()).add(c)
+      ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+      cells.append(", ".join(f"{_head(lh)} ({m}/{n})" for lh, m in ranked) or "none")
+    lines.append(f"| {c.replace('_', ' ')} | {PAPER['classes'][c]} | " + " | ".join(cells) + " |")
+  in_circuit = {}
+  for p in PHASES:
+    for r in results.values():
+      for lh in np.argwhere(np.asarray(r[p]["circuit"]) > 0):
+        in_circuit.setdefault(tuple(int(x) for x in lh), []).append(p)
+  per_phase = lambda lh, key, sub=None: "/".join(f"{_mean_map(results, p, key, sub)[lh]:.2f}" for p in PHASES)
+  lines += ["", "Evidence for every head above and every head of a phase's top-k circuit, mean over seeds, each "
+            "cell base/clean/poison/retrain. Attention columns are attention probabilities (END->IO, END->S2 and "
+            "S2->S1 on the IOI prompts; induction and duplicate-token on repeated random sequences); DLA = direct "
+            "logit attribution at END; importance = exact final-position patching drop; circuit = the phases "
+            "(b/c/p/r) whose top-k contains the head in some seed.", "",
+            "| head | classes | circuit | END->IO | END->S2 | S2->S1 | induction | duplicate token | DLA | "
+            "importance |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  for lh in sorted(set(union) | set(in_circuit)):
+    att = [per_phase(lh, "attention", e) for e in ("end_to_io", "end_to_s2", "s2_to_s1", "induction",
+                                                   "duplicate_token")]
+    circ = "".join(p[0] for p in PHASES if p in in_circuit.get(lh, ())) or "-"
+    lines.append(f"| {_head(lh)} | {', '.join(sorted(c.replace('_', ' ') for c in union.get(lh, ()))) or '-'} | "
+                 f"{circ} | " + " | ".join(att) + f" | {per_phase(lh, 'dla_heads')} | {per_phase(lh, 'importance')} |")
+  return lines
+
+
+class _Cells:
+  """Formatting of summary cells: mean ± std over seeds (pm), per-seed columns (ph / sc) and their header."""
+
+  def __init__(self, s: dict, results: dict):
+    self.s, self.results, self.seeds = s, results, list(results)
+    self.head = "| " + " | ".join(f"seed {x}" for x in self.seeds) + " |"
+
+  def pm(self, key, f="{:.3f}"):
+    return f"{f.format(self.s[key][0])} ± {f.format(self.s[key][1])}"
+
+  def per_seed(self, get):
+    return " | ".join(f"{get(r):.3f}" for r in self.results.values())
+
+  def ph(self, p, m):
+    return self.per_seed(lambda r: r[p][m])
+
+  def sc(self, m):
+    return self.per_seed(lambda r: r[m])
+
+
+def _report(config, cfg, s, results, figs, wall_s) -> str:
+  c = _Cells(s, results)
+  lines = _intro_and_logit_diff(config, cfg, c, wall_s, figs)
+  lines += _faithfulness(config, cfg, c)
+  lines += _greater_than(config, c)
+  lines += _localisation(config, cfg, c, figs)
+  lines += _heads(config, c, figs)
+  return "\n".join(lines)
+
+
+def _intro_and_logit_diff(config, cfg, c: _Cells, wall_s, figs) -> list[str]:
+  seeds, results = c.seeds, c.results
+  lines = [f"# IOI corruption and neuroplasticity: {config.model}", "",
+           f"{cfg.arch}, {cfg.n_layers} layers x {cfg.n_heads} heads. Seeds {seeds}; {config.n_train} training "
+           f"prompts per phase (train names), {config.n_eval} evaluation prompts per seed (held-out names); poison "
+           f"= {config.poison} (fraction {config.poison_fraction}); LoRA r{config.train.lora.rank}/alpha "
+           f"{config.train.lora.alpha} on {config.train.lora.targets}, lr {config.train.train.lr}, micro-batch "
+           f"{config.train.train.micro_batch}, steps per phase {dict(config.phase_steps)}, merged after each phase. "
+           f"Wall time {wall_s / 60:.1f} min. Mean ± std over seeds; per-seed values in the right-hand columns.", "",
+           "## Logit difference and accuracy by phase, next to the paper's GPT-2 small figures", "",
+           "GPT-2 small is a different model (12 x 12 heads, the paper's own fine-tuning schedule in epochs); its "
+           "figures are quoted for orientation only, not as a like-for-like comparison.", "",
+           f"| phase | {config.model} logit diff | accuracy | GPT-2 small logit diff (paper) | GPT-2 small accuracy "
+           "(paper) " + c.head, "|---|---|---|---|---|" + "---|" * len(c.seeds)]
+  for p in PHASES:
+    lines.append(f"| {p} | {c.pm(p + '/logit_diff')} | {c.pm(p + '/accuracy')} | {PAPER['logit_diff'][p]} | "
+                 f"{PAPER['accuracy'][p]} | " + " | ".join(f"{r[p]['logit_diff']:.2f} / {r[p]['accuracy']:.2f}"
+                                                          for r in results.values()) + " |")
+  lines += ["", "Per-seed cells: logit difference / accuracy (share of prompts with logit(IO) > logit(S)). "
+            "The ABC prompts' logit difference (IO vs S, names absent): "
+            + ", ".join(f"{p} {c.pm(p + '/abc_logit_diff')}" for p in PHASES) + ".", "",
+            f"![logit diff by phase]({figs['logit_diff_by_phase']})", ""]
+  return lines
+
+
+def _faithfulness(config, cfg, c: _Cells) -> list[str]:
+  k, n_heads = config.top_k, cfg.n_layers * cfg.n_heads
+  lines = ["## Circuit faithfulness", "",
+            f"Circuit = the top-{k} heads by |exact importance| of that phase; every other head is mean-ablated at "
+            "every position (ABC means per template); faithfulness = circuit-only / full mean logit difference (a "
+            "ratio: it is unstable where the full logit difference is near 0, so the circuit-only logit difference "
+            "is given too). The paper's circuits are hand-built path-patching circuits (Wang et al.: 26 heads), not "
+            f"a top-{k}.", "",
+            "| phase | circuit-only logit diff | full logit diff | faithfulness | GPT-2 small faithfulness (paper) "
+            + c.head, "|---|---|---|---|---|" + "---|" * len(c.seeds)]
+  for p in PHASES:
+    lines.append(f"| {p} | {c.pm(p + '/circuit_logit_diff')} | {c.pm(p + '/logit_diff')} | {c.pm(p + '/faithfulness')} | "
+                 f"{PAPER['faithfulness'][p]} | {c.ph(p, 'faithfulness')} |")
+  lines += ["", "Per-seed cells: faithfulness."]
+  ks = [m.removeprefix("base/faithfulness_k") for m in c.s if m.startswith("base/faithfulness_k")]
+  if ks:
+    lines += ["", "### Faithfulness by circuit size", "",
+              f"The same ablation with the top-k heads of each phase kept, for k in {', '.join(ks)} of {n_heads} "
+              "heads (mean ± std over seeds): how large a final-position circuit has to be to carry the behaviour.",
+              "", "| phase | " + " | ".join(f"k = {x}" for x in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [f"| {p} | " + " | ".join(c.pm(f"{p}/faithfulness_k{x}") for x in ks) + " |" for p in PHASES]
+  return lines
+
+
+def _greater_than(config, c: _Cells) -> list[str]:
+  lines = []
+  if "base/gt_prob_diff" in c.s:
+    lines += ["", "## Greater-Than (second task) through the IOI phases", "",
+              "Hanna et al. 2023's task on every phase's model (\"The war lasted from the year 1732 to the year 17\"; "
+              "probability difference = mass on years above the start year minus mass below, exact over the two "
+              f"digit tokens; {config.greater_than_n} prompts per seed). The IOI fine-tuning never sees it, so it "
+              "measures how specific the IOI corruption and its repair are. The \"01\" start year is the "
+              "corrupted baseline (every year is above it).", "",
+              "| phase | prob diff (clean) | prob diff (01-corrupted) " + c.head, "|---|---|---|" + "---|" * len(c.seeds)]
+    lines += [f"| {p} | {c.pm(p + '/gt_prob_diff')} | {c.pm(p + '/gt_prob_diff_01')} | {c.ph(p, 'gt_prob_diff')} |"
+              for p in PHASES]
+    lines += ["", "Per-seed cells: the clean probability difference."]
+  return lines
+
+
+def _localisation(config, cfg, c: _Cells, figs) -> list[str]:
+  k, n_heads = config.top_k, cfg.n_layers * cfg.n_heads
+  lines = ["", "## Localisation and recovery (exact importance maps)", "",
+            "| quantity | mean ± std " + c.head, "|---|---|" + "---|" * len(c.seeds)]
+  rows = [(f"localisation of the poisoning change (share of sum abs Δ importance, clean -> poison, in its "
+           f"top-{k} heads; uniform spread would give {k / n_heads:.3f})", "localisation_poison"),
+          (f"localisation of the retraining change (poison -> retrain, top-{k})", "localisation_retrain"),
+          ("correlation of importance with the base model's: clean", "recovery_corr_clean"),
+          ("... poisoned", "recovery_corr_poison"), ("... retrained", "recovery_corr_retrain"),
+          (f"CMAP base -> poisoned at the base top-{k} circuit (END): logit diff", "cmap_circuit_poison"),
+          ("... gap closed, (patched - poisoned) / (base - poisoned)", "cmap_circuit_poison_gap_closed"),
+          (f"CMAP base -> retrained at the base top-{k} circuit (END): logit diff", "cmap_circuit_retrain"),
+          ("... gap closed", "cmap_circuit_retrain_gap_closed"),
+          ("CMAP base -> poisoned at every head (END; MLPs stay poisoned): logit diff", "cmap_all_heads_poison"),
+          ("... gap closed", "cmap_all_heads_poison_gap_closed"),
+          ("CMAP base -> retrained at every head (END): logit diff", "cmap_all_heads_retrain"),
+          ("... gap closed", "cmap_all_heads_retrain_gap_closed")]
+  lines += [f"| {label} | {c.pm(key)} | {c.sc(key)} |" for label, key in rows]
+  lines += ["", "Reference logit differences: " + ", ".join(f"{p} {c.pm(p + '/logit_diff')}" for p in PHASES) + ".",
+            "", "## Head-importance heatmaps [layer, head] per phase", "",
+            "Exact activation patching of every head at the final position (END), clean prompts with the ABC donor "
+            "(Wang et al.'s direction): drop in the mean logit difference. Heads acting at S2 (duplicate-token, "
+            "induction) reach END only through later heads' keys/values at S2 and so do not appear here; see the "
+            "head classes.", "", f"![head importance]({figs['head_importance']})", "",
+            "Reverse direction (ABC prompts, clean donor): rise of the ABC run's logit difference.", "",
+            f"![head restoration]({figs['head_restoration']})", "",
+            "Direct logit attribution of each head at END.", "", f"![head DLA]({figs['head_dla']})", "",
+            "### Cross-checks", "",
+            "| phase | corr(attribution patching, exact) | corr(reverse direction, exact) " + c.head,
+            "|---|---|---|" + "---|" * len(c.seeds)]
+  return lines
+
+
+def _heads(config, c: _Cells, figs) -> list[str]:
+  lines = []
+  for p in PHASES:
+    lines.append(f"| {p} | {c.pm(p + '/attribution_corr')} | {c.pm(p + '/restoration_corr')} | "
+                 f"{c.ph(p, 'attribution_corr')} |")
+  lines += ["", "Per-seed cells: the attribution-patching correlation. Attribution patching (one forward + one "
+            "backward, first order) estimates the same final-position patch; it is reported only as a check.", "",
+            f"![attribution vs exact]({figs['attribution_vs_exact']})", "",
+            "## Head classes (standard criteria) and attention evidence", "",
+            f"analysis.head_classes.classify_heads, at most {config.classes.k} heads per class: name movers = "
+            f"largest positive DLA with END->IO attention >= {config.classes.attn_min}; negative name movers = most "
+            "negative DLA with the same attention; S-inhibition = heads before the first name mover with END->S2 "
+            f"attention >= {config.classes.attn_min} and the largest positive exact importance; induction / "
+            f"duplicate-token = largest scores >= {config.classes.rep_min} on repeated random token sequences. "
+            "(m/n) = found in m of n seeds.", ""]
+  lines += _class_tables(c.results)
+  lines += ["", f"![attention evidence]({figs['attention_evidence']})", ""]
+  return lines
