@@ -8,7 +8,7 @@ tested it (../shared/research/seeds.md part 1). This study does, for the reversi
 axes window x seed by default, any of AXES too):
 
   1. theta_aligned = theta_early (the loaded, helpful-only model) + the safety LoRA SFT restricted to the point's
-     window, merged: `reversion.safety_phase` with `safety.lora.depth` / `safety.lora.complement` set and
+     window, merged: `reversion_phases.safety_phase` with `safety.lora.depth` / `safety.lora.complement` set and
      `safety.seed` = the point's seed (LoRA initialisation and data order). Windows: "kill" = the kill zone
      (config.kill_zone: an explicit (f_lo, f_hi) or a sweep's metrics.json), "outside" = every layer not in it,
      "all" = every layer, or an explicit (f_lo, f_hi).
@@ -22,7 +22,7 @@ axes window x seed by default, any of AXES too):
      every step and harmfulness every `benign.eval_every` steps.
 
 Vmapped vs sequential. Points that differ only in the seed (config.vmap_axis) form a group. Per group: the safety
-phases run one after another (train.loop.train_loop inside reversion.safety_phase: one seed per call, its own
+phases run one after another (train.loop.train_loop inside reversion_phases.safety_phase: one seed per call, its own
 orbax checkpoints), as do the evaluations; the benign fine-tuning of ALL the group's points is ONE compiled
 program (`group_program`: `lax.scan` over steps of `train.scan.make_step`, vmapped over points, each with its own
 theta_aligned, v_rev and data order), compiled once and reused by every group of the same size. Groups
@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from analysis import grid
+from analysis import grid, reversion_phases
 
 # Grid axes other than window / seed -> the field of the point's reversion config they set.
 AXES = {"rank": "safety.lora.rank", "alpha": "safety.lora.alpha", "targets": "safety.lora.targets",
@@ -175,8 +175,8 @@ class _Study:
     self.early = early
 
     # Benign fine-tuning: the baseline arm's program, every point with its own theta_aligned and v_rev.
-    self.spec, self.tx = reversion.benign_optimizer(rc, st.cfg)
-    self.bset = reversion.benign_set(rc, st.tok, st.train_pairs, st.system)
+    self.spec, self.tx = reversion_phases.benign_optimizer(rc, st.cfg)
+    self.bset = reversion_phases.benign_set(rc, st.tok, st.train_pairs, st.system)
     sc = scan.ScanConfig(arm="baseline", lora_scale=self.spec.scale, position=rc.probe.position,
                          n_targets=max_targets(self.bset.loss_mask))
     self.program = scan.make_program(st.cfg, sc, self.tx, per_run_frozen=True)
@@ -198,7 +198,6 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
   """Safety phase + evaluations per point (sequential), then the group's benign fine-tuning (one program)."""
   import jax.numpy as jnp
 
-  from analysis import reversion
   from train.rundir import write_json
   from train import adapters
   rc, st = config.reversion, study.st
@@ -206,7 +205,7 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
   seeds, aligned, refs, infos = [], [], [], []
   for p, d in zip(points, dirs):
     pc = point_config(config, p, kill)
-    theta, safety = reversion.safety_phase(st.params, st.cfg, st.tok, st.train_pairs, pc, d, st.system, targets)
+    theta, safety = reversion_phases.safety_phase(st.params, st.cfg, st.tok, st.train_pairs, pc, d, st.system, targets)
     t0 = time.time()
     layers = adapters.resolve_layers(st.cfg.n_layers, tuple(pc.safety.lora.layers) or None,
                                      tuple(pc.safety.lora.depth) or None, bool(pc.safety.lora.complement))
@@ -224,10 +223,10 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
     infos.append(info)
     logging.info("%s: layers %s, harmful refused %.2f", p.name, list(layers), 1 - info["eval"]["harm_gen"])
 
-  batches = reversion.benign_batches(study.bset, rc, seeds)
-  init = reversion.benign_init(study.spec, study.tx, st.cfg, seeds)
+  batches = reversion_phases.benign_batches(study.bset, rc, seeds)
+  init = reversion_phases.benign_init(study.spec, study.tx, st.cfg, seeds)
   budget = None if config.stop_after < 0 else int(config.stop_after)
-  recs = reversion.run_chunks(study.program, init, _stack(aligned), _stack(refs), batches, st.probe,
+  recs = reversion_phases.run_chunks(study.program, init, _stack(aligned), _stack(refs), batches, st.probe,
                               [os.path.join(d, "benign") for d in dirs], int(rc.benign.eval_every),
                               lambda i, lora: st.evaluator(aligned[i], lora, study.spec.scale), budget)
   if recs is None:

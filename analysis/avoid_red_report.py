@@ -142,7 +142,7 @@ def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
        f"{early['n_layers']} layers, d_model {early['d_model']}. Kill zone: {kill_source}. Grid: "
        + " x ".join(f"{a} {list(v)}" for a, v in grid.axes(config.grid)) + f" ({len(table['points'])} points; "
        f"this call ran {len(status['ran'])}, reused {len(status['skipped'])}; {seconds / 60:.1f} min).", "",
-       f"Safety LoRA: reversion.safety_phase, rank {sf.lora.rank}, alpha {sf.lora.alpha}, targets {sf.lora.targets}, "
+       f"Safety LoRA: reversion_phases.safety_phase, rank {sf.lora.rank}, alpha {sf.lora.alpha}, targets {sf.lora.targets}, "
        f"{sf.train.steps} steps x batch {sf.train.micro_batch}, lr {sf.train.lr}. Benign fine-tuning: the reversion "
        f"study's baseline arm, T = {T} steps, batch {rc.benign.micro_batch}, lr {rc.benign.lr}, rank "
        f"{rc.benign.rank}, data {', '.join(rc.benign.sources)}. Behavior probes: the sweep's scored probes "

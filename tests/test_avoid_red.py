@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from analysis import avoid_red, grid, reversion
+from analysis import avoid_red, grid, reversion_phases
 from configs.avoid_red import get_config
 from models.config import ModelConfig
 from models.params import init_params
@@ -178,11 +178,11 @@ def test_run_chunks_resumes_from_its_checkpoints(group, tmp_path):
 
   def evaluate(i, lora):                                                # any per-point function of the LoRA
     return {"b_norm": float(sum(jnp.sum(ab["b"] ** 2) for ab in lora.values())), "i": i}
-  whole = reversion.run_chunks(*args, [str(tmp_path / f"w{i}") for i in (0, 1)], 2, evaluate)
+  whole = reversion_phases.run_chunks(*args, [str(tmp_path / f"w{i}") for i in (0, 1)], 2, evaluate)
   dirs = [str(tmp_path / f"r{i}") for i in (0, 1)]
-  assert reversion.run_chunks(*args, dirs, 2, evaluate, stop_after=2) is None
+  assert reversion_phases.run_chunks(*args, dirs, 2, evaluate, stop_after=2) is None
   assert os.path.isdir(os.path.join(dirs[1], "checkpoints", "2"))
-  resumed = reversion.run_chunks(*args, dirs, 2, evaluate)
+  resumed = reversion_phases.run_chunks(*args, dirs, 2, evaluate)
   for w, r in zip(whole, resumed):
     assert [e["step"] for e in r["evals"]] == [2, 4]
     for a, b in zip(w["evals"], r["evals"]):
@@ -190,7 +190,7 @@ def test_run_chunks_resumes_from_its_checkpoints(group, tmp_path):
     assert w["metrics"]["align"].shape == (T, CFG.n_layers)
     np.testing.assert_allclose(w["metrics"]["align_all"], r["metrics"]["align_all"], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="eval_every = 3 must divide"):
-    reversion.run_chunks(*args, dirs, 3, evaluate)
+    reversion_phases.run_chunks(*args, dirs, 3, evaluate)
 
 
 @pytest.mark.slow

