@@ -11,14 +11,26 @@ def _ms(ms, pct: bool = False) -> str:
 
 def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
   """Markdown report from the study's summary `s`, per-arm arrays, figure paths and the paper's figures."""
+  sections = (_intro, _reference, _alignment, _beside_paper, _verdict, _method_notes)
+  return "\n".join(line for section in sections for line in section(config, s, per_arm, figs, paper))
+
+
+def _intro(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """Title and the run's setup."""
+  L = []
   seeds = tuple(config.seeds)
   T = int(config.benign.steps)
-  L = []
   L += [f"# Gravitational reversion: {s['model']}", "",
         f"{s['n_layers']} layers, d_model {s['d_model']}; seeds {list(seeds)}; benign LoRA fine-tuning for T = {T} "
         f"steps (batch {config.benign.micro_batch}, lr {config.benign.lr}, rank {config.benign.rank}, "
         f"data: {', '.join(config.benign.sources)}); {config.probe.n} harmful probe prompts, position "
         f"'{config.probe.position}'; total {s['seconds'] / 60:.1f} min.", ""]
+  return L
+
+
+def _reference(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """theta_early -> theta_aligned (safety LoRA), or the stand-in reference direction."""
+  L = []
   if s["reference"] == "early":
     sf = s["safety"]
     L += ["## theta_early -> theta_aligned (safety LoRA SFT, ours)", "",
@@ -50,7 +62,12 @@ def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
           "toward the benign-prompt representation.", "",
           f"theta_aligned: harmful not refused {100 * e['harm_gen']:.1f}% (greedy), {100 * e['harm_lp']:.1f}% "
           f"(log-prob); benign refused {100 * e.get('benign_refusal', float('nan')):.1f}%.", ""]
+  return L
 
+
+def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """The drift's alignment with v_rev per arm, the isotropic null and the Spearman correlations."""
+  L = []
   n = s["null"]
   L += ["## Alignment of the drift with v_rev", "",
         f"Isotropic null (cos of a uniform random direction with a fixed one): p{int(100 * n['q'])} = "
@@ -76,7 +93,13 @@ def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
         f"r = {c['lp'][0]:.3f} (p = {c['lp'][1]:.2g}), compliance margin r = {c['margin'][0]:.3f} "
         f"(p = {c['margin'][1]:.2g}). The greedy judge moves in steps of 1/{config.heldout} prompts; the margin is "
         "continuous.", ""]
+  return L
 
+
+def _beside_paper(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """The paper's figures beside ours, labelled as the paper's."""
+  L = []
+  c = s["spearman"]
   L += ["## Beside the paper (Poppi & Lukas 2026; Llama / Qwen / Gemma 3B-14B, Alpaca, T = 100)", "",
         "Different models, data and scale: read the comparison as qualitative.", "",
         "| quantity | paper | ours |", "|---|---|---|"]
@@ -92,7 +115,14 @@ def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
             f"| {arm} harmfulness at T | {pm:.1f}% ± {ps:.1f} | {_ms(d['final_harm_gen'], True)} |"]
   L += [f"| Spearman(alignment, harmfulness) | {paper['spearman']:.3f} | {c['gen'][0]:.3f} (greedy judge); "
         f"{c['margin'][0]:.3f} (compliance margin) |", ""]
+  return L
 
+
+def _verdict(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """One plain sentence per claim: reversion in the baseline arm, what block changes, the ordering."""
+  L = []
+  n = s["null"]
+  b = per_arm.get("baseline")
   verdicts = []
   if b is not None:
     up = b["final_align"][0] > n["all_p99"]
@@ -116,6 +146,12 @@ def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
     verdicts.append(f"Ordering block < baseline < push of final alignment: {'holds' if vals[0] < vals[1] < vals[2] else 'does not hold'} "
                     f"({', '.join(f'{a} {v:.3f}' for a, v in zip(order, vals))}).")
   L += ["## Verdict", ""] + [f"- {v}" for v in verdicts] + [""]
+  return L
+
+
+def _method_notes(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """How the numbers were made."""
+  L = []
   L += ["## Method notes", "",
         "- One compiled program per arm: `train/scan.py` runs the benign LoRA steps as a `lax.scan` vmapped over "
         "seeds and measures, after every update, the probe prompts' mean residual at every layer boundary; the scan "
@@ -129,4 +165,4 @@ def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
         f"variant: share whose compliant continuation ({s['harm_lp_compliant']}) has a lower mean NLL than the "
         "refusal text; compliance margin: the mean over prompts of NLL(refusal) - NLL(compliant), nats / token "
         "(higher = compliance relatively more likely).", ""]
-  return "\n".join(L)
+  return L

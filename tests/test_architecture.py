@@ -21,7 +21,6 @@ OVERSIZE = {
     ("train/engine.py", None): 451,
     ("probes/sweep.py", "run"): 208,
     ("analysis/reversion.py", "run"): 137,
-    ("analysis/reversion_report.py", "report"): 121,
     ("probes/sweep.py", "_report"): 116,
     ("train/lora.py", "run"): 113,
     ("train/loop.py", "train_loop"): 103,
