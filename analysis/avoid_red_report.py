@@ -100,10 +100,7 @@ def _point_arrays(workdir, table, generate: bool):
 
 def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
   """Write grid.csv, metrics.json, figures/avoid_red_{grid,curves,heatmaps}.png and report.md; return its path."""
-  import matplotlib.pyplot as plt
-
   from analysis import reversion_metrics as rm
-  from analysis import reversion_plots as rp
   from train.rundir import write_json, write_text
   rc = config.reversion
   workdir = wd.path
@@ -111,6 +108,29 @@ def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
   write_text(csv_path, grid.csv_text(table))
   arrays = _point_arrays(workdir, table, bool(rc.eval.generate))
   null = rm.null_cos_quantile(early["n_layers"] * early["d_model"], 0.99)
+  paths = _figures(wd, rc, table, arrays, null)
+
+  layers = {}
+  for g in table["groups"]:
+    m = json.load(open(os.path.join(workdir, "points", g["points"][0], grid.METRICS_FILE)))
+    layers[g["label"]] = m["layers"]
+  summary = {"model": rc.model, "kill_window": list(kill), "kill_source": kill_source, "layers": layers,
+             "early": {"scores": early["scores"], "eval": {k: v for k, v in early["eval"].items() if k != "answers"}},
+             "null_all_p99": null, "table": table, "status": status, "seconds": seconds}
+  write_json(wd.file("metrics.json"), summary)
+
+  L = _markdown(config, table, early, kill_source, status, seconds, layers, paths, null,
+                os.path.relpath(csv_path, workdir))
+  path = wd.file("report.md")
+  write_text(path, "\n".join(L))
+  return path
+
+
+def _figures(wd, rc, table, arrays, null) -> dict:
+  """figures/avoid_red_{grid,curves,heatmaps}.png; returns their paths relative to the workdir."""
+  import matplotlib.pyplot as plt
+
+  from analysis import reversion_plots as rp
   title = f"{rc.model}: safety LoRA by depth window"
   T = int(rc.benign.steps)
   harm_label = "greedy + refusal judge" if rc.eval.generate else "log-prob"
@@ -123,18 +143,15 @@ def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
   _match_fill_colors(figs["curves"].axes[0])
   paths = {}
   for k, f in figs.items():
-    paths[k] = os.path.relpath(wd.save_figure(f, "avoid_red_" + k), workdir)
+    paths[k] = os.path.relpath(wd.save_figure(f, "avoid_red_" + k), wd.path)
     plt.close(f)
+  return paths
 
-  layers = {}
-  for g in table["groups"]:
-    m = json.load(open(os.path.join(workdir, "points", g["points"][0], grid.METRICS_FILE)))
-    layers[g["label"]] = m["layers"]
-  summary = {"model": rc.model, "kill_window": list(kill), "kill_source": kill_source, "layers": layers,
-             "early": {"scores": early["scores"], "eval": {k: v for k, v in early["eval"].items() if k != "answers"}},
-             "null_all_p99": null, "table": table, "status": status, "seconds": seconds}
-  write_json(wd.file("metrics.json"), summary)
 
+def _markdown(config, table, early, kill_source, status, seconds, layers, paths, null, csv_rel) -> list[str]:
+  """The report's lines: setup, theta_early, what the safety LoRA costs and buys, reversion, verdict, caveats."""
+  rc = config.reversion
+  T = int(rc.benign.steps)
   e = early["eval"]
   n_seeds = len(tuple(config.grid.get(config.vmap_axis, ()))) if config.vmap_axis in config.grid else 1
   sf = rc.safety
@@ -177,11 +194,9 @@ def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
        "there, and the alignment of different windows is measured against differently shaped directions.",
        f"- {n_seeds} seed(s): differences within the seed spread are not evidence. Bias / sycophancy use the "
        "log-prob readout (probes/tasks.py); the refusal judge is a phrase heuristic.", "",
-       f"Per-point values: [grid.csv]({os.path.relpath(csv_path, workdir)}); everything: metrics.json, "
+       f"Per-point values: [grid.csv]({csv_rel}); everything: metrics.json, "
        "points/<name>/metrics.json.", ""]
-  path = wd.file("report.md")
-  write_text(path, "\n".join(L))
-  return path
+  return L
 
 
 def _pct(x) -> str:

@@ -24,7 +24,6 @@ OVERSIZE = {
     ("probes/sweep.py", "_report"): 116,
     ("train/lora.py", "run"): 113,
     ("train/loop.py", "train_loop"): 103,
-    ("analysis/avoid_red_report.py", "write"): 84,
 }
 
 
