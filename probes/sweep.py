@@ -33,10 +33,8 @@ import time
 
 from absl import logging
 
-
-PROBE_TASKS = {"truth": ("factual", "true vs false statement"),
-               "harm": ("refusal", "benign vs harmful request + compliant response"),
-               "sycophancy": ("sycophancy", "truthful vs sycophantic answer")}
+from probes import killzones, sweep_report
+from probes.sweep_report import PROBE_TASKS
 
 
 def split_probes(config) -> dict[str, tuple[list, list]]:
@@ -75,7 +73,7 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
   from train.rundir import Workdir, default_workdir, write_json, write_text
   from models import tokenizer as tk
   from models.generate import generate
-  from probes import data, killzones, linear, plots, steering, tasks as tasks_lib
+  from probes import data, linear, plots, steering, tasks as tasks_lib
 
   readout = str(config.get("readout", "logprob"))
   if readout not in ("logprob", "generate"):
@@ -256,9 +254,9 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
              **{k: an[k] for k in ("delta", "z", "ctrl_mean", "ctrl_std", "band_lo", "band_hi", "depth_pct")},
              "probes": {k: {m: v for m, v in r.items()} for k, r in probe_res.items()}}
   write_json(wd.file("metrics.json"), metrics)
-  write_text(wd.file("report.md"), _report(config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec,
-                                           timing, fig_paths, task_list, readout, base_logprob, gen_base,
-                                           gen_cells))
+  results = sweep_report.SweepResults(config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing,
+                                      fig_paths, task_list, readout, base_logprob, gen_base, gen_cells)
+  write_text(wd.file("report.md"), sweep_report.report(results))
   wd.close()
   return wd.file("report.md")
 
@@ -289,7 +287,7 @@ def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, d
   """
   import jax.numpy as jnp
   import numpy as np
-  from probes import killzones, steering, tasks as tasks_lib
+  from probes import steering, tasks as tasks_lib
 
   M = directions.shape[1]
   out = []
@@ -323,132 +321,6 @@ def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, d
                   "killed": bool(d[c, 0] <= -float(config.kill_threshold) and d[c, 0] < cb["band_lo"][c]),
                   "texts": r["texts"][c][0]})
   return out
-
-
-_READOUT_TEXT = {
-    "logprob": "log-probability (argmax over the option letters after \"Answer:\") in the sweep; rho-eval's "
-               "generation readout at baseline and at the kill-zone cells only",
-    "logprob_nocheck": "log-probability (argmax over the option letters after \"Answer:\") in the sweep; rho-eval's "
-                       "generation readout at baseline only",
-    "generate": "rho-eval's generation readout (5 greedy tokens, letter parsed) in the whole sweep"}
-
-
-def _report(config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing, figs, task_list,
-            readout="logprob", base_logprob=None, gen_base=None, gen_cells=()) -> str:
-  import numpy as np
-  L = cfg.n_layers
-  K = int(config.n_random)
-  readout_key = readout if readout == "generate" or config.get("gen_check", True) else "logprob_nocheck"
-  lines = [f"# Lobotomy layers: {name}", "",
-           f"{cfg.arch}, {L} layers, d_model {cfg.d_model}. Steering vector: {config.vector.upper()} of "
-           f"`{config.steer_source}` contrast pairs (last-token residual, {len(probe_res['sycophancy']['acc'])} "
-           f"boundaries), added at the output of one layer at every position. Swept layers {layers[0]}..{layers[-1]} "
-           f"(stride {config.layer_stride}), alphas {alphas}, control: {K} norm-matched random directions per "
-           f"(layer, alpha). Depth % = layer / {L} (rho-eval's convention).", "",
-           f"Timing: load {timing['load_s']:.0f}s, capture {timing['capture_s']:.0f}s "
-           f"({timing['capture_tokens']} tokens), linear probes {timing['probes_s']:.0f}s, sweep "
-           f"{timing['sweep_s']:.0f}s for {timing['sweep_configs']} configurations x "
-           f"{timing['sweep_tokens_per_config']} tokens (method `{config.method}`, vmap chunk {res['chunk']}; "
-           f"includes compilation), generation readout {timing.get('gen_baseline_s', 0):.0f}s baseline + "
-           f"{timing.get('gen_cells_s', 0):.0f}s kill-zone cells; total {timing['total_s']:.0f}s before figures.",
-           "",
-           f"Readout of bias and sycophancy: **{_READOUT_TEXT[readout_key]}**.", "",
-           "## Baseline scores (rho-eval definitions)", "",
-           "| behavior | score (sweep readout) | metric | probes | log-prob readout | generation readout "
-           "(unparsed) |", "|---|---|---|---|---|---|"]
-  metric = {"factual": "Spearman rho of teacher-forced confidence (true vs false)", "bias": "BBQ accuracy",
-            "sycophancy": "truthful rate", "refusal": "AUC benign > harmful (mean log-prob)",
-            "toxicity": "AUC benign > toxic (mean log-prob)"}
-  gen_base = gen_base or {}
-  base_logprob = res["baseline"] if base_logprob is None else base_logprob
-  for t, b in enumerate(behaviors):
-    g = (f"{gen_base[b]['score']:.3f} ({gen_base[b]['invalid']}/{task_list[t].n_probes})" if b in gen_base
-         else "n/a (teacher-forced)")
-    lp = f"{base_logprob[t]:.3f}" if b in gen_base else "="
-    lines.append(f"| {b} | {res['baseline'][t]:.3f} | {metric[b]} | {task_list[t].n_probes} | {lp} | {g} |")
-  if gen_base:
-    lines += ["", "Generation readout: rho-eval's (`behaviors.bias.BiasBehavior.evaluate`, "
-              "`behaviors.sycophancy.SycophancyBehavior._evaluate_generation`): raw prompt, "
-              f"{config.get('gen_tokens', 5)} greedy tokens, letter parsed from the text; an unparsed answer "
-              "counts as wrong. Log-prob readout: argmax over the option letters' next-token logits "
-              "(always answers)."]
-  lines += ["", "## Kill zones", "",
-            f"A kill zone is a maximal run of consecutive swept layers where the score drops by at least "
-            f"{config.kill_threshold} AND lies below the random-direction control band (mean - {config.band_z} sd "
-            f"of the {K} norm-matched random directions' deltas at the same cell, sd floored at {config.std_floor}, "
-            "widened to contain every control). One row per kill zone; a behavior without one gets a row with its "
-            "largest drop instead. Delta, z, control and band are at the window's worst layer (lowest delta).", "",
-            "| behavior | alpha | window: layers | depth % | delta (at layer) | z vs control | "
-            "control mean +/- sd | control band |", "|---|---|---|---|---|---|---|---|"]
-  for t, b in enumerate(behaviors):
-    zones = sorted((z for z in an["kill_zones"] if z["behavior"] == b), key=lambda z: z["min_delta"])
-    for z in zones:
-      lines.append(f"| {b} | {z['alpha']:+g} | {z['layers'][0]}-{z['layers'][-1]} ({len(z['layers'])} swept) | "
-                   f"{z['depth_start']:.1f}-{z['depth_end']:.1f} | {z['min_delta']:+.3f} (L{z['worst_layer']}) | "
-                   f"{z['worst_z']:+.1f} | {z['worst_ctrl_mean']:+.3f} +/- {z['worst_ctrl_std']:.3f} | "
-                   f"[{z['worst_band_lo']:+.3f}, {z['worst_band_hi']:+.3f}] |")
-    if not zones:
-      i, a = np.unravel_index(np.argmin(an["delta"][t]), an["delta"][t].shape)
-      lines.append(f"| {b} | {alphas[a]:+g} | none (largest drop: layer {layers[i]}) | {an['depth_pct'][i]:.1f} | "
-                   f"{an['delta'][t, i, a]:+.3f} (L{layers[i]}) | {an['z'][t, i, a]:+.1f} | "
-                   f"{an['ctrl_mean'][t, i, a]:+.3f} +/- {an['ctrl_std'][t, i, a]:.3f} | "
-                   f"[{an['band_lo'][t, i, a]:+.3f}, {an['band_hi'][t, i, a]:+.3f}] |")
-  if not an["kill_zones"]:
-    lines += ["", "No kill zone: no swept layer drops a behavior past the threshold and below the control band."]
-  if gen_cells:
-    lines += ["", "### Generation readout at the kill-zone cells", "",
-              "The sweep above scores bias and sycophancy by log-probability; these cells (the worst layer of each "
-              "of their kill zones, then their largest drop; at most "
-              f"{config.get('gen_max_cells', 3)} per behavior) are re-scored by rho-eval's generation readout, with "
-              f"the same behavior vector and the same {K} random directions as control. The rest of the grid is "
-              "not generation-scored (`readout=\"generate\"` does that). \"Killed\" applies the kill-zone rule "
-              "to the generation delta.", "",
-              "| behavior | cell | layer | depth % | alpha | log-prob delta (z) | generation baseline -> steered | "
-              "generation delta | z vs control | control band | killed | unparsed (steered) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in gen_cells:
-      lines.append(f"| {c['behavior']} | {c['why']} | {c['layer']} | {c['depth_pct']:.1f} | {c['alpha']:+g} | "
-                   f"{c['logprob_delta']:+.3f} ({c['logprob_z']:+.1f}) | {c['baseline']:.3f} -> {c['score']:.3f} | "
-                   f"{c['delta']:+.3f} | {c['z']:+.1f} | [{c['band_lo']:+.3f}, {c['band_hi']:+.3f}] | "
-                   f"{'yes' if c['killed'] else 'no'} | {c['invalid']}/{len(c['texts'])} |")
-  # largest drops regardless of control
-  lines += ["", "Largest drop per behavior (any layer / alpha), with the control at the same cell:", "",
-            "| behavior | layer | depth % | alpha | delta | control mean +/- sd | z | outside band |",
-            "|---|---|---|---|---|---|---|---|"]
-  for t, b in enumerate(behaviors):
-    i, a = np.unravel_index(np.argmin(an["delta"][t]), an["delta"][t].shape)
-    lines.append(f"| {b} | {layers[i]} | {an['depth_pct'][i]:.1f} | {alphas[a]:+g} | {an['delta'][t, i, a]:+.3f} | "
-                 f"{an['ctrl_mean'][t, i, a]:+.3f} +/- {an['ctrl_std'][t, i, a]:.3f} | {an['z'][t, i, a]:+.1f} | "
-                 f"{'yes' if an['outside'][t, i, a] else 'no'} |")
-  lines += ["", f"![behavior x depth]({figs['behavior_depth']})", "", f"![delta with control band]({figs['delta_band']})",
-            "", f"![alpha x depth]({figs['alpha_depth']})", ""]
-  for a, alpha in enumerate(alphas):
-    lines += [f"### Delta by layer, alpha = {alpha:+g} (z vs control in brackets)", "",
-              "| layer | depth % | ||v|| | " + " | ".join(behaviors) + " |",
-              "|---|---|---|" + "---|" * len(behaviors)]
-    for i, l in enumerate(layers):
-      cells = [f"{an['delta'][t, i, a]:+.3f} ({an['z'][t, i, a]:+.1f})" for t in range(len(behaviors))]
-      lines.append(f"| {l} | {an['depth_pct'][i]:.1f} | {vec['caa_norm'][l + 1]:.2f} | " + " | ".join(cells) + " |")
-    lines.append("")
-  lines += ["## Linear probes by depth", "",
-            f"Logistic regression on last-token residuals, L2 in {list(config.probe_l2)} chosen on validation, "
-            f"pair-grouped {list(config.probe_fractions)} train/val/test splits, seeds {list(config.probe_seeds)}; "
-            "held-out test accuracy / AUC / ECE (mean over seeds).", "",
-            f"![probe accuracy]({figs['probe_accuracy']})", "",
-            "| task | pairs | best boundary | depth % | test acc | test AUC | test ECE | acc at embeddings |",
-            "|---|---|---|---|---|---|---|---|"]
-  for task, r in probe_res.items():
-    bst = int(np.argmax(r["acc_mean"]))
-    lines.append(f"| {task} ({PROBE_TASKS[task][1]}) | {r['n_pairs']} | {bst} | {100 * bst / L:.0f} | "
-                 f"{r['acc_mean'][bst]:.3f} +/- {r['acc_std'][bst]:.3f} | {r['auc_mean'][bst]:.3f} | "
-                 f"{r['ece_mean'][bst]:.3f} | {r['acc_mean'][0]:.3f} |")
-  lines += ["", "| boundary | depth % | " + " | ".join(f"{k} acc" for k in probe_res) + " |",
-            "|---|---|" + "---|" * len(probe_res)]
-  for bnd in range(L + 1):
-    lines.append(f"| {bnd} | {100 * bnd / L:.0f} | " +
-                 " | ".join(f"{r['acc_mean'][bnd]:.3f}" for r in probe_res.values()) + " |")
-  lines += ["", "Boundary 0 is the token embedding; boundary l+1 is the output of layer l.", ""]
-  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.sweep import get_config
-from probes import sweep
+from probes import sweep, sweep_report
 from tests.reference import ours_from_torch, tiny_hf_model
 from tests.runtime_only import run_runtime_only
 from tests.test_probes_stats import CharTokenizer
@@ -56,7 +56,7 @@ def test_sweep_run_tiny_model(tmp_path, readout):
   m = _check_outputs(wd, mcfg.n_layers, config)
   assert m["n_probes"] == {b: 4 for b in config.behaviors}
   report = open(path).read()
-  assert m["readout"] == readout and f"Readout of bias and sycophancy: **{sweep._READOUT_TEXT[readout]}**" in report
+  assert m["readout"] == readout and f"Readout of bias and sycophancy: **{sweep_report.READOUT_TEXT[readout]}**" in report
   # the generation readout's baseline, recomputed here with models.generate + rho-eval's parse
   from models.generate import generate
   from probes import tasks as tasks_lib
