@@ -229,13 +229,13 @@ def run_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe:
   """
   import jax
 
-  from train import engine
+  from train import checkpoint
   T, R = int(batches["tokens"].shape[1]), int(batches["tokens"].shape[0])
   if chunk < 1 or T % chunk:
     raise ValueError(f"config.benign.eval_every = {chunk} must divide config.benign.steps = {T}")
   if len(dirs) != R:
     raise ValueError(f"{len(dirs)} run directories for {R} runs")
-  cks = [engine.Checkpointer(os.path.join(d, "checkpoints"), max_to_keep=2) for d in dirs]
+  cks = [checkpoint.Checkpointer(os.path.join(d, "checkpoints"), max_to_keep=2) for d in dirs]
   unstack = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
   try:
     latest = [c.latest_step() or 0 for c in cks]

@@ -12,7 +12,7 @@ from models.readout import cosine
 from models.config import ModelConfig
 from models.params import init_params
 from tests.runtime_only import run_runtime_only
-from train import adapters, engine, scan
+from train import adapters, checkpoint, engine, scan
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=48)
@@ -100,7 +100,7 @@ def test_chunked_resume_equals_one_program(tmp_path):
   whole, m_whole = prog(state, params, batches, probe, ref)
   half = jax.tree.map(lambda x: x[:, :T // 2], batches)
   s1, _ = prog(state, params, half, probe, ref)
-  ck = engine.Checkpointer(str(tmp_path / "ck"))
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"))
   ck.save(T // 2, s1, {"note": "chunk 1"})
   restored, meta = ck.restore(T // 2, state)
   ck.close()

@@ -20,7 +20,7 @@ from models import sharding as sh
 from models.config import KNOWN_SHAPES, ModelConfig
 from models.params import init_params
 from models.transformer import forward_jit
-from train import engine, losses
+from train import checkpoint, engine, losses
 from train import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -444,7 +444,7 @@ def test_two_processes_train_like_one_device(tmp_path):
     np.testing.assert_allclose(r["loss"], [h["loss"] for h in one.history], rtol=1e-5)
     np.testing.assert_allclose(r["b"], np.asarray(one.state["trainable"]["wq"]["b"]), atol=1e-5)
   # the checkpoint both processes wrote restores onto another topology (one device, laid out like `one`)
-  ck = engine.Checkpointer(os.path.join(wd, "checkpoints"))
+  ck = checkpoint.Checkpointer(os.path.join(wd, "checkpoints"))
   assert ck.latest_step() == 3
   state, meta = ck.restore(3, like=one.state)
   ck.close()

@@ -16,7 +16,7 @@ from models.config import ModelConfig
 from models.params import init_params
 from models.transformer import forward_jit as forward
 from train import data as D
-from train import engine, losses
+from train import checkpoint, engine, losses
 from train.adapters import AdapterError
 from train.loop import train_loop
 
@@ -156,7 +156,7 @@ def test_nan_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
   c = _config(steps=8, lr=1e30, warmup_steps=0, clip_norm=0.0, save_every=1)
   with pytest.raises(engine.TrainingDivergedError, match=r"step \d+: non-finite.*Last good checkpoint: step"):
     train_loop(_params(), CFG, _data(), c, str(tmp_path))
-  ck = engine.Checkpointer(str(tmp_path / "checkpoints"))
+  ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
   last = ck.latest_step()
   assert last is not None and last < 8
   restored, meta = ck.restore(last)

@@ -108,7 +108,7 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   import numpy as np
 
   from train import data as D
-  from train import engine, losses
+  from train import checkpoint, engine, losses
 
   tc = config.train
   mesh = train_mesh(config)
@@ -145,7 +145,7 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   state = engine.put_tree(state, state_sh)
   step_fn = engine.make_train_step(cfg, sc, tx, sched, umask, mesh, state_sh, frozen_sh)
 
-  ckpt = engine.Checkpointer(tc.get("checkpoint_dir") or os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint.Checkpointer(tc.get("checkpoint_dir") or os.path.join(workdir, "checkpoints"),
                              max_to_keep=tc.max_to_keep)
   meta = {"config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
           "lora": spec.to_dict() if spec is not None else None, "lora_scale": sc.lora_scale,
