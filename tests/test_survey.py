@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow
 def test_survey_quick_writes_complete_workdir_without_test_only_packages(tmp_path):
   run = tmp_path / "run"
   out = run_runtime_only("analysis.survey", "--config=configs/survey.py:quick", f"--workdir={run}")
-  report = out.split("report: ")[-1].strip()
+  report = str(run / "report.md")
+  assert f"report: {report}" in out
   for f in ("config.json", "metrics.jsonl", "generations.jsonl", "summary.json", "report.md",
             "figures/residual_depth.png"):
     assert (run / f).exists(), f
