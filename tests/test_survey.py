@@ -1,6 +1,5 @@
 """The main job end to end on the real embedded model (quick config: 4 prompts, 8 tokens)."""
 import json
-import os
 
 import pytest
 
@@ -21,5 +20,4 @@ def test_survey_quick_writes_complete_workdir_without_test_only_packages(tmp_pat
   assert [r["step"] for r in rows] == list(range(31))        # SmolLM2: 30 layers -> 31 boundaries
   gens = [json.loads(l) for l in (run / "generations.jsonl").read_text().splitlines()]
   assert len(gens) == 4 and all(g["answer"].strip() for g in gens)
-  assert os.path.basename(report) == "report.md"
   assert "| 30 | 100 |" in (run / "report.md").read_text()
