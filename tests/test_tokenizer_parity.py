@@ -10,9 +10,8 @@ import os
 
 import pytest
 
-from models import registry
-from models.errors import ModelError
 from models.gguf_io import config_from_gguf, load_gguf_tokenizer
+from tests.test_gguf_io import _real_gguf
 
 _BASE = [
     "", " ", "  ", "\n", "\n\n\n", "\t", " \t \n ", "Hello", " Hello", "Hello world", "hello   world  ",
@@ -48,22 +47,10 @@ _CONVERSATIONS = [
 ]
 
 
-def _gguf(name):
-  if name == "qwen2.5-coder-0.5b-instruct":
-    path = registry.cache_path(name)
-    if not os.path.isfile(path):
-      pytest.skip("run `make qwen` first")
-    return path
-  try:
-    return registry.resolve(name).path
-  except ModelError as e:
-    pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module", params=["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
 def pair(request):
   from transformers import AutoTokenizer  # the reference path imports torch (test extra)
-  path = _gguf(request.param)
+  path = _real_gguf(request.param)
   ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                       local_files_only=True)
   return load_gguf_tokenizer(path), ref, path
