@@ -20,7 +20,6 @@ OVERSIZE = {
     ("probes/sweep.py", "run"): 208,
     ("analysis/reversion.py", "run"): 137,
     ("train/lora.py", "run"): 113,
-    ("train/loop.py", "train_loop"): 103,
 }
 
 

@@ -105,9 +105,7 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   """
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  from train import data as D
   from train import checkpoint, engine, losses
 
   tc = config.train
@@ -120,16 +118,7 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   trainable, umask, spec = trainables(params, cfg, config, jax.random.PRNGKey(config.seed))
   if config.objective not in ("sft", "lorra"):
     raise ValueError(f"config.objective must be 'sft' or 'lorra', got {config.objective!r}")
-  lorra_layers = ()
-  if config.objective == "lorra":
-    from train.adapters import resolve_layers
-    lorra_layers = (resolve_layers(cfg.n_layers, _tuple(config.lorra.layers)) if _tuple(config.lorra.layers)
-                    else (spec.layers if spec is not None else tuple(range(cfg.n_layers))))
-    if reading is None:
-      raise ValueError("objective 'lorra' needs a reading vector [L, D]")
-    reading = jnp.asarray(reading, jnp.float32)
-    if reading.shape != (cfg.n_layers, cfg.d_model):
-      raise ValueError(f"reading vector must be [{cfg.n_layers}, {cfg.d_model}], got {reading.shape}")
+  lorra_layers, reading = _lorra_inputs(cfg, config, spec, reading)
   sc = engine.StepConfig(mode=config.mode, objective=config.objective,
                          lora_scale=spec.scale if spec is not None else 1.0, compute_dtype=config.dtype,
                          lorra_layers=tuple(lorra_layers), lorra_alpha=float(config.lorra.alpha),
@@ -156,23 +145,8 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
     logging.info("resumed from %s step %d", ckpt.directory, start)
   start = int(state["step"])
 
-  micro, accum = tc.micro_batch, tc.accum
-
-  def rows_of(data, seed, s, rows):
-    """Rows `rows` of step s's global micro-batches [accum, micro] (train.data.step_rows order), gathered
-    from the tokenised set without building the other processes' rows."""
-    idx = D.step_rows(data, seed, s, accum * micro).reshape(accum, micro)[:, rows]
-    return {"tokens": data.tokens[idx], "mask": data.mask[idx], "loss_mask": data.loss_mask[idx]}
-
-  def host_batch(s, rows):
-    b = rows_of(train_set, config.seed, s, rows)
-    if config.objective == "lorra":
-      if config.lorra.positions == "all":
-        b["loss_mask"] = b["mask"].astype(np.float32)
-      if retain_set is not None:
-        r = rows_of(retain_set, config.seed + 1, s, rows)
-        b["retain_tokens"], b["retain_mask"] = r["tokens"], r["mask"].astype(np.float32)
-    return b
+  micro = tc.micro_batch
+  host_batch = _host_batches(config, train_set, retain_set)
 
   def log(step, **m):
     if wd is not None and jax.process_index() == 0:
@@ -189,6 +163,50 @@ def train_loop(params: dict[str, Any], cfg, train_set, config, workdir: str, *, 
   finally:
     ckpt.close()
   return TrainResult(state, spec, hist, sc, start, ckpt.directory)
+
+
+def _lorra_inputs(cfg, config, spec, reading):
+  """(LoRRA layers, reading vector `[L, D]` float32) for objective "lorra"; ((), reading) otherwise.
+
+  Raises ValueError for a missing reading vector or one of the wrong shape."""
+  import jax.numpy as jnp
+
+  from train.adapters import resolve_layers
+  if config.objective != "lorra":
+    return (), reading
+  lorra_layers = (resolve_layers(cfg.n_layers, _tuple(config.lorra.layers)) if _tuple(config.lorra.layers)
+                  else (spec.layers if spec is not None else tuple(range(cfg.n_layers))))
+  if reading is None:
+    raise ValueError("objective 'lorra' needs a reading vector [L, D]")
+  reading = jnp.asarray(reading, jnp.float32)
+  if reading.shape != (cfg.n_layers, cfg.d_model):
+    raise ValueError(f"reading vector must be [{cfg.n_layers}, {cfg.d_model}], got {reading.shape}")
+  return lorra_layers, reading
+
+
+def _host_batches(config, train_set, retain_set):
+  """`host_batch(step, rows) -> {name: [accum, len(rows), S]}`: this process's rows of step's global
+  micro-batches (train.data.step_rows order), with the LoRRA retain rows when the objective has them."""
+  from train import data as D
+  tc = config.train
+  micro, accum = tc.micro_batch, tc.accum
+
+  def rows_of(data, seed, s, rows):
+    """Rows `rows` of step s's global micro-batches [accum, micro], gathered from the tokenised set without
+    building the other processes' rows."""
+    idx = D.step_rows(data, seed, s, accum * micro).reshape(accum, micro)[:, rows]
+    return {"tokens": data.tokens[idx], "mask": data.mask[idx], "loss_mask": data.loss_mask[idx]}
+
+  def host_batch(s, rows):
+    b = rows_of(train_set, config.seed, s, rows)
+    if config.objective == "lorra":
+      if config.lorra.positions == "all":
+        b["loss_mask"] = b["mask"].astype(np.float32)
+      if retain_set is not None:
+        r = rows_of(retain_set, config.seed + 1, s, rows)
+        b["retain_tokens"], b["retain_mask"] = r["tokens"], r["mask"].astype(np.float32)
+    return b
+  return host_batch
 
 
 def mean_diff_reading(params, cfg, tokenizer, harmful, benign, system=None, batch: int = 16):
