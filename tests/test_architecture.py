@@ -19,7 +19,6 @@ MAX_FILE, MAX_FUNC = 400, 80
 OVERSIZE = {
     ("probes/sweep.py", "run"): 208,
     ("analysis/reversion.py", "run"): 137,
-    ("train/lora.py", "run"): 113,
 }
 
 

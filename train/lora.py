@@ -30,12 +30,9 @@ def run(config, workdir: str | None = None) -> str:
   import numpy as np
 
   from train.rundir import Workdir, default_workdir, write_json, write_text
-  from models.hf_io import save_hf
   from models.loading import load, load_tokenizer
   from models.sharding import sharding_fn
-  from train import adapters, evaluate
-  from train import data as D
-  from train.engine import to_host
+  from train import evaluate
   from train.loop import train_mesh
 
   mesh = train_mesh(config)          # multi-host init (if asked) before any device is touched
@@ -49,18 +46,8 @@ def run(config, workdir: str | None = None) -> str:
   logging.info("loaded %s in %.1fs", config.model, time.time() - t0)
   system = config.data.system_prompt or None
 
-  heldout = []
-  if config.data.source == "refusal":
-    pairs = D.refusal_pairs(tuple(config.data.refusal_sets))
-    train_pairs, heldout = D.refusal_split(pairs, config.data.heldout, config.seed)
-    examples = D.refusal_examples(train_pairs, config.data.refusal_text, config.data.include_benign,
-                                  config.data.benign_repeat)
-  elif config.data.source == "jsonl":
-    examples = D.read_jsonl(config.data.path)
-  else:
-    raise D.DatasetError(f"config.data.source must be 'refusal' or 'jsonl', got {config.data.source!r}")
-  train_set, retain, reading = objective_sets(config, params, cfg, tok, examples,
-                                              train_pairs if config.data.source == "refusal" else None, system)
+  examples, train_pairs, heldout = _examples(config)
+  train_set, retain, reading = objective_sets(config, params, cfg, tok, examples, train_pairs, system)
 
   do_eval = bool(config.eval.refusal and heldout)
   evals = {}
@@ -88,20 +75,7 @@ def run(config, workdir: str | None = None) -> str:
     logging.info("stopped after step %d (checkpointed); rerun to resume", int(result.state["step"]))
     return wd.file("checkpoints")
 
-  trained = to_host(result.state["trainable"])
-  if result.spec is not None:
-    lora = jax.tree.map(jnp.asarray, trained)
-    if config.export.peft:
-      adapters.save_peft(result.spec, lora, wd.file("adapter"), base_model=config.model,
-                         extra={"config": config.to_dict()})
-    merged = adapters.merge_lora(params, lora, result.spec.scale) if config.export.merged else None
-    eval_kw = dict(lora=jax.tree.map(lambda x: x.astype(jnp.dtype(config.dtype)), lora), scale=result.spec.scale)
-  else:
-    from train.engine import assemble
-    merged, _ = assemble(trained, params, dataclasses.replace(result.step_config, compute_dtype="float32"))
-    eval_kw = dict(p=jax.tree.map(lambda x: x.astype(jnp.dtype(config.dtype)), merged))
-  if merged is not None and (config.export.merged or result.spec is None):
-    save_hf(merged, cfg, wd.file("merged"), tokenizer=tok, overwrite=True)
+  eval_kw = _export(config, result, params, cfg, tok, wd)
   if do_eval:
     evals["after"] = eval_rates("after", **eval_kw)
     rows = [{"stage": st, "kind": k, "prompt": q[k], "answer": a, "refusal": evaluate.is_refusal(a)}
@@ -109,20 +83,7 @@ def run(config, workdir: str | None = None) -> str:
     write_text(wd.file("generations.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
   hist = result.history
-  fig_rel = None
-  if hist:
-    import matplotlib  # local: only runs that plot a loss curve need it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("SFT loss (nats / response token)" if config.objective == "sft"
-                  else "LoRRA loss (L2 distance)")
-    ax.set_title(f"{config.model}: {config.mode} {config.objective}")
-    ax.grid(alpha=0.3)
-    fig_rel = os.path.relpath(wd.save_figure(fig, "loss"), workdir)
-    plt.close(fig)
+  fig_rel = _loss_figure(config, hist, wd) if hist else None
   summary = {"model": config.model, "mode": config.mode, "objective": config.objective,
              "lora": result.spec.to_dict() if result.spec is not None else None,
              "start_step": result.start_step, "steps": int(result.state["step"]), "train_s": t_train,
@@ -134,6 +95,63 @@ def run(config, workdir: str | None = None) -> str:
   write_text(wd.file("report.md"), _report(config, summary, fig_rel))
   wd.close()
   return wd.file("report.md")
+
+
+def _examples(config):
+  """(examples, training refusal pairs or None, held-out refusal pairs) from config.data.
+
+  Raises train.data.DatasetError for an unknown config.data.source."""
+  from train import data as D
+  if config.data.source == "refusal":
+    pairs = D.refusal_pairs(tuple(config.data.refusal_sets))
+    train_pairs, heldout = D.refusal_split(pairs, config.data.heldout, config.seed)
+    examples = D.refusal_examples(train_pairs, config.data.refusal_text, config.data.include_benign,
+                                  config.data.benign_repeat)
+    return examples, train_pairs, heldout
+  if config.data.source == "jsonl":
+    return D.read_jsonl(config.data.path), None, []
+  raise D.DatasetError(f"config.data.source must be 'refusal' or 'jsonl', got {config.data.source!r}")
+
+
+def _export(config, result, params, cfg, tok, wd) -> dict:
+  """Write the PEFT adapter and / or the merged HF model as config.export asks; returns the keyword arguments
+  that evaluate the trained model (LoRA factors and scale, or merged parameters)."""
+  import jax
+  import jax.numpy as jnp
+
+  from models.hf_io import save_hf
+  from train import adapters
+  from train.engine import assemble, to_host
+  trained = to_host(result.state["trainable"])
+  if result.spec is not None:
+    lora = jax.tree.map(jnp.asarray, trained)
+    if config.export.peft:
+      adapters.save_peft(result.spec, lora, wd.file("adapter"), base_model=config.model,
+                         extra={"config": config.to_dict()})
+    merged = adapters.merge_lora(params, lora, result.spec.scale) if config.export.merged else None
+    eval_kw = dict(lora=jax.tree.map(lambda x: x.astype(jnp.dtype(config.dtype)), lora), scale=result.spec.scale)
+  else:
+    merged, _ = assemble(trained, params, dataclasses.replace(result.step_config, compute_dtype="float32"))
+    eval_kw = dict(p=jax.tree.map(lambda x: x.astype(jnp.dtype(config.dtype)), merged))
+  if merged is not None and (config.export.merged or result.spec is None):
+    save_hf(merged, cfg, wd.file("merged"), tokenizer=tok, overwrite=True)
+  return eval_kw
+
+
+def _loss_figure(config, hist, wd) -> str:
+  """figures/loss.png (loss against step); returns its path relative to the workdir."""
+  import matplotlib  # local: only runs that plot a loss curve need it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.2))
+  ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1.5)
+  ax.set_xlabel("step")
+  ax.set_ylabel("SFT loss (nats / response token)" if config.objective == "sft" else "LoRRA loss (L2 distance)")
+  ax.set_title(f"{config.model}: {config.mode} {config.objective}")
+  ax.grid(alpha=0.3)
+  path = os.path.relpath(wd.save_figure(fig, "loss"), wd.path)
+  plt.close(fig)
+  return path
 
 
 def _model_config(model: str):
