@@ -312,14 +312,11 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     transformers.PreTrainedTokenizerFast.
 
   Raises:
-    ModelError: the file does not exist.
+    ModelError: the file does not exist or is not a regular file.
     CorruptFileError: the file is truncated or unreadable, or holds no tokenizer.
   """
   from transformers import PreTrainedTokenizerFast
   from transformers.integrations.gguf import convert_gguf_tokenizer
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isfile(path):
-    raise ModelError(f"{path}: GGUF file not found")
-  arch, tokenizer_dict, tokenizer_config = gguf_tokenizer_metadata(path)
+  arch, tokenizer_dict, tokenizer_config = gguf_tokenizer_metadata(os.path.abspath(os.fspath(path)))
   backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
   return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
