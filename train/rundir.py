@@ -5,11 +5,14 @@ Whole files are written to a temporary sibling and renamed, so a crash never lea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import tempfile
 from typing import Any, Iterator
+
+from train import typed_config
 
 
 @contextlib.contextmanager
@@ -61,7 +64,10 @@ class Workdir:
   def __init__(self, path: str, config: Any):
     self.path = path
     os.makedirs(path, exist_ok=True)
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if dataclasses.is_dataclass(config):
+      cfg = typed_config.to_dict(config)
+    else:
+      cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     write_json(self.file("config.json"), cfg)
     self._tb = None
 
@@ -98,11 +104,13 @@ class Workdir:
       self._tb = None
 
 
-def run_app(run, config_file: str, workdir_help: str) -> None:
+def run_app(run, config_file: str, workdir_help: str, typed: type | None = None) -> None:
   """The shared absl entry point: `--config=<config_file>:<preset>` (ml_collections, `--config.x=v` overrides)
   and `--workdir`, then `run(config, workdir)` and print where its report is.
 
-  Flags are defined here, at program start, never at import time, so entry-point modules can import each other.
+  typed: the study's frozen config dataclass; the ConfigDict is converted once (train.typed_config), and a bad
+  field stops the program with one line naming it before anything runs. Flags are defined here, at program
+  start, never at import time, so entry-point modules can import each other.
   """
   from absl import app, flags
   from ml_collections import config_flags
@@ -111,6 +119,12 @@ def run_app(run, config_file: str, workdir_help: str) -> None:
 
   def main(argv):
     del argv
-    print(f"report: {run(flags.FLAGS.config, flags.FLAGS.workdir)}")
+    config = flags.FLAGS.config
+    if typed is not None:
+      try:
+        config = typed_config.from_configdict(typed, config)
+      except typed_config.ConfigError as e:
+        raise app.UsageError(str(e)) from None
+    print(f"report: {run(config, flags.FLAGS.workdir)}")
 
   app.run(main)
