@@ -120,7 +120,7 @@ def main():
   import transformers
 
   from configs.sweep import get_config
-  from models import registry, tokenizer as tk
+  from models import readout, registry, tokenizer as tk
   from models.loading import load, load_tokenizer
   from probes import data, steering, tasks as tasks_lib
   from probes.sweep import split_probes
@@ -139,7 +139,7 @@ def main():
   task_list = [tasks_lib.build_task(b, tok, probes[b], int(config.max_tokens[b])) for b in behaviors]
   pairs = data.contrast_pairs("sycophancy", split["sycophancy"][1])[:16]
   toks, mask = tk.encode_left_padded(tok, [p for p, _ in pairs] + [q for _, q in pairs], add_special_tokens=True)
-  acts = steering.last_token_resid(params, cfg, toks, mask)
+  acts = readout.last_token_resid(params, cfg, toks, mask)
   vec = steering.steering_vectors(jnp.asarray(acts[:, :16]), jnp.asarray(acts[:, 16:]))["caa"][1:]
   layers = list(range(0, cfg.n_layers, args.layer_stride))
   alphas = [float(a) for a in args.alphas.split(",")]

@@ -1,4 +1,5 @@
-"""Readouts of the residual stream: mean activation over prompts at one position, and the cosine.
+"""Readouts of the residual stream: the last-token residual of every row (batched host loop), the mean activation
+over prompts at one position, and the cosine: the one copy of each that the studies share.
 
 Shapes: a residual stream captured as "resid" is `[L+1, N, S, D]` (boundary 0 = embeddings, boundary l = the
 output of decoder layer l), prompts left-padded so the last prompt token sits at position S-1.
@@ -7,6 +8,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.transformer import forward_jit
 
 
 def mean_activation(resid: jax.Array, mask: jax.Array, position: str = "last") -> jax.Array:
@@ -35,3 +40,29 @@ def cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   na, nb = jnp.linalg.norm(a, axis=-1), jnp.linalg.norm(b, axis=-1)
   return jnp.where((na > eps) & (nb > eps), jnp.sum(a * b, -1) / jnp.maximum(na * nb, eps), 0.0)
+
+
+def last_token_resid(params, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 16,
+                     progress=None) -> np.ndarray:
+  """Residual stream at the last (real) token of each left-padded row, at every layer boundary.
+
+  Args:
+    tokens, mask: `[N, S]` left-padded int32 (models.tokenizer.encode_left_padded).
+    batch_size: rows per forward pass (rows are processed in length order to limit padding; sequence widths are
+      rounded up to a multiple of 32 so few shapes compile).
+    progress: optional callable(n_rows_done) for a progress bar.
+  Returns:
+    `[L+1, N, D]` float32 numpy (0 = embeddings, l+1 = output of layer l).
+  """
+  lengths = mask.sum(1)
+  order = np.argsort(lengths, kind="stable")
+  out = np.zeros((cfg.n_layers + 1, len(tokens), cfg.d_model), np.float32)
+  for i in range(0, len(order), batch_size):
+    idx = order[i:i + batch_size]
+    S = min(tokens.shape[1], -(-int(lengths[idx].max()) // 32) * 32)   # multiple of 32: few compilations
+    _, acts = forward_jit(params, jnp.asarray(tokens[idx, -S:]), cfg, attention_mask=jnp.asarray(mask[idx, -S:]),
+                            capture=("resid",), logits="none")
+    out[:, idx] = np.asarray(acts["resid"][:, :, -1], np.float32)
+    if progress is not None:
+      progress(len(idx))
+  return out

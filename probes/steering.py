@@ -39,32 +39,6 @@ from probes import tasks as tasks_lib
 
 # ---- Capture and vectors
 
-def last_token_resid(params, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 16,
-                     progress=None) -> np.ndarray:
-  """Residual stream at the last (real) token of each left-padded row, at every layer boundary.
-
-  Args:
-    tokens, mask: `[N, S]` left-padded int32 (models.tokenizer.encode_left_padded).
-    batch_size: rows per forward pass (rows are processed in length order to limit padding; sequence widths are
-      rounded up to a multiple of 32 so few shapes compile).
-    progress: optional callable(n_rows_done) for a progress bar.
-  Returns:
-    `[L+1, N, D]` float32 numpy (0 = embeddings, l+1 = output of layer l).
-  """
-  lengths = mask.sum(1)
-  order = np.argsort(lengths, kind="stable")
-  out = np.zeros((cfg.n_layers + 1, len(tokens), cfg.d_model), np.float32)
-  for i in range(0, len(order), batch_size):
-    idx = order[i:i + batch_size]
-    S = min(tokens.shape[1], -(-int(lengths[idx].max()) // 32) * 32)   # multiple of 32: few compilations
-    _, acts = T.forward_jit(params, jnp.asarray(tokens[idx, -S:]), cfg, attention_mask=jnp.asarray(mask[idx, -S:]),
-                            capture=("resid",), logits="none")
-    out[:, idx] = np.asarray(acts["resid"][:, :, -1], np.float32)
-    if progress is not None:
-      progress(len(idx))
-  return out
-
-
 @jax.jit
 def steering_vectors(pos: jax.Array, neg: jax.Array) -> dict[str, jax.Array]:
   """CAA and RepE PCA vectors for every boundary from paired activations.

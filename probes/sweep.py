@@ -33,6 +33,7 @@ import time
 
 from absl import logging
 
+from models.readout import last_token_resid
 from probes import killzones, sweep_report
 from probes.sweep_report import PROBE_TASKS
 
@@ -113,7 +114,7 @@ def run(config, workdir: str | None = None, loaded=None) -> str:
     texts += [p for p, _ in ps] + [q for _, q in ps]
   toks, mask = tk.encode_left_padded(tok, texts, add_special_tokens=True)
   with tqdm(total=len(texts), desc="capture", unit="text") as bar:
-    acts = steering.last_token_resid(params, cfg, toks, mask, int(config.capture_batch_size), bar.update)
+    acts = last_token_resid(params, cfg, toks, mask, int(config.capture_batch_size), bar.update)
   timing["capture_s"] = time.time() - t0
   timing["capture_tokens"] = int(mask.sum())
 
