@@ -18,12 +18,12 @@ Layout and resume: point p writes `<workdir>/points/<p.name>/`. A point is finis
 the job writes it last, atomically (`write_point`). `run` skips finished points and hands the job the unfinished
 ones; the job resumes them from its own checkpoints inside the point directories.
 
-CLI: `python -m analysis.grid --config=configs/grid.py:smollm2` runs the safety-LoRA ablation job of
-analysis/avoid_red.py over the grid of configs/grid.py (depth window x rank x seed).
+The runner knows no study: `run(points, workdir, job)` hands each group of unfinished points to `job`. The safety-LoRA
+ablation (`python -m analysis.avoid_red --config=configs/grid.py:smollm2`, depth window x rank x seed) is one.
 
 Vmapping: points that differ only in `vmap_axis` (default "seed") form a group, and `run` hands each group's
 unfinished points to the job in ONE call, so the job can run them as one vmapped program. What is vmapped inside a
-group, and what stays sequential, is the job's business (analysis/avoid_red.py documents its own).
+group, and what stays sequential, is the job's business (analysis/avoid_red/study.py documents its own).
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from analysis import plots as _style  # noqa: F401  (sets matplotlib's Agg backend before any figure)
+from train.rundir import write_json
 
 METRICS_FILE = "metrics.json"
 _SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -148,7 +151,6 @@ def is_finished(workdir: str, point: Point) -> bool:
 def write_point(directory: str, point: Point, scalars: dict[str, float], **extra) -> str:
   """Atomically write a finished point's metrics.json: {"point", "values", "scalars" (the table's columns,
   floats), **extra}; returns its path. Call it last: its existence marks the point finished."""
-  from train.rundir import write_json
   path = os.path.join(directory, METRICS_FILE)
   write_json(path, {"point": point.name, "values": dict(point.values),
                     "scalars": {k: float(v) for k, v in scalars.items()}, **extra})
@@ -173,7 +175,6 @@ def check_fingerprint(workdir: str, point: Point, fp: Any) -> None:
   """Record `fp` (JSON-able: what determines the point's results) in `<point dir>/point.json`, or, when it is
   there already, raise GridError if it differs (naming the first differing field), so that a finished or
   half-run point is never reused under a changed config."""
-  from train.rundir import write_json
   fp = json.loads(json.dumps(fp, default=str))
   path = os.path.join(point_dir(workdir, point), "point.json")
   if os.path.isfile(path):
@@ -290,8 +291,7 @@ def markdown_table(table: dict[str, Any], columns: Sequence[tuple[str, str, str]
 def figure(table: dict[str, Any], columns: Sequence[tuple[str, str]], title: str, ncols: int = 4):
   """One panel per `(metric, label)`: every group's mean ± std (error bar) with its points as dots. Returns the
   Figure."""
-  from analysis import plots as _style  # noqa: F401  (sets the Agg backend)
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt   # local: matplotlib is heavy; analysis.plots (imported above) chose Agg
   n = len(columns)
   nc = min(ncols, n)
   nr = -(-n // nc)
@@ -315,9 +315,3 @@ def figure(table: dict[str, Any], columns: Sequence[tuple[str, str]], title: str
     axes_[k // nc, k % nc].axis("off")
   fig.suptitle(title + "\n(mean ± std over the points of a group; dots: the points)", fontsize=10)
   return fig
-
-
-if __name__ == "__main__":
-  from analysis import avoid_red
-  from train.rundir import run_app
-  run_app(avoid_red.run, "configs/grid.py", "Run directory (default runs/<date>-<model>-avoid-red).")

@@ -7,27 +7,47 @@ generations.jsonl, figures/residual_depth.png, summary.json and report.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
+from analysis import plots
+from analysis.residual_stats import mean_difference_separation, residual_stats
+from models import tokenizer as tk
+from models.generate import generate
+from models.loading import load, load_tokenizer
+from models.transformer import forward_jit
+from train.rundir import Workdir, default_workdir, write_json, write_text
 
 
-def run(config, workdir: str | None = None) -> str:
-  """Run the survey; returns the report path."""
-  import jax.numpy as jnp
-  import numpy as np
+@dataclasses.dataclass(frozen=True)
+class SurveyConfig:
+  """configs/survey.py, converted once (train.typed_config)."""
+  model: str
+  dtype: str
+  max_new_tokens: int
+  system_prompt: str                  # "" = the chat template's default
+  harmful_prompts: tuple[str, ...]
+  benign_prompts: tuple[str, ...]
+  seed: int
 
-  from analysis import plots
-  from analysis.residual_stats import mean_difference_separation, residual_stats
-  from train.rundir import Workdir, default_workdir, write_json, write_text
-  from models import tokenizer as tk
-  from models.generate import generate
-  from models.loading import load, load_tokenizer
-  from models.transformer import forward_jit
+  def __post_init__(self):
+    if not self.harmful_prompts or not self.benign_prompts:
+      raise ValueError("harmful_prompts and benign_prompts must both be non-empty")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
+
+def run(config: SurveyConfig, workdir: str | None = None) -> str:
+  """Run the survey; returns the report path. Raises TypeError unless `config` is a SurveyConfig."""
+  if not isinstance(config, SurveyConfig):
+    raise TypeError(f"analysis.survey.run takes a SurveyConfig, got {type(config).__name__}; convert with "
+                    "train.typed_config.from_configdict(SurveyConfig, c)")
   workdir = workdir or default_workdir(config.model.split("/")[-1].removesuffix(".gguf"))
   wd = Workdir(workdir, config)
   t0 = time.time()
@@ -103,4 +123,4 @@ def _report(config, cfg, stats, sep, rows, t_load, t_gen, fig_rel) -> str:
 
 if __name__ == "__main__":
   from train.rundir import run_app
-  run_app(run, "configs/survey.py", "Run directory (default runs/<date>-<model>).")
+  run_app(run, "configs/survey.py", "Run directory (default runs/<date>-<model>).", typed=SurveyConfig)

@@ -3,14 +3,14 @@ CPU, same model, same prompts, one run.
 
     python -m benchmarks.patching [--n 16] [--ref-heads 12] [--repeats 3] [--json out.json]
 
-Task: IOI (analysis.ioi_data, seeded), the clean prompts patched with their ABC counterparts' head outputs at the
+Task: IOI (analysis.ioi.data, seeded), the clean prompts patched with their ABC counterparts' head outputs at the
 final position, metric logit(IO) - logit(S) at the final position, every head of SmolLM2-135M-Instruct
 (30 layers x 9 heads = 270), fp32.
 
 Ours, each ONE jitted program that also runs the donor (ABC) forward:
-  full         analysis.circuits.patch_each_head(method="full", pos_mask = final position): a full forward per head;
+  full         analysis.ioi.circuits.patch_each_head(method="full", pos_mask = final position): a full forward per head;
   last         patch_each_head(method="last"): exact, single-token decodes over the clean run's KV cache;
-  attribution  analysis.circuits.attribution_patch (pos_mask = final position): one forward + one backward, a
+  attribution  analysis.ioi.circuits.attribution_patch (pos_mask = final position): one forward + one backward, a
                first-order ESTIMATE, not exact patching.
 Compile and run times are measured separately (jit(...).lower(...).compile(), then the compiled executable).
 
@@ -31,12 +31,19 @@ import json
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from analysis.ioi import circuits as C
+from analysis.ioi.data import make_ioi
+from models import registry
+from models.loading import load, load_tokenizer
 
 
 def reference_loop(model, tokens, abc_tokens, mask, io, s, heads):
   """Per-head hook loop. Returns (donor forward seconds, per-head seconds [K], logit diffs [K, N], clean [N])."""
-  import torch
+  import torch  # local: torch is the reference's, a test-only package the runtime install does not have
 
   tt, ta, tm = (torch.tensor(np.asarray(x), dtype=torch.long) for x in (tokens, abc_tokens, mask))
   pos = torch.clamp(torch.cumsum(tm, -1) - 1, min=0)           # same positions as gravlab / generate
@@ -82,7 +89,7 @@ def pick_torch_threads(model, tokens, mask, repeats: int = 3) -> tuple[int, dict
   On a shared, oversubscribed CPU torch's OpenMP threads can wait on each other and run several times slower
   than one thread; the reference gets whichever setting is faster at the time.
   """
-  import torch
+  import torch  # local: test-only package (see reference_loop)
 
   x, m = torch.tensor(np.asarray(tokens), dtype=torch.long), torch.tensor(np.asarray(mask), dtype=torch.long)
   secs = {}
@@ -113,15 +120,8 @@ def main() -> None:
   ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
   args = ap.parse_args()
 
-  import jax
-  import jax.numpy as jnp
-  import torch
+  import torch  # local: the PyTorch reference's test-only packages (see reference_loop)
   import transformers
-
-  from analysis import circuits as C
-  from analysis.ioi_data import make_ioi
-  from models import registry
-  from models.loading import load, load_tokenizer
 
   params, cfg = load(args.model)
   tok = load_tokenizer(args.model)

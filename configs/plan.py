@@ -11,12 +11,12 @@ quick plans the same from the embedded GGUF's own metadata (the registry name; t
 model: a name in models.config.KNOWN_SHAPES ("llama-3.1-8b", "qwen2.5-7b", "smollm2-135m"), a registry name or a
 Hugging Face directory / .gguf file (only config.json / metadata is read), or "custom" (every `dims` field given).
 dims: ModelConfig fields overriding the model's (e.g. --config.dims.n_layers=2); unset fields keep the model's.
+The entry point converts the ConfigDict once into train.plan_config.PlanConfig (typed, frozen).
 """
 import ml_collections
 from ml_collections import config_dict
 
-PRESETS = {"llama3_8b": "llama-3.1-8b", "qwen2_7b": "qwen2.5-7b", "smollm2": "smollm2-135m",
-           "quick": "smollm2-135m-instruct"}
+PRESETS = ("llama3_8b", "qwen2_7b", "smollm2", "quick")
 DIM_FIELDS = {"arch": str, "vocab_size": int, "d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
               "head_dim": int, "d_ff": int, "tie_embeddings": bool, "qkv_bias": bool, "o_bias": bool,
               "qk_norm": bool}
@@ -25,8 +25,15 @@ DIM_FIELDS = {"arch": str, "vocab_size": int, "d_model": int, "n_layers": int, "
 def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; choose from {sorted(PRESETS)}")
+  c = _base()
+  {"llama3_8b": lambda c: None, "qwen2_7b": _qwen2_7b, "smollm2": _smollm2, "quick": _quick}[arg](c)
+  return c
+
+
+def _base() -> ml_collections.ConfigDict:
+  """The llama3_8b preset; every field of train.plan_config.PlanConfig."""
   c = ml_collections.ConfigDict()
-  c.model = PRESETS[arg]
+  c.model = "llama-3.1-8b"
   c.dims = ml_collections.ConfigDict({k: config_dict.placeholder(t) for k, t in DIM_FIELDS.items()})
   c.mode = "lora"                # lora | full
   c.dtype = "bfloat16"           # frozen weights and activations
@@ -48,12 +55,26 @@ def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
 
   c.remat = True                 # recompute each layer in the backward pass (train config: train.remat)
   c.memory_gib = 95.0            # device memory (v5p 95 GiB, v4 32 GiB, H100 80 GB = 74.5 GiB, H200 141 GB)
-
-  if arg in ("smollm2", "quick"):
-    c.dtype = "float32"
-    c.lora.rank = 8
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
-    c.batch.micro_batch, c.batch.seq_len = 8, 96
-    c.remat = False
-    c.memory_gib = 24.0
   return c
+
+
+def _qwen2_7b(c: ml_collections.ConfigDict) -> None:
+  """qwen2_7b: llama3_8b's plan for Qwen2.5-7B."""
+  c.model = "qwen2.5-7b"
+
+
+def _smollm2(c: ml_collections.ConfigDict) -> None:
+  """smollm2: SmolLM2-135M as configs/lora.py trains it (float32, rank 8, micro-batch 8 x 96, one device)."""
+  c.model = "smollm2-135m"
+  c.dtype = "float32"
+  c.lora.rank = 8
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+  c.batch.micro_batch, c.batch.seq_len = 8, 96
+  c.remat = False
+  c.memory_gib = 24.0
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+  """quick: smollm2's plan from the embedded GGUF's own metadata (the registry name; tests)."""
+  _smollm2(c)
+  c.model = "smollm2-135m-instruct"

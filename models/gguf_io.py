@@ -24,8 +24,10 @@ import re
 import struct
 from typing import Any
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
+from gguf.quants import dequantize
 
 from models.config import ModelConfig
 from models.errors import CorruptFileError, MissingTensorError, ModelError, UnsupportedArchitectureError
@@ -97,7 +99,6 @@ def _open(path: str | os.PathLike):
     ModelError: the path does not exist or is not a file.
     CorruptFileError: the file is empty, truncated or its header is unreadable.
   """
-  import gguf
   path = os.fspath(path)
   if not os.path.exists(path):
     raise ModelError(f"{path}: GGUF file not found")
@@ -232,7 +233,6 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, sharding_fn=None) -
     MissingTensorError: a tensor the config needs is absent (names the GGUF and the HF name).
     ShapeMismatchError: a tensor's shape disagrees with the metadata.
   """
-  from gguf.quants import dequantize
   path = os.fspath(path)
   reader = _open(path)
   cfg = _config_from_reader(reader, path)
@@ -276,7 +276,7 @@ def gguf_tokenizer_metadata(path: str | os.PathLike) -> tuple[str, dict, dict]:
   Raises:
     ModelError / CorruptFileError: as `_open` (missing, truncated or unreadable file).
   """
-  from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
+  from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING   # local: transformers takes seconds to import
   path = os.fspath(path)
   reader = _open(path)
   try:
@@ -315,8 +315,8 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     ModelError: the file does not exist or is not a regular file.
     CorruptFileError: the file is truncated or unreadable, or holds no tokenizer.
   """
-  from transformers import PreTrainedTokenizerFast
-  from transformers.integrations.gguf import convert_gguf_tokenizer
+  from transformers import PreTrainedTokenizerFast   # local: transformers takes seconds to import, the weights path
+  from transformers.integrations.gguf import convert_gguf_tokenizer   # local: (same) never needs it
   arch, tokenizer_dict, tokenizer_config = gguf_tokenizer_metadata(os.path.abspath(os.fspath(path)))
   backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
   return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

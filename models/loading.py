@@ -12,6 +12,8 @@ import jax.numpy as jnp
 
 from models import registry
 from models.config import ModelConfig
+from models.gguf_io import load_gguf, load_gguf_tokenizer
+from models.hf_io import load_hf
 
 
 def load(model: str, *, dtype=jnp.float32, sharding_fn=None) -> tuple[dict[str, Any], ModelConfig]:
@@ -30,9 +32,7 @@ def load(model: str, *, dtype=jnp.float32, sharding_fn=None) -> tuple[dict[str, 
   """
   src = registry.resolve(model)
   if src.kind == "gguf":
-    from models.gguf_io import load_gguf
     return load_gguf(src.path, dtype=dtype, sharding_fn=sharding_fn)
-  from models.hf_io import load_hf
   return load_hf(src.path, dtype=dtype, sharding_fn=sharding_fn)
 
 
@@ -40,7 +40,6 @@ def load_tokenizer(model: str):
   """The model's own tokenizer (with its chat template), from the HF directory or the GGUF metadata."""
   src = registry.resolve(model)
   if src.kind == "gguf":
-    from models.gguf_io import load_gguf_tokenizer
     return load_gguf_tokenizer(src.path)
-  import transformers
+  import transformers   # local: transformers takes seconds to import; only HF-directory tokenizers need it
   return transformers.AutoTokenizer.from_pretrained(src.path, local_files_only=True)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from models import params as P
 from models.config import ModelConfig
+from models.loading import load
 from models.transformer import forward
 
 
@@ -48,7 +49,6 @@ class CausalLM(nnx.Module):
   @classmethod
   def load(cls, model: str, *, dtype=jnp.float32, sharding_fn=None) -> "CausalLM":
     """Load real weights: a registry name, a Hugging Face directory or a .gguf file (models.loading.load)."""
-    from models.loading import load
     params, cfg = load(model, dtype=dtype, sharding_fn=sharding_fn)
     return cls(cfg, params)
 

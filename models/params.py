@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
+from models.errors import MissingTensorError, ShapeMismatchError
 
 
 class Spec(NamedTuple):
@@ -169,7 +170,6 @@ def build_params(cfg: ModelConfig, get_tensor, *, dtype=jnp.float32, sharding_fn
     MissingTensorError: a tensor the config needs is absent (message names it and `source`).
     ShapeMismatchError: a tensor's shape differs from the config (message names tensor, both shapes, source).
   """
-  from models.errors import MissingTensorError, ShapeMismatchError
   np_dtype = jnp.dtype(dtype)
 
   def fetch(hf_name: str, spec: Spec, want: tuple[int, ...]) -> np.ndarray:

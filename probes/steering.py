@@ -25,15 +25,18 @@ sweep is one program over the mesh; `sweep_program(...).lower(ShapeDtypeStructs)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models import transformer as T
+from models import sharding as sh, transformer as T
 from models.config import ModelConfig
+from models.generate import generate
 from probes import tasks as tasks_lib
 
 
@@ -229,9 +232,6 @@ def sweep_shardings(mesh, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]) -> 
   """The sweep program's shardings on `mesh` (see `sweep_program`): {"params": tree of NamedSharding (models.sharding
   plan), "arrays": replicated (prefix), "directions": replicated, "starts": per task, batch split over (data, fsdp)
   where data x fsdp divides B, "out": replicated}."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from models import sharding as sh
   rep = NamedSharding(mesh, P())
   nb = mesh.shape["data"] * mesh.shape["fsdp"]
   starts = [NamedSharding(mesh, P(None, sh.BATCH_AXES, None, None)) if t.tokens.shape[0] % nb == 0 else rep
@@ -261,7 +261,6 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
   Raises:
     ValueError: unknown method or a layer out of range.
   """
-  import contextlib
   layers = [int(l) for l in layers]
   if any(not 0 <= l < cfg.n_layers for l in layers):
     raise ValueError(f"layers {layers} out of range for {cfg.n_layers} layers")
@@ -344,7 +343,6 @@ def steered_generations(params, cfg: ModelConfig, task: tasks_lib.GenTask, layer
   Raises:
     ValueError: a layer out of range, or layers / vectors of different lengths.
   """
-  from models.generate import generate
   layers = np.asarray([int(l) for l in layers], np.int32)
   vectors = jnp.asarray(vectors, jnp.float32)
   if vectors.ndim != 2 or vectors.shape[0] != len(layers) or vectors.shape[1] != cfg.d_model:

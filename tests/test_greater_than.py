@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from analysis.greater_than import make_greater_than, prob_diff, year_prob_diff
+from analysis.ioi.greater_than import make_greater_than, prob_diff, year_prob_diff
 from models import transformer as T
 from tests.reference import ours_from_torch, tiny_hf_model
 

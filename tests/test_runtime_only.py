@@ -2,7 +2,7 @@
 unimportable (tests/runtime_only.py). analysis.main, analysis.reversion, analysis.ioi, analysis.avoid_red,
 analysis.survey and probes.sweep are run that way by their own study tests (test_main, test_reversion,
 test_ioi_study, test_avoid_red, test_survey, test_sweep); this file covers train.plan, train.lora and
-analysis.grid, and checks the blocker itself."""
+the avoid-the-red study on a configs/grid.py grid, and checks the blocker itself."""
 import json
 import os
 
@@ -35,9 +35,9 @@ def test_train_lora_quick_without_test_only_packages(tmp_path):
 
 
 @pytest.mark.slow
-def test_analysis_grid_quick_one_point_without_test_only_packages(tmp_path):
+def test_grid_quick_one_point_without_test_only_packages(tmp_path):
   wd = tmp_path / "grid"
-  run_runtime_only("analysis.grid", "--config=configs/grid.py:quick", f"--workdir={wd}",
+  run_runtime_only("analysis.avoid_red", "--config=configs/grid.py:quick", f"--workdir={wd}",
                    "--config.grid.window=('kill',)", "--config.grid.rank=(2,)")
   m = json.loads((wd / "metrics.json").read_text())
   assert m["status"]["ran"] == ["window-kill__rank-2__seed-0"]

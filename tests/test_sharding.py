@@ -22,6 +22,8 @@ from models.params import init_params
 from models.transformer import forward_jit
 from train import checkpoint, engine, losses
 from train import plan as plan_lib
+from train.plan_config import PlanConfig
+from train.typed_config import from_configdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +66,11 @@ def _result(p, timeout=300):
   assert p.returncode == 0, err[-4000:]
   line = next(l for l in out.splitlines() if l.startswith("RESULT"))
   return json.loads(line[len("RESULT "):])
+
+
+def _make_plan(c):
+  """train.plan.make_plan of a configs/plan.py ConfigDict, converted once as `python -m train.plan` does."""
+  return plan_lib.make_plan(from_configdict(PlanConfig, c))
 
 
 def _sds(tree, shardings):
@@ -131,7 +138,7 @@ def _worker_compile_8b(name, fsdp, tensor, expected):
   pc.model, pc.dims.n_layers, pc.lora.rank = name, 2, 16
   pc.mesh.data, pc.mesh.fsdp, pc.mesh.tensor = 8 // (fsdp * tensor), fsdp, tensor
   pc.batch.micro_batch, pc.batch.seq_len = 8, 128
-  plan = plan_lib.make_plan(pc)
+  plan = _make_plan(pc)
   batch_bytes = 8 * 128 * 12 // (8 // tensor)                 # tokens, mask int32 + loss_mask f32, split on B
   scalars = 4 + 8                                             # step int32, rng uint32[2]
   plan_args = plan.totals["weights"] + plan.totals["trainable"] + plan.totals["optimizer"] + batch_bytes + scalars
@@ -307,7 +314,7 @@ def test_plan_matches_compiled_step_memory(remat):
   within 10% of the compiled temp buffers."""
   c = plan_config("smollm2")
   c.remat = remat
-  p = plan_lib.make_plan(c)
+  p = _make_plan(c)
   mesh = sh.make_mesh(devices=jax.devices()[:1])
   step, args = _abstract_lora_step(KNOWN_SHAPES["smollm2-135m"], mesh, "float32", c.lora.rank,
                                    c.batch.micro_batch, c.batch.seq_len, remat)
@@ -353,7 +360,7 @@ def _tiny_plan_config(**mesh):
 
 
 def test_plan_bytes_match_hand_count():
-  p = plan_lib.make_plan(_tiny_plan_config(fsdp=2, tensor=2))
+  p = _make_plan(_tiny_plan_config(fsdp=2, tensor=2))
   # bf16 = 2 bytes; fsdp = tensor = 2 (models.sharding rules; L = 2 layers never split):
   embed = 64 * 32 // 4 * 2                     # [V, D] (tensor, fsdp)
   lm_head = 32 * 64 // 4 * 2                   # [D, V] (fsdp, tensor)
@@ -382,7 +389,7 @@ def test_plan_fallback_notes_and_bad_fields(monkeypatch):
   c = plan_config("qwen2_7b")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 2, 8
   c.batch.micro_batch = 2
-  p = plan_lib.make_plan(c)
+  p = _make_plan(c)
   assert "layers/wk dim 2 (512 = 4 heads) not divisible by tensor=8: replicated over tensor" in p.notes
   assert "layers/wq dim 2 (3584 = 28 heads) not divisible by tensor=8: replicated over tensor" in p.notes
   rows = {r.name: r for r in p.rows if r.group == "weights"}
@@ -392,15 +399,15 @@ def test_plan_fallback_notes_and_bad_fields(monkeypatch):
   c.batch.micro_batch = 3
   with pytest.raises(plan_lib.PlanError, match=r"config.batch.micro_batch=3 is not divisible by mesh.data x "
                                                r"mesh.fsdp = 2"):
-    plan_lib.make_plan(c)
+    _make_plan(c)
   c = _tiny_plan_config()
   c.mesh.tensor = 0
   with pytest.raises(plan_lib.PlanError, match=r"config.mesh.tensor=0 must be an integer >= 1"):
-    plan_lib.make_plan(c)
+    _make_plan(c)
   c = _tiny_plan_config()
   c.dims.d_ff = None
   with pytest.raises(plan_lib.PlanError, match=r"config.dims.d_ff"):
-    plan_lib.make_plan(c)
+    _make_plan(c)
   with pytest.raises(ValueError, match=r"fsdp=3 x tensor=1 must divide the device count 1"):
     sh.make_mesh(fsdp=3)
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")

@@ -10,9 +10,11 @@ import pytest
 
 from configs.sweep import get_config
 from probes import sweep, sweep_report
+from probes.sweep_config import SweepConfig
 from tests.reference import ours_from_torch, tiny_hf_model
 from tests.runtime_only import run_runtime_only
 from tests.test_probes_stats import CharTokenizer
+from train.typed_config import from_configdict
 
 
 def _check_outputs(wd, n_layers, cfg):
@@ -48,6 +50,7 @@ def test_sweep_run_tiny_model(tmp_path, readout):
     config.max_tokens.bias = 96
     config.readout = readout
     config.gen_max_cells = 2
+  config = from_configdict(SweepConfig, config)
   wd = str(tmp_path / "run")
   tok = CharTokenizer()
   params = jax.tree.map(jnp.asarray, params)

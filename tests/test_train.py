@@ -19,6 +19,8 @@ from train import data as D
 from train import checkpoint, engine, losses
 from train.adapters import AdapterError
 from train.loop import train_loop
+from train.train_config import TrainConfig
+from train.typed_config import from_configdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -44,12 +46,17 @@ def _data(n=16, s=12, seed=0):
   return D.TokenizedSet(toks, mask, lm)
 
 
-def _config(**train):
+def _config(top=None, lora=None, lorra=None, **train) -> TrainConfig:
+  """configs/lora.py:quick with rank 4, short fast steps and these overrides (top-level fields, the lora and lorra
+  sections, then train-section fields as keywords), converted once as the entry point does."""
   c = get_config("quick")
   c.lora.rank = 4
   c.train.update(dict(steps=6, micro_batch=8, accum=1, lr=1e-2, warmup_steps=2, save_every=0, progress=False))
   c.train.update(train)
-  return c
+  c.update(top or {})
+  c.lora.update(lora or {})
+  c.lorra.update(lorra or {})
+  return from_configdict(TrainConfig, c)
 
 
 def test_sft_loss_matches_torch_cross_entropy():
@@ -90,8 +97,7 @@ def test_sft_rows_at_scored_positions_equal_the_full_logits_loss():
 
 
 def test_loss_decreases_and_window_stays_zero(tmp_path):
-  c = _config(steps=20, lr=3e-2)
-  c.lora.layers = (1, 1)
+  c = _config(steps=20, lr=3e-2, lora=dict(layers=(1, 1)))
   r = train_loop(_params(), CFG, _data(), c, str(tmp_path))
   loss = [h["loss"] for h in r.history]
   assert loss[-1] < 0.85 * loss[0], loss
@@ -153,7 +159,8 @@ def test_kill_and_resume_is_exact(tmp_path):
 
 
 def test_nan_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
-  c = _config(steps=8, lr=1e30, warmup_steps=0, clip_norm=0.0, save_every=1)
+  c = _config(steps=8, warmup_steps=0, clip_norm=0.0, save_every=1)
+  object.__setattr__(c.train, "lr", 1e30)     # past TrainConfig's lr check (0, 1]: the divergence under test
   with pytest.raises(engine.TrainingDivergedError, match=r"step \d+: non-finite.*Last good checkpoint: step"):
     train_loop(_params(), CFG, _data(), c, str(tmp_path))
   ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
@@ -166,10 +173,7 @@ def test_nan_stops_with_clear_error_and_keeps_good_checkpoint(tmp_path):
 
 
 def test_full_finetune_updates_only_window(tmp_path):
-  c = _config(steps=3)
-  c.mode = "full"
-  c.lora.targets = "wq,w_down,final_norm"
-  c.lora.layers = (2, 2)
+  c = _config(steps=3, top=dict(mode="full"), lora=dict(targets="wq,w_down,final_norm", layers=(2, 2)))
   params = _params()
   r = train_loop(params, CFG, _data(), c, str(tmp_path))
   tr = r.state["trainable"]
@@ -186,11 +190,8 @@ def test_lorra_moves_activations_along_reading_vector(tmp_path):
   train, retain = _data(seed=1), _data(seed=2)
   v = np.random.default_rng(3).normal(size=(CFG.n_layers, CFG.d_model)).astype(np.float32)
   v /= np.linalg.norm(v, axis=-1, keepdims=True)
-  c = _config(steps=25, lr=3e-2)
-  c.objective = "lorra"
-  c.lora.layers = (0, 1)
-  c.lorra.alpha = 2.0
-  c.lorra.layers = (1,)
+  c = _config(steps=25, lr=3e-2, top=dict(objective="lorra"), lora=dict(layers=(0, 1)),
+              lorra=dict(alpha=2.0, layers=(1,)))
   r = train_loop(params, CFG, train, c, str(tmp_path), retain_set=retain, reading=v)
   assert r.history[-1]["loss"] < 0.5 * r.history[0]["loss"]
   lora = r.state["trainable"]
@@ -222,12 +223,10 @@ def test_representation_loss_closed_form():
 
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_layer_and_target_errors(tmp_path):
-  c = _config()
-  c.lora.layers = (0, 7)
+  c = _config(lora=dict(layers=(0, 7)))
   with pytest.raises(AdapterError, match="outside the model"):
     train_loop(_params(), CFG, _data(), c, str(tmp_path / "a"))
-  c = _config()
-  c.lora.targets = "attn_qq"
+  c = _config(lora=dict(targets="attn_qq"))
   with pytest.raises(AdapterError, match="matches no module"):
     train_loop(_params(), CFG, _data(), c, str(tmp_path / "b"))
 
@@ -315,8 +314,7 @@ def test_chat_template_prompt_masking_smollm2():
 
 
 def test_bf16_compute_keeps_fp32_lora(tmp_path):
-  c = _config(steps=8, lr=3e-2)
-  c.dtype = "bfloat16"
+  c = _config(steps=8, lr=3e-2, top=dict(dtype="bfloat16"))
   r = train_loop(_params(), CFG, _data(), c, str(tmp_path))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(r.state["trainable"]))
   assert r.history[-1]["loss"] < r.history[0]["loss"]

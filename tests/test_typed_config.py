@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 
 import ml_collections
 import pytest
@@ -79,3 +80,22 @@ def test_missing_field_and_post_init_errors():
         raise ValueError(f"lr must be > 0, got {self.lr}")
   with pytest.raises(tc.ConfigError, match=r"^config\.train: lr must be > 0, got -1.0$"):
     tc.from_configdict(Checked, {"lr": -1}, "config.train")
+
+
+def test_replace_is_nested_and_rechecked():
+  c = tc.from_configdict(Outer, _cd())
+  r = tc.replace(c, **{"inner.steps": 7, "window": (0.0, 0.5)})
+  assert (r.inner.steps, r.window, r.inner.lr, c.inner.steps) == (7, (0.0, 0.5), 2.0, 3)
+  with pytest.raises(tc.ConfigError, match=r"^config\.inner\.steps: expected int"):
+    tc.replace(c, **{"inner.steps": "7"})
+  with pytest.raises(tc.ConfigError, match=r"^config\.inner\.nope: unknown field"):
+    tc.replace(c, **{"inner.nope": 1})
+
+
+def test_any_fields_are_frozen():
+  @dataclasses.dataclass(frozen=True)
+  class G:
+    window: tuple[typing.Any, ...] = ()
+  g = tc.from_configdict(G, {"window": ["kill", [0.1, 0.5]]})
+  assert g.window == ("kill", (0.1, 0.5))
+  hash(g)

@@ -25,8 +25,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from models.config import ModelConfig
+from models.hf_io import atomic_dir
 from models.params import LAYER_SPECS, layer_shapes
 from models.transformer import LORA_TARGETS
 
@@ -231,9 +233,6 @@ def save_peft(spec: LoraSpec, lora: dict[str, dict[str, Any]], out_dir: str, *, 
   temporary sibling directory renamed onto `out_dir`. `extra` (e.g. the run config) goes to gravlab_lora.json.
   Returns the absolute path.
   """
-  from safetensors.numpy import save_file
-
-  from models.hf_io import atomic_dir
   out_dir = os.path.abspath(out_dir)
   with atomic_dir(out_dir, overwrite) as tmp:
     save_file(peft_tensors(spec, lora), os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -251,7 +250,6 @@ def load_peft(adapter_dir: str, cfg: ModelConfig) -> tuple[LoraSpec, dict[str, d
     AdapterError: missing files, a non-LoRA or unsupported config (DoRA, bias, fan_in_fan_out, rank/alpha
       patterns), or a tensor whose shape does not fit the model (messages name the file and key).
   """
-  from safetensors.numpy import load_file
   cfg_path = os.path.join(adapter_dir, "adapter_config.json")
   w_path = os.path.join(adapter_dir, "adapter_model.safetensors")
   for p in (cfg_path, w_path):

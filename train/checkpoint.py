@@ -1,10 +1,12 @@
-"""Checkpoints: one orbax-checkpoint CheckpointManager per run directory (train state + JSON metadata)."""
+"""Checkpoints: one orbax-checkpoint CheckpointManager per run directory (train state + JSON metadata), shared by
+train.engine.fit (through train.loop.train_loop) and train.loop.fit_chunks."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import orbax.checkpoint as ocp
 
 
 class Checkpointer:
@@ -18,8 +20,6 @@ class Checkpointer:
   clusters); URLs are kept as given."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    import orbax.checkpoint as ocp
-    self._ocp = ocp
     self.directory = directory if "://" in directory else os.path.abspath(directory)   # gs://... kept
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
@@ -34,7 +34,6 @@ class Checkpointer:
     """Save `state` and `meta` at `step` (no-op if that step is already saved)."""
     if step in self.manager.all_steps():
       return
-    ocp = self._ocp
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
@@ -42,11 +41,24 @@ class Checkpointer:
   def restore(self, step: int, like: Any = None) -> tuple[Any, dict[str, Any]]:
     """(state, meta) saved at `step`, laid out like the pytree `like` (same structure, shardings, dtypes);
     with like=None, as saved (plain nested containers of host-default arrays)."""
-    ocp = self._ocp
     abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
+  def restore_latest(self, like: Any) -> tuple[int | None, Any, dict[str, Any] | None]:
+    """(newest step, its state laid out like `like`, its meta), or (None, like, None) without a checkpoint."""
+    step = self.latest_step()
+    if step is None:
+      return None, like, None
+    state, meta = self.restore(step, like)
+    return step, state, meta
+
   def close(self) -> None:
     self.manager.close()
+
+
+def common_step(checkpointers: Sequence[Checkpointer]) -> int | None:
+  """The newest step every one of `checkpointers` has saved (runs resumed together), or None."""
+  steps = set.intersection(*(set(c.manager.all_steps()) for c in checkpointers)) if checkpointers else set()
+  return max(steps) if steps else None

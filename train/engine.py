@@ -1,5 +1,6 @@
-"""The training engine: optimizer, ONE jitted train step, the loop (devices and shardings: train/mesh.py, re-exported
-here; orbax checkpoints: train/checkpoint.py).
+"""The training engine: optimizer, the sharded gradient-accumulating train step, the loop (devices and shardings:
+train/mesh.py, re-exported here; the state format and update: train/step.py; orbax checkpoints:
+train/checkpoint.py).
 
 Parallelism (no pmap): a `jax.sharding.Mesh` with axes ("data", "fsdp", "tensor") over all devices (all hosts
 after `jax.distributed.initialize`), built by `models.sharding.make_mesh` (re-exported here). The batch axis is
@@ -16,10 +17,8 @@ auto-detected on Cloud TPU and SLURM); each process loads only the rows of the g
 (`process_rows`, `put_batch(batch_size=...)`); every process calls `Checkpointer.save` (orbax writes each
 host's shards; the directory must be shared, e.g. gs://...); `to_host` gathers sharded results.
 
-Train state (a plain dict pytree, what orbax saves): step (int32), trainable (LoRA factors or full-fine-tuning
-tensors, float32 master weights by default), opt_state (optax), rng (uint32[2] PRNGKey, folded with the step for
-any randomness; the objectives here are deterministic). Data order is a function of (seed, step)
-(train.data.batch_indices), so restoring a checkpoint continues exactly.
+Train state: train.step's format {step, trainable, opt_state, rng} (`init_state`, re-exported here); the update
+and the SFT task loss are train.step's, shared with the reversion arms' scanned step (train.scan).
 """
 from __future__ import annotations
 
@@ -32,13 +31,22 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tqdm import tqdm
+
 from models.config import ModelConfig
-from models.sharding import BATCH_AXES, MESH_AXES, make_mesh  # noqa: F401 (make_mesh / MESH_AXES re-exported)
+from models.sharding import BATCH_AXES, MESH_AXES, make_mesh
 from models.transformer import forward
 from train import losses
 from train.checkpoint import Checkpointer
-from train.mesh import (maybe_initialize_distributed, param_sharding, process_rows, put_batch,  # noqa: F401
-                        put_tree, replicated, state_sharding, state_specs, to_host)
+from train.mesh import (maybe_initialize_distributed, param_sharding, process_rows, put_batch, put_tree, replicated,
+                        state_sharding, state_specs, to_host)
+from train.step import apply_gradients, init_state, sft_loss
+
+__all__ = [  # the engine's own names, and those it re-exports (train.mesh, train.step, models.sharding)
+    "TrainingDivergedError", "make_optimizer", "StepConfig", "assemble", "batch_weights", "objective",
+    "make_train_step", "fit", "init_state", "make_mesh", "MESH_AXES", "maybe_initialize_distributed",
+    "param_sharding", "process_rows", "put_batch", "put_tree", "replicated", "state_sharding", "state_specs",
+    "to_host"]
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -128,8 +136,7 @@ def objective(trainable: Any, frozen: dict[str, Any], mb: dict[str, jax.Array], 
   params, lora = assemble(trainable, frozen, sc)
   kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat, lora_from=sc.lora_from)
   if sc.objective == "sft":
-    rows = losses.sft_rows(params, cfg, mb["tokens"], mb["mask"], mb["loss_mask"], sc.n_targets, **kw)
-    return jnp.sum(rows) / jnp.maximum(weights["main"], 1.0)
+    return sft_loss(params, cfg, mb, weights["main"], sc.n_targets, **kw)
   idx = jnp.asarray(sc.lorra_layers) + 1
 
   def resid(p, toks, mask, lora_kw):
@@ -149,29 +156,24 @@ def objective(trainable: Any, frozen: dict[str, Any], mb: dict[str, jax.Array], 
   return loss
 
 
-def init_state(trainable: Any, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
-  """Fresh train state {step, trainable, opt_state, rng}."""
-  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
-          "rng": jax.random.PRNGKey(seed)}
-
-
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable,
-                    update_mask: Any, mesh: Mesh, state_sharding: Any, frozen_sharding: Any) -> Callable:
+                    update_mask: Any, mesh: Mesh, state_sh: Any, frozen_sh: Any) -> Callable:
   """The jitted train step `step(state, frozen, batch, reading) -> (state, metrics)`.
 
   batch: `{name: [accum, B, S]}` (put_batch); the accum axis is a `lax.scan` (gradient accumulation inside the
   one compiled program). update_mask: pytree like `trainable` of 0/1 arrays (broadcastable) multiplying the
-  optimizer updates, which keeps layers outside the LoRA window exactly zero. metrics: loss (the objective's
-  mean over the global batch), grad_norm (before clipping), lr, finite (1.0 iff loss, gradient and updated
-  parameters are all finite).
+  optimizer updates, which keeps layers outside the LoRA window exactly zero (the update is train.step's
+  `apply_gradients`). metrics: loss (the objective's mean over the global batch), grad_norm (before clipping),
+  lr, finite (1.0 iff loss, gradient and updated parameters are all finite).
 
-  Shardings: `jax.jit(in_shardings=(state_sharding, frozen_sharding, batch over (data, fsdp), reading
-  unspecified), out_shardings=(state_sharding, replicated))`; the body is traced with `mesh` active
-  (`jax.sharding.use_abstract_mesh`), so the forward pass's activation constraints apply, and the gradient
-  accumulators are constrained to the trainables' shardings (reduce-scattered, never replicated). Lower it for
-  an 8B model without weights: `step.lower(*ShapeDtypeStructs with these shardings).compile()`.
+  Shardings: `jax.jit(in_shardings=(state_sh, frozen_sh, batch over (data, fsdp), reading unspecified),
+  out_shardings=(state_sh, replicated))` (state_sh from `state_sharding`, frozen_sh from `param_sharding`); the
+  body is traced with `mesh` active (`jax.sharding.use_abstract_mesh`), so the forward pass's activation
+  constraints apply, and the gradient accumulators are constrained to the trainables' shardings
+  (reduce-scattered, never replicated). Lower it for an 8B model without weights:
+  `step.lower(*ShapeDtypeStructs with these shardings).compile()`.
   """
-  tr_sh = state_sharding.get("trainable") if isinstance(state_sharding, dict) else None
+  tr_sh = state_sh.get("trainable") if isinstance(state_sh, dict) else None
 
   def step(state, frozen, batch, reading):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -190,22 +192,14 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
       return (g_acc, l_acc + l), None
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state["trainable"])
     (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["trainable"])
-    gnorm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, update_mask)
-    trainable = optax.apply_updates(state["trainable"], updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trainable)]))
-    new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+    new, gnorm, finite = apply_gradients(state, grads, tx, update_mask)
     metrics = {"loss": loss, "grad_norm": gnorm, "lr": schedule(state["step"]),
-               "finite": finite.astype(jnp.float32)}
+               "finite": (jnp.isfinite(loss) & finite).astype(jnp.float32)}
     return new, metrics
 
   rep = NamedSharding(mesh, P())
   batch_sh = NamedSharding(mesh, P(None, BATCH_AXES, None))
-  return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, batch_sh, None),
-                 out_shardings=(state_sharding, rep))
+  return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh, None), out_shardings=(state_sh, rep))
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -225,7 +219,6 @@ def fit(step_fn: Callable, state: Any, frozen: Any, reading: Any, *, mesh: Mesh,
   tokens; tokens_per_step(host) sees only its rows).
   Returns (final state, list of per-step metric dicts).
   """
-  from tqdm import tqdm
   start = int(state["step"])
   end = total_steps if stop_after is None else min(total_steps, stop_after)
   history = []

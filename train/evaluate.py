@@ -14,6 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import tokenizer as tk
+from models.generate import generate
+from train.losses import max_targets, sft_rows, sft_weight
+
 REFUSAL_PHRASES = (
     "i'm sorry", "i am sorry", "i apologize", "i can't", "i cannot", "i can not", "i won't", "i will not",
     "i'm not able", "i am not able", "i'm unable", "i am unable", "as an ai", "i must decline", "not appropriate",
@@ -37,8 +41,6 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, max_new_
   to its longest prompt rounded up to `length_multiple` tokens: little padding, and a few compiled shapes shared
   by every call instead of one compilation per batch length.
   """
-  from models import tokenizer as tk
-  from models.generate import generate
   eos = tk.eos_ids(tokenizer, cfg)
   rows = [tokenizer.encode(tk.chat_prompt(tokenizer, p, system), add_special_tokens=False) for p in prompts]
   order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
@@ -70,7 +72,6 @@ def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch
   head runs only at the k scored positions per row (train.losses.sft_rows; default the data set's
   `max_targets`; pass one k for several sets of the same length to share one compilation).
   """
-  from train.losses import max_targets
   k = max_targets(data.loss_mask) if k is None else int(k)
   out = []
   for i in range(0, len(data), batch):
@@ -88,6 +89,5 @@ def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "k"))
 def _nll_rows(params, tokens, mask, loss_mask, cfg, lora, lora_scale, k):
-  from train.losses import sft_rows, sft_weight
   per = sft_rows(params, cfg, tokens, mask, loss_mask, k, lora=lora, lora_scale=lora_scale)
   return per, jax.vmap(sft_weight)(loss_mask)

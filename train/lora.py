@@ -8,7 +8,8 @@ merged/ (HF safetensors, if export.merged), generations.jsonl, figures/loss.png,
 (held-out refusal rates before / after when eval.refusal).
 
 Library use: `train.loop.train_loop(params, cfg, train_set, config, workdir)` trains on already tokenised arrays;
-`run(config, workdir)` is the whole job.
+`run(config, workdir)` is the whole job. Both take a train.train_config.TrainConfig; `__main__` converts the
+ConfigDict of configs/lora.py once (train.rundir.run_app(typed=TrainConfig)).
 """
 from __future__ import annotations
 
@@ -17,24 +18,29 @@ import json
 import os
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from train.loop import objective_sets, train_loop
+from models import registry
+from models.config import ModelConfig
+from models.gguf_io import config_from_gguf
+from models.hf_io import save_hf
+from models.loading import load, load_tokenizer
+from models.sharding import sharding_fn
+from train import adapters, evaluate
+from train import data as D
+from train.engine import assemble, to_host
+from train.loop import objective_sets, train_loop, train_mesh
+from train.rundir import Workdir, default_workdir, run_app, write_json, write_text
+from train.train_config import TrainConfig
+from train.typed_config import to_dict
 
 
-def run(config, workdir: str | None = None) -> str:
+def run(config: TrainConfig, workdir: str | None = None) -> str:
   """The whole job (load, data, optional before-eval, train / resume, export, after-eval, report).
   Returns the report path."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from train.rundir import Workdir, default_workdir, write_json, write_text
-  from models.loading import load, load_tokenizer
-  from models.sharding import sharding_fn
-  from train import evaluate
-  from train.loop import train_mesh
-
   mesh = train_mesh(config)          # multi-host init (if asked) before any device is touched
   workdir = workdir or default_workdir(config.model.split("/")[-1].removesuffix(".gguf") + "-lora")
   wd = Workdir(workdir, config)
@@ -101,7 +107,6 @@ def _examples(config):
   """(examples, training refusal pairs or None, held-out refusal pairs) from config.data.
 
   Raises train.data.DatasetError for an unknown config.data.source."""
-  from train import data as D
   if config.data.source == "refusal":
     pairs = D.refusal_pairs(tuple(config.data.refusal_sets))
     train_pairs, heldout = D.refusal_split(pairs, config.data.heldout, config.seed)
@@ -116,18 +121,12 @@ def _examples(config):
 def _export(config, result, params, cfg, tok, wd) -> dict:
   """Write the PEFT adapter and / or the merged HF model as config.export asks; returns the keyword arguments
   that evaluate the trained model (LoRA factors and scale, or merged parameters)."""
-  import jax
-  import jax.numpy as jnp
-
-  from models.hf_io import save_hf
-  from train import adapters
-  from train.engine import assemble, to_host
   trained = to_host(result.state["trainable"])
   if result.spec is not None:
     lora = jax.tree.map(jnp.asarray, trained)
     if config.export.peft:
       adapters.save_peft(result.spec, lora, wd.file("adapter"), base_model=config.model,
-                         extra={"config": config.to_dict()})
+                         extra={"config": to_dict(config)})
     merged = adapters.merge_lora(params, lora, result.spec.scale) if config.export.merged else None
     eval_kw = dict(lora=jax.tree.map(lambda x: x.astype(jnp.dtype(config.dtype)), lora), scale=result.spec.scale)
   else:
@@ -142,7 +141,7 @@ def _loss_figure(config, hist, wd) -> str:
   """figures/loss.png (loss against step); returns its path relative to the workdir."""
   import matplotlib  # local: only runs that plot a loss curve need it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # local: after selecting the Agg backend
   fig, ax = plt.subplots(figsize=(5, 3.2))
   ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1.5)
   ax.set_xlabel("step")
@@ -156,11 +155,8 @@ def _loss_figure(config, hist, wd) -> str:
 
 def _model_config(model: str):
   """The ModelConfig of a model argument, read without its weights (config.json or GGUF metadata)."""
-  from models import registry
-  from models.config import ModelConfig
   src = registry.resolve(model)
   if src.kind == "gguf":
-    from models.gguf_io import config_from_gguf
     return config_from_gguf(src.path)
   return ModelConfig.from_hf_file(os.path.join(src.path, "config.json"))
 
@@ -187,5 +183,4 @@ def _report(config, s, fig_rel) -> str:
 
 
 if __name__ == "__main__":
-  from train.rundir import run_app
-  run_app(run, "configs/lora.py", "Run directory (default runs/<date>-<model>-lora).")
+  run_app(run, "configs/lora.py", "Run directory (default runs/<date>-<model>-lora).", typed=TrainConfig)

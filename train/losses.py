@@ -6,11 +6,13 @@ or shards is then bit-for-bit the mean over the whole batch, up to float summati
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from models.transformer import forward
 
 
 def sft_loss_sum(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -70,7 +72,6 @@ def sft_rows(params, cfg, tokens: jax.Array, mask: jax.Array, loss_mask: jax.Arr
   Returns:
     `[B]` float32 sums; divide by `sft_weight` for the mean.
   """
-  from models.transformer import forward
   if k <= 0:
     logits, _ = forward(params, tokens, cfg, attention_mask=mask, **forward_kw)
     logits, tgt, w = logits[:, :-1].astype(jnp.float32), tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
@@ -133,6 +134,7 @@ def lorra_targets(frozen_resid: jax.Array, reading: jax.Array, alpha: float, lay
 
 
 # ---- reversion auxiliary objectives (Poppi & Lukas 2026, arXiv 2606.28525): motion along v_rev
+# (train.scan's arms: block and push add these terms to the SFT loss, project edits the SFT gradient)
 def projection_on_vrev(mean_t: jax.Array, mean_aligned: jax.Array, v_rev: jax.Array,
                        layer_weights: jax.Array | None = None) -> jax.Array:
   """sum_l w_l <d_t(l), v_rev(l) / ||v_rev(l)||>: signed motion along the reversion direction (scalar).
@@ -156,3 +158,18 @@ def push_loss(mean_t, mean_aligned, v_rev, lam: float, scale: float = 1.0, layer
   """-lam * scale * tanh(projection / scale): rewards motion along v_rev, bounded (stabilised) by tanh."""
   p = projection_on_vrev(mean_t, mean_aligned, v_rev, layer_weights)
   return -lam * scale * jnp.tanh(p / scale)
+
+
+def tree_dot(a: Any, b: Any) -> jax.Array:
+  """<a, b> summed over every leaf of two pytrees of the same structure."""
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def project_gradient(grads: Any, h: Any) -> tuple[Any, jax.Array]:
+  """The project arm: the task gradient g without its component along h = grad p whenever a descent step would
+  increase p (<g, h> < 0): g - <g, h> / |h|^2 h (gradient projection as PCGrad, Yu et al. 2020, with one fixed
+  "task" h); g unchanged otherwise. Returns (projected gradient, cos(g, h) before the projection)."""
+  gh, hh = tree_dot(grads, h), tree_dot(h, h)
+  cos_gh = gh / jnp.maximum(jnp.sqrt(tree_dot(grads, grads) * hh), 1e-30)
+  coef = jnp.where(gh < 0, gh / jnp.maximum(hh, 1e-30), 0.0)
+  return jax.tree.map(lambda g, x: g - coef * x, grads, h), cos_gh

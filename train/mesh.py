@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.config import ModelConfig
@@ -108,8 +109,6 @@ def put_tree(tree: Any, shardings: Any) -> Any:
 def to_host(tree: Any) -> Any:
   """numpy copies of every leaf, gathering shards held by other processes
   (`jax.experimental.multihost_utils.process_allgather`) where an array is not fully addressable."""
-  from jax.experimental import multihost_utils
-
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))

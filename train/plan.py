@@ -2,6 +2,9 @@
 
     python -m train.plan --config=configs/plan.py:llama3_8b [--config.mode=full --config.mesh.fsdp=8 ...]
 
+The ConfigDict of configs/plan.py is converted once into a train.plan_config.PlanConfig (typed, frozen);
+`make_plan` takes the PlanConfig.
+
 Prints the mesh, every parameter's shape / PartitionSpec (models.sharding) / bytes per device, the mesh axes
 dropped for divisibility, and per device: frozen weights, trainables (LoRA factors or full-fine-tuning master
 copies), optimizer state (AdamW moments from `jax.eval_shape(tx.init, ...)` laid out by
@@ -28,6 +31,21 @@ import math
 import os
 import sys
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from models import registry
+from models import sharding as sh
+from models.config import KNOWN_SHAPES, ModelConfig
+from models.errors import ModelError
+from models.gguf_io import config_from_gguf
+from models.params import param_shapes
+from train import adapters, engine
+from train.plan_config import PlanConfig
+from train.typed_config import ConfigError, from_configdict
 
 GIB = 2 ** 30
 
@@ -58,7 +76,7 @@ class Plan:
   totals: dict
   notes: list
   memory_bytes: int
-  config: Any
+  config: PlanConfig
 
   @property
   def total(self) -> int:
@@ -71,13 +89,12 @@ PARTS = {"weights": "frozen weights", "trainable": "trainable tensors", "optimiz
          "gathered": "largest fsdp-gathered weights (layer / embed / head)"}
 
 
-def model_config(config):
+def model_config(config: PlanConfig) -> ModelConfig:
   """The ModelConfig of `config.model` with `config.dims` overrides, read without weights.
 
   Raises PlanError naming the field: an unknown model, or "custom" with a dims field unset.
   """
-  from models.config import KNOWN_SHAPES, ModelConfig
-  dims = {k: v for k, v in config.dims.items() if v is not None}
+  dims = config.dims_overrides()
   model = config.model
   if model == "custom":
     missing = [f for f in ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
@@ -88,55 +105,47 @@ def model_config(config):
   if model in KNOWN_SHAPES:
     cfg = KNOWN_SHAPES[model]
   else:
-    from models import registry
-    from models.errors import ModelError
     try:
       src = registry.resolve(model, assemble_missing=False)
     except ModelError as e:
       raise PlanError(f"config.model={model!r}: not in models.config.KNOWN_SHAPES {sorted(KNOWN_SHAPES)} and not "
                       f"a registry model, HF directory or .gguf file ({e})") from e
     if src.kind == "gguf":
-      from models.gguf_io import config_from_gguf
       cfg = config_from_gguf(src.path)
     else:
       cfg = ModelConfig.from_hf_file(os.path.join(src.path, "config.json"))
   return cfg.replace(**dims) if dims else cfg
 
 
-def _check(config) -> dict[str, int]:
+def _check(config: PlanConfig) -> dict[str, int]:
+  """The mesh as {axis: size}; raises PlanError naming a bad field (values make_plan cannot plan)."""
   mesh = {}
   for ax in ("data", "fsdp", "tensor"):
-    v = config.mesh[ax]
+    v = getattr(config.mesh, ax)
     if not isinstance(v, int) or v < 1:
       raise PlanError(f"config.mesh.{ax}={v!r} must be an integer >= 1")
     mesh[ax] = v
   if config.mode not in ("lora", "full"):
     raise PlanError(f"config.mode must be 'lora' or 'full', got {config.mode!r}")
   for f in ("micro_batch", "accum", "seq_len"):
-    if int(config.batch[f]) < 1:
-      raise PlanError(f"config.batch.{f}={config.batch[f]!r} must be >= 1")
+    if getattr(config.batch, f) < 1:
+      raise PlanError(f"config.batch.{f}={getattr(config.batch, f)!r} must be >= 1")
   nb = mesh["data"] * mesh["fsdp"]
   if config.batch.micro_batch % nb:
     raise PlanError(f"config.batch.micro_batch={config.batch.micro_batch} is not divisible by "
                     f"mesh.data x mesh.fsdp = {nb}")
-  if not float(config.memory_gib) > 0:
+  if not config.memory_gib > 0:
     raise PlanError(f"config.memory_gib={config.memory_gib!r} must be > 0")
-  import jax.numpy as jnp
   for f in ("dtype", "param_dtype"):
     try:
-      jnp.dtype(config[f])
+      jnp.dtype(getattr(config, f))
     except TypeError as e:
-      raise PlanError(f"config.{f}={config[f]!r} is not a dtype") from e
+      raise PlanError(f"config.{f}={getattr(config, f)!r} is not a dtype") from e
   return mesh
 
 
-def _trainable_shapes(cfg, config, dtype):
+def _trainable_shapes(cfg, config: PlanConfig, dtype):
   """ShapeDtypeStructs of the trainables (train.loop.trainables without arrays) and the LoRA spec or None."""
-  import jax
-  import jax.numpy as jnp
-
-  from models.params import param_shapes
-  from train import adapters
   if config.mode == "lora":
     spec = adapters.LoraSpec.create(cfg, rank=config.lora.rank, alpha=2.0 * config.lora.rank,
                                     targets=config.lora.targets)
@@ -169,13 +178,8 @@ def _local_config(cfg, t: int):
                      vocab_size=cfg.vocab_size // t if cfg.vocab_size % t == 0 else cfg.vocab_size), note
 
 
-def _saved_bytes(local, config, b: int, remat: bool) -> int:
+def _saved_bytes(local, config: PlanConfig, b: int, remat: bool) -> int:
   """Bytes of the residuals vjp keeps for the objective on the per-device problem `local` with b sequences."""
-  import jax
-  import jax.numpy as jnp
-
-  from models.params import param_shapes
-  from train import engine
   S = config.batch.seq_len
   dt = jnp.dtype(config.dtype)
   frozen = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt), param_shapes(local),
@@ -206,7 +210,7 @@ def _saved_bytes(local, config, b: int, remat: bool) -> int:
   return total
 
 
-def activation_bytes(cfg, config, mesh: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+def activation_bytes(cfg, config: PlanConfig, mesh: dict[str, int]) -> tuple[dict[str, int], list[str]]:
   """Per-device activation memory of one micro-batch (module docstring), traced on ShapeDtypeStructs.
 
   Returns ({"activations": residuals kept for the backward pass, "layer_working_set": with config.remat, the
@@ -214,21 +218,16 @@ def activation_bytes(cfg, config, mesh: dict[str, int]) -> tuple[dict[str, int],
   """
   local, note = _local_config(cfg, mesh["tensor"])
   b = config.batch.micro_batch // (mesh["data"] * mesh["fsdp"])
-  out = {"activations": _saved_bytes(local, config, b, bool(config.remat)), "layer_working_set": 0}
+  out = {"activations": _saved_bytes(local, config, b, config.remat), "layer_working_set": 0}
   if config.remat:
     one = _saved_bytes(local.replace(n_layers=1), config, b, False)
     out["layer_working_set"] = _saved_bytes(local.replace(n_layers=2), config, b, False) - one
   return out, [note] if note else []
 
 
-def make_plan(config) -> Plan:
-  """The plan for a configs/plan.py config (see module docstring). Raises PlanError for a bad field."""
-  import jax
-  import jax.numpy as jnp
-
-  from models import sharding as sh
-  from models.params import param_shapes
-  from train import engine
+def make_plan(config: PlanConfig) -> Plan:
+  """The plan for a PlanConfig (configs/plan.py converted; see module docstring). Raises PlanError for a bad
+  field."""
   mesh = _check(config)
   cfg = model_config(config)
   dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
@@ -267,14 +266,12 @@ def make_plan(config) -> Plan:
   act, act_notes = activation_bytes(cfg, config, mesh)
   totals.update(act)
   totals["gathered"] = gathered_bytes(cfg, mesh, dt) if mesh["fsdp"] > 1 else 0
-  return Plan(cfg, mesh, rows, totals, notes + act_notes, int(float(config.memory_gib) * GIB), config)
+  return Plan(cfg, mesh, rows, totals, notes + act_notes, int(config.memory_gib * GIB), config)
 
 
 def gathered_bytes(cfg, mesh: dict[str, int], dtype) -> int:
   """The FSDP working set: the largest set of weights XLA all-gathers over "fsdp" at once (tensor split kept):
   one decoder layer's weights, the token embedding or the LM head, whichever is largest (bytes per device)."""
-  from models import sharding as sh
-  from models.params import param_shapes
   no_fsdp = dict(mesh, fsdp=1)
   shapes = param_shapes(cfg)
   layer = 0
@@ -316,7 +313,7 @@ def format_plan(plan: Plan, per_tensor: bool = True) -> str:
            + (f" (rank {conf.lora.rank}, targets {conf.lora.targets})" if conf.mode == "lora"
               else f" (targets {conf.lora.targets})")
            + f"; dtype {conf.dtype}, trainables {conf.param_dtype}; micro-batch {conf.batch.micro_batch} x "
-           f"{conf.batch.seq_len} tokens (x{conf.batch.accum} accumulation); remat {bool(conf.remat)}", ""]
+           f"{conf.batch.seq_len} tokens (x{conf.batch.accum} accumulation); remat {conf.remat}", ""]
   if per_tensor:
     lines += [f"{'group':<10} {'tensor':<22} {'shape':<24} {'dtype':<9} {'spec':<26} {'bytes/device':>14}"]
     for r in plan.rows:
@@ -350,12 +347,11 @@ def check_fits(plan: Plan) -> None:
 
 
 def main(argv) -> None:
+  """Convert --config once into a PlanConfig, print the plan, exit 1 with a message if it does not fit."""
   del argv
-  from absl import flags
-  config = flags.FLAGS.config
   try:
-    plan = make_plan(config)
-  except PlanError as e:
+    plan = make_plan(from_configdict(PlanConfig, flags.FLAGS.config))
+  except (ConfigError, PlanError) as e:
     sys.exit(f"error: {e}")
   print(format_plan(plan))
   try:
@@ -365,7 +361,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", "configs/plan.py", "Config file (path:preset).", lock_config=True)
   app.run(main)

@@ -12,6 +12,9 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+from absl import app, flags
+from ml_collections import config_flags
+
 from train import typed_config
 
 
@@ -87,7 +90,7 @@ class Workdir:
 
   def tensorboard(self):
     if self._tb is None:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter   # local: only runs that log scalars need it
       self._tb = SummaryWriter(self.file("tb", ".keep")[:-len(".keep")])
     return self._tb
 
@@ -112,8 +115,6 @@ def run_app(run, config_file: str, workdir_help: str, typed: type | None = None)
   field stops the program with one line naming it before anything runs. Flags are defined here, at program
   start, never at import time, so entry-point modules can import each other.
   """
-  from absl import app, flags
-  from ml_collections import config_flags
   flags.DEFINE_string("workdir", None, workdir_help)
   config_flags.DEFINE_config_file("config", config_file, "Config file (path:preset).", lock_config=True)
 

@@ -4,7 +4,7 @@
 seeds (a leading seed axis on the train state and the batches), and after each update measures the mean residual
 activation of a fixed probe-prompt set at every layer boundary, its drift from a reference (theta_aligned) and
 the drift's cosine with a reference direction (v_rev): the gravitational-reversion measurement of Poppi & Lukas
-2026 (arXiv 2606.28525), analysis/reversion_metrics.py. The same program serves four arms (static `arm`):
+2026 (arXiv 2606.28525), analysis/reversion/metrics.py. The same program serves four arms (static `arm`):
 
   baseline  SFT loss only.
   block     SFT + lam * relu(p)^2, p = motion of the probe activations along v_rev (train.losses.block_loss).
@@ -15,8 +15,11 @@ the drift's cosine with a reference direction (v_rev): the gravitational-reversi
             per coordinate, so this is a block, not a guarantee.
 
 All arms use the same optimizer, the same data order and the same LoRA initialisation per seed; block with
-lam = 0 is the baseline bit for bit (tests/test_reversion.py). Chunks of the scan are resumable: the caller
-checkpoints the state between chunks (analysis/reversion.py); a chunk of length T is the whole run.
+lam = 0 is the baseline bit for bit (tests/test_reversion.py). The state is train.step's {step, trainable,
+opt_state, rng} (trainable = the LoRA factors; `init_state` / `stack_states` there), the SFT task loss and the
+update are train.step's (as in train.engine's sharded step), and the block / push / project terms are
+train.losses'. Chunks of the scan are resumable: train.loop.fit_chunks checkpoints the state between chunks; a
+chunk of length T is the whole run.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from models.config import ModelConfig
 from models.readout import cosine, mean_activation
 from models.transformer import forward
 from train import losses
+from train.step import apply_gradients, sft_loss
 
 ARMS = ("baseline", "block", "push", "project")
 
@@ -72,64 +76,64 @@ def _layer_weights(n: int, aux_layers: tuple[int, ...]) -> jax.Array:
   return jnp.zeros(n, jnp.float32).at[idx].set(1.0 / len(idx))
 
 
-def _tree_dot(a, b):
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def _arm_gradients(cfg: ModelConfig, sc: ScanConfig) -> Callable:
+  """`grads(lora, frozen, batch, probe, ref) -> (grads, task, aux, cos_gh)` of the arm (make_step's metrics)."""
+  lw = _layer_weights(cfg.n_layers + 1, sc.aux_layers)
+
+  def task_loss(lora, frozen, batch):
+    return sft_loss(frozen, cfg, batch, losses.sft_weight(batch["loss_mask"]), sc.n_targets, lora=lora,
+                    lora_scale=sc.lora_scale)
+
+  def aux_term(lora, frozen, probe, ref):
+    """block / push: the term added to the loss; project: p, the motion along v_rev whose gradient is h."""
+    m = probe_mean(frozen, lora, cfg, probe, sc.lora_scale, sc.position)
+    if sc.arm == "block":
+      return losses.block_loss(m, ref["mean_aligned"], ref["v_rev"], sc.lam, lw)
+    if sc.arm == "push":
+      return losses.push_loss(m, ref["mean_aligned"], ref["v_rev"], sc.lam, sc.push_scale, lw)
+    return losses.projection_on_vrev(m, ref["mean_aligned"], ref["v_rev"], lw)
+
+  def grads_of(lora, frozen, batch, probe, ref):
+    zero = jnp.zeros((), jnp.float32)
+    if sc.arm in ("block", "push"):
+      def total(lr_):
+        t, a = task_loss(lr_, frozen, batch), aux_term(lr_, frozen, probe, ref)
+        return t + a, (t, a)
+      (_, (task, aux)), grads = jax.value_and_grad(total, has_aux=True)(lora)
+      return grads, task, aux, zero
+    task, grads = jax.value_and_grad(task_loss)(lora, frozen, batch)
+    if sc.arm == "project":
+      grads, cos_gh = losses.project_gradient(grads, jax.grad(aux_term)(lora, frozen, probe, ref))
+      return grads, task, zero, cos_gh
+    return grads, task, zero, zero
+
+  return grads_of
 
 
 def make_step(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation) -> Callable:
   """One fine-tuning step `step(state, frozen, batch, probe, ref) -> (state, metrics)` (pure, unjitted).
 
-  state: {"step": int32, "lora": {target: {"a", "b"}}, "opt_state"}. frozen: model params (theta_aligned).
-  batch: tokens / mask `[B, S]` int32, loss_mask `[B, S]` float32 (right-padded SFT rows). probe: tokens / mask
-  `[P, Sp]` (left-padded prompts). ref: {"mean_aligned": `[L+1, D]`, "v_rev": `[L+1, D]`} float32.
+  state: train.step's {"step": int32, "trainable": {target: {"a", "b"}} (the LoRA), "opt_state", "rng"}.
+  frozen: model params (theta_aligned). batch: tokens / mask `[B, S]` int32, loss_mask `[B, S]` float32
+  (right-padded SFT rows). probe: tokens / mask `[P, Sp]` (left-padded prompts). ref: {"mean_aligned": `[L+1, D]`,
+  "v_rev": `[L+1, D]`} float32.
   metrics (float32): task (SFT nats / target token), aux (block / push term, 0 otherwise), grad_norm (the
-  applied gradient), cos_gh (cosine of the task gradient with grad p; project and block/push arms, else 0),
+  applied gradient), cos_gh (cosine of the task gradient with grad p; project arm, else 0),
   align `[L]` = cos(d_{t+1}(l), v_rev(l)) and proj `[L]` = <d_{t+1}(l), v_rev(l)/|v_rev(l)|> at the decoder-layer
   outputs l = 1..L (the embeddings are not adapted), after the update, and align_all = the cosine over their
   concatenation.
   """
-  n = cfg.n_layers + 1
-  lw = _layer_weights(n, sc.aux_layers)
-
-  def motion(lora, frozen, probe, ref):
-    m = probe_mean(frozen, lora, cfg, probe, sc.lora_scale, sc.position)
-    return losses.projection_on_vrev(m, ref["mean_aligned"], ref["v_rev"], lw)
-
-  def task_loss(lora, frozen, batch):
-    rows = losses.sft_rows(frozen, cfg, batch["tokens"], batch["mask"], batch["loss_mask"], sc.n_targets,
-                           lora=lora, lora_scale=sc.lora_scale)
-    return jnp.sum(rows) / jnp.maximum(losses.sft_weight(batch["loss_mask"]), 1.0)
+  grads_of = _arm_gradients(cfg, sc)
 
   def step(state, frozen, batch, probe, ref):
-    lora = state["lora"]
-    zero = jnp.zeros((), jnp.float32)
-    cos_gh = zero
-    if sc.arm in ("block", "push"):
-      def total(lr_):
-        t = task_loss(lr_, frozen, batch)
-        p = motion(lr_, frozen, probe, ref)
-        a = (sc.lam * jnp.square(jax.nn.relu(p)) if sc.arm == "block"
-             else -sc.lam * sc.push_scale * jnp.tanh(p / sc.push_scale))
-        return t + a, (t, a)
-      (_, (task, aux)), grads = jax.value_and_grad(total, has_aux=True)(lora)
-    else:
-      task, grads = jax.value_and_grad(task_loss)(lora, frozen, batch)
-      aux = zero
-      if sc.arm == "project":
-        h = jax.grad(motion)(lora, frozen, probe, ref)
-        gh, hh = _tree_dot(grads, h), _tree_dot(h, h)
-        cos_gh = gh / jnp.maximum(jnp.sqrt(_tree_dot(grads, grads) * hh), 1e-30)
-        coef = jnp.where(gh < 0, gh / jnp.maximum(hh, 1e-30), 0.0)
-        grads = jax.tree.map(lambda g, x: g - coef * x, grads, h)
-    gnorm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], lora)
-    lora = optax.apply_updates(lora, updates)
-    m = probe_mean(frozen, lora, cfg, probe, sc.lora_scale, sc.position)
+    grads, task, aux, cos_gh = grads_of(state["trainable"], frozen, batch, probe, ref)
+    new, gnorm, _ = apply_gradients(state, grads, tx)
+    m = probe_mean(frozen, new["trainable"], cfg, probe, sc.lora_scale, sc.position)
     d, v = (m - ref["mean_aligned"])[1:], ref["v_rev"][1:]          # decoder-layer outputs 1..L
     u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
     metrics = {"task": task, "aux": aux, "grad_norm": gnorm, "cos_gh": cos_gh, "align": cosine(d, v),
                "proj": jnp.sum(d * u, axis=-1), "align_all": cosine(d.reshape(-1), v.reshape(-1))}
-    return {"step": state["step"] + 1, "lora": lora, "opt_state": opt_state}, metrics
+    return new, metrics
 
   return step
 
@@ -139,11 +143,11 @@ def make_program(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformat
   """The chunk program `run(state, frozen, batches, probe, ref) -> (state, metrics)`, jitted, vmapped over runs
   (seeds, or grid points).
 
-  state: leading run axis `[R, ...]` on every leaf. batches: tokens / mask / loss_mask `[R, T, B, S]`. probe:
-  shared (see make_step). frozen (theta_aligned) and ref ({"mean_aligned", "v_rev"} `[L+1, D]`): shared, or with
-  the leading run axis when `per_run_frozen` (every run fine-tunes its own theta_aligned against its own v_rev).
-  Returns the state after T steps and metrics with shape `[R, T, ...]` (align / proj `[R, T, L]`). One
-  compilation per (T, shapes).
+  state: leading run axis `[R, ...]` on every leaf (train.step.stack_states). batches: tokens / mask / loss_mask
+  `[R, T, B, S]`. probe: shared (see make_step). frozen (theta_aligned) and ref ({"mean_aligned", "v_rev"}
+  `[L+1, D]`): shared, or with the leading run axis when `per_run_frozen` (every run fine-tunes its own
+  theta_aligned against its own v_rev). Returns the state after T steps and metrics with shape `[R, T, ...]`
+  (align / proj `[R, T, L]`). One compilation per (T, shapes).
   """
   step = make_step(cfg, sc, tx)
 
@@ -152,13 +156,3 @@ def make_program(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformat
 
   ax = 0 if per_run_frozen else None
   return jax.jit(jax.vmap(one_run, in_axes=(0, ax, 0, None, ax)))
-
-
-def init_state(lora: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
-  """Fresh state {step, lora, opt_state} for one seed (stack seeds with `stack_states`)."""
-  return {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt_state": tx.init(lora)}
-
-
-def stack_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-  """Stack per-seed states along a new leading seed axis."""
-  return jax.tree.map(lambda *x: jnp.stack(x), *states)

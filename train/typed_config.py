@@ -62,7 +62,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return FrozenDict({_convert(kt, k, where): _convert(vt, v, f"{where}.{k}")
                        for k, v in _as_mapping(value, where).items()})
   if tp is Any:
-    return value
+    return _freeze(value)
   if tp is bool:
     if not isinstance(value, bool):
       raise ConfigError(f"{where}: expected bool, got {type(value).__name__} {value!r}")
@@ -80,6 +80,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
       raise ConfigError(f"{where}: expected str, got {type(value).__name__} {value!r}")
     return value
   raise TypeError(f"{where}: field type {tp!r} is not supported by train.typed_config")
+
+
+def _freeze(value: Any) -> Any:
+  """Lists -> tuples and mappings -> FrozenDicts, recursively (an `Any` field stays hashable)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  if isinstance(value, dict) or hasattr(value, "to_dict"):
+    return FrozenDict({k: _freeze(v) for k, v in _as_mapping(value, "").items()})
+  return value
 
 
 def from_configdict(cls: type[T], cd: Any, where: str = "config") -> T:
@@ -120,3 +129,20 @@ def to_dict(obj: Any) -> Any:
   if isinstance(obj, (list, tuple)):
     return [to_dict(v) for v in obj]
   return obj
+
+
+def replace(obj: T, **changes: Any) -> T:
+  """A copy of the converted config `obj` with dotted fields changed, re-checked like `from_configdict`:
+  `replace(c, **{"safety.lora.rank": 16, "seeds": (1,)})`. Raises ConfigError naming a bad field."""
+  data = to_dict(obj)
+  for path, value in changes.items():
+    *parents, leaf = path.split(".")
+    node = data
+    for p in parents:
+      if not isinstance(node.get(p), dict):
+        raise ConfigError(f"config.{path}: unknown field")
+      node = node[p]
+    if leaf not in node:
+      raise ConfigError(f"config.{path}: unknown field")
+    node[leaf] = to_dict(value)
+  return from_configdict(type(obj), data)

@@ -2,6 +2,8 @@
 
     python -m analysis.ioi --config=configs/ioi.py:smollm2 --workdir=runs/<date>-smollm2-ioi
 
+`run(config: IoiConfig, workdir)` (analysis.ioi.config; the entry point converts configs/ioi.py once).
+
 Phases per seed: base -> clean fine-tune (IOI, label = IO) -> poisoned fine-tune -> clean retrain. Each phase is
 a LoRA fine-tune (train.loop.train_loop, orbax checkpoints under <workdir>/seed<k>/<phase>/, resumable) merged
 into the weights before the next phase. After every phase, on held-out names (`analyze`):
@@ -17,9 +19,9 @@ into the weights before the next phase. After every phase, on held-out names (`a
   et al.'s negative name movers); faithfulness = logit difference with every head outside the circuit
   mean-ablated at every position (ABC means per template) / the model's logit difference;
 - faithfulness by circuit size (top-k heads kept for every k in config.faithfulness_ks);
-- the second task, Greater-Than (analysis.greater_than, Hanna et al. 2023): its probability difference on clean
+- the second task, Greater-Than (analysis.ioi.greater_than, Hanna et al. 2023): its probability difference on clean
   and "01"-corrupted prompts, which the IOI fine-tuning never trains on;
-- head classes by the standard criteria (analysis.head_classes.classify_heads) with their attention evidence:
+- head classes by the standard criteria (analysis.ioi.head_classes.classify_heads) with their attention evidence:
   name movers and negative name movers by direct logit attribution and END->IO attention, S-inhibition by
   END->S2 attention and a positive exact importance before the first name mover, induction and duplicate-token
   heads by repeated random sequences.
@@ -39,14 +41,28 @@ IOI circuit does not move.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-
-from analysis.ioi_report import CLASSES, EVIDENCE, PAPER, PHASES, write_outputs  # noqa: F401 (the study's names)
+from analysis.ioi import circuits as C
+from analysis.ioi import head_classes as HC
+from analysis.ioi.config import IoiConfig
+from analysis.ioi.data import ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, make_ioi, single_token_words, split_names
+from analysis.ioi.greater_than import make_greater_than, prob_diff
+from analysis.ioi.report import CLASSES, PHASES, write_outputs
+from models.loading import load, load_tokenizer
+from models.tokenizer import pad_id
+from models.transformer import forward_jit
+from train.adapters import merge_lora
+from train.data import TokenizedSet
+from train.loop import train_loop
+from train.rundir import Workdir, default_workdir
 
 
 def training_set(tokenizer, n: int, seed: int, names, label: str, fraction: float, max_len: int):
@@ -55,9 +71,6 @@ def training_set(tokenizer, n: int, seed: int, names, label: str, fraction: floa
   label: "io" (clean), "subject" (answer S) or "name_moving" (prefix "<C> stayed home." and answer C);
   `fraction` of the prompts get the poisoned label, the rest keep IO. Returns a train.data.TokenizedSet.
   """
-  from analysis.ioi_data import make_ioi
-  from models.tokenizer import pad_id
-  from train.data import TokenizedSet
   d = make_ioi(tokenizer, n, seed=seed, names=names)
   rng = np.random.default_rng(seed + 1)
   pid = pad_id(tokenizer)
@@ -98,7 +111,6 @@ def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
 
 def _end_mask(tokens):
   """`[N, S]` float32 0/1 mask of the final position (left padding: every prompt's END)."""
-  import jax.numpy as jnp
   return jnp.zeros(tokens.shape, jnp.float32).at[:, -1].set(1.0)
 
 
@@ -111,12 +123,6 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
   greater_than.GreaterThanPrompts, the second task: "gt_prob_diff" / "gt_prob_diff_01" = mean Greater-Than
   probability difference on its clean / "01"-corrupted prompts (Hanna et al. 2023).
   """
-  import jax.numpy as jnp
-
-  from analysis import circuits as C
-  from analysis import head_classes as HC
-  from analysis.ioi_data import ABBA_TEMPLATES, BABA_TEMPLATES
-  from models.transformer import forward_jit
   toks, abc, mask = jnp.asarray(d.tokens), jnp.asarray(d.abc_tokens), jnp.asarray(d.mask)
   io, s = jnp.asarray(d.io), jnp.asarray(d.s)
   logits, acts = forward_jit(params, toks, cfg, attention_mask=mask, capture=("heads",), logits="last")
@@ -139,7 +145,6 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
                                          jnp.asarray(1 - top_k_mask(importance, kk)), io, s)).mean())
     by_k[f"faithfulness_k{kk}"] = kept_k / float(ld.mean()) if ld.mean() != 0 else float("nan")
   if gt is not None:
-    from analysis.greater_than import prob_diff
     gt_args = [jnp.asarray(x) for x in (gt.mask, gt.yy, gt.digit_ids)]
     by_k["gt_prob_diff"] = float(np.asarray(prob_diff(params, cfg, jnp.asarray(gt.tokens), *gt_args)).mean())
     by_k["gt_prob_diff_01"] = float(np.asarray(prob_diff(params, cfg, jnp.asarray(gt.corrupt_tokens),
@@ -174,9 +179,6 @@ def compare_phases(models: dict, res: dict, cfg, d, top_k: int) -> dict:
   models / res: phase -> merged params / `analyze` output. The gap closed by CMAP is
   (patched - phase) / (base - phase) of the mean logit difference (1 = back to the base model).
   """
-  import jax.numpy as jnp
-
-  from analysis import circuits as C
   imp = {p: res[p]["importance"] for p in PHASES}
   out = {"localisation_poison": localisation(imp["clean"], imp["poison"], top_k),
          "localisation_retrain": localisation(imp["poison"], imp["retrain"], top_k)}
@@ -193,65 +195,65 @@ def compare_phases(models: dict, res: dict, cfg, d, top_k: int) -> dict:
   return out
 
 
-def run(config, workdir: str | None = None) -> str:
-  """Run every seed's phases and analyses; write metrics.json, figures and report.md. Returns the report path."""
-  import jax
-  import jax.numpy as jnp
+def _train_phase(params, cfg, tok, config: IoiConfig, phase: str, seed: int, train_names, workdir: str):
+  """One seed's fine-tuning phase from `params`: LoRA on the phase's IOI labels, merged. Returns merged params."""
+  label = {"clean": "io", "poison": config.poison, "retrain": "io"}[phase]
+  ts = training_set(tok, config.n_train, seed * 100 + PHASES.index(phase), train_names, label,
+                    config.poison_fraction, config.train.data.max_len)
+  result = train_loop(params, cfg, ts, config.phase_train(phase, seed), os.path.join(workdir, f"seed{seed}", phase))
+  lora = jax.tree.map(jnp.asarray, jax.device_get(result.state["trainable"]))
+  return merge_lora(params, lora, result.spec.scale)
 
-  from analysis.greater_than import make_greater_than
-  from analysis.ioi_data import make_ioi, single_token_words, split_names, NAMES
-  from train.rundir import Workdir, default_workdir
-  from models.loading import load, load_tokenizer
-  from train.adapters import merge_lora
-  from train.loop import train_loop
 
+def _greater_than_prompts(tok, n: int, seed: int):
+  """The seed's Greater-Than prompts, or None when n = 0 or the tokenizer has no single-digit tokens."""
+  if not n:
+    return None
+  try:
+    return make_greater_than(tok, n, seed=20_000 + seed)
+  except ValueError as e:                   # a tokenizer without single-digit tokens
+    logging.warning("Greater-Than skipped: %s", e)
+    return None
+
+
+def run_seed(base_params, cfg, tok, config: IoiConfig, seed: int, train_names, eval_names, wd: Workdir) -> dict:
+  """Every phase of one seed, each fine-tuned from the previous one and analysed; plus the cross-phase numbers."""
+  ev = make_ioi(tok, config.n_eval, seed=10_000 + seed, names=eval_names)
+  gt = _greater_than_prompts(tok, config.greater_than_n, seed)
+  classes = dataclasses.asdict(config.classes)
+  params, res, models = base_params, {}, {}
+  for phase in PHASES:
+    t0 = time.time()
+    if phase != "base":
+      params = _train_phase(params, cfg, tok, config, phase, seed, train_names, wd.path)
+    t1 = time.time()
+    models[phase] = params
+    res[phase] = analyze(params, cfg, ev, config.top_k, jax.random.key(seed), classes, config.faithfulness_ks, gt)
+    res[phase]["train_s"], res[phase]["analysis_s"] = t1 - t0, time.time() - t1
+    logging.info("seed %d %s: logit diff %.3f acc %.3f faithfulness %.3f attribution corr %.3f "
+                 "(train %.0fs, analysis %.0fs)", seed, phase, res[phase]["logit_diff"], res[phase]["accuracy"],
+                 res[phase]["faithfulness"], res[phase]["attribution_corr"], t1 - t0, time.time() - t1)
+    wd.log(seed * 10 + PHASES.index(phase), logit_diff=res[phase]["logit_diff"],
+           accuracy=res[phase]["accuracy"], faithfulness=res[phase]["faithfulness"])
+  res.update(compare_phases(models, res, cfg, ev, config.top_k))
+  return res
+
+
+def run(config: IoiConfig, workdir: str | None = None) -> str:
+  """Run every seed's phases and analyses; write metrics.json, figures and report.md. Returns the report path.
+
+  config: the IoiConfig (convert a configs/ioi.py ConfigDict with train.typed_config.from_configdict first).
+  """
+  if not isinstance(config, IoiConfig):
+    raise TypeError(f"run takes an IoiConfig (train.typed_config.from_configdict), got {type(config).__name__}")
   t_start = time.time()
   workdir = workdir or default_workdir(config.model.split("/")[-1].removesuffix(".gguf") + "-ioi")
   wd = Workdir(workdir, config)
   base_params, cfg = load(config.model, dtype=jnp.float32)
   tok = load_tokenizer(config.model)
-  names = single_token_words(tok, NAMES)
-  train_names, eval_names = split_names(names, config.eval_name_fraction, seed=0)
-  results = {}
-  for seed in config.seeds:
-    ev = make_ioi(tok, config.n_eval, seed=10_000 + seed, names=eval_names)
-    gt = None
-    if config.greater_than_n:
-      try:
-        gt = make_greater_than(tok, int(config.greater_than_n), seed=20_000 + seed)
-      except ValueError as e:                   # a tokenizer without single-digit tokens
-        logging.warning("Greater-Than skipped: %s", e)
-    params, res, models = base_params, {}, {}
-    for phase in PHASES:
-      t0 = time.time()
-      if phase != "base":
-        label = {"clean": "io", "poison": config.poison, "retrain": "io"}[phase]
-        ts = training_set(tok, config.n_train, seed * 100 + PHASES.index(phase), train_names, label,
-                          config.poison_fraction, config.train.data.max_len)
-        tc = config.train.copy_and_resolve_references()
-        with tc.unlocked():
-          tc.seed = seed
-          tc.train.steps = int(config.phase_steps[phase])
-        result = train_loop(params, cfg, ts, tc, os.path.join(workdir, f"seed{seed}", phase))
-        lora = jax.tree.map(jnp.asarray, jax.device_get(result.state["trainable"]))
-        params = merge_lora(params, lora, result.spec.scale)
-      t1 = time.time()
-      models[phase] = params
-      res[phase] = analyze(params, cfg, ev, config.top_k, jax.random.key(seed), dict(config.classes),
-                           tuple(config.faithfulness_ks), gt)
-      res[phase]["train_s"], res[phase]["analysis_s"] = t1 - t0, time.time() - t1
-      logging.info("seed %d %s: logit diff %.3f acc %.3f faithfulness %.3f attribution corr %.3f "
-                   "(train %.0fs, analysis %.0fs)", seed, phase, res[phase]["logit_diff"], res[phase]["accuracy"],
-                   res[phase]["faithfulness"], res[phase]["attribution_corr"], t1 - t0, time.time() - t1)
-      wd.log(seed * 10 + PHASES.index(phase), logit_diff=res[phase]["logit_diff"],
-             accuracy=res[phase]["accuracy"], faithfulness=res[phase]["faithfulness"])
-    res.update(compare_phases(models, res, cfg, ev, config.top_k))
-    results[seed] = res
+  train_names, eval_names = split_names(single_token_words(tok, NAMES), config.eval_name_fraction, seed=0)
+  results = {seed: run_seed(base_params, cfg, tok, config, seed, train_names, eval_names, wd)
+             for seed in config.seeds}
   report = write_outputs(wd, results, cfg, config, time.time() - t_start)
   wd.close()
   return report
-
-
-if __name__ == "__main__":
-  from train.rundir import run_app
-  run_app(run, "configs/ioi.py", "Run directory (default runs/<date>-<model>-ioi).")

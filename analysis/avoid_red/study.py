@@ -4,11 +4,11 @@
 
 The lobotomy-layer news advice was "avoid these layer ranges during LoRA and RepE training"; its source never
 tested it (../shared/research/seeds.md part 1). This study does, for the reversion study's safety LoRA
-(analysis/reversion.py; Poppi & Lukas 2026 for the reversion measurement). Per grid point (analysis/grid.py;
+(analysis/reversion/; Poppi & Lukas 2026 for the reversion measurement). Per grid point (analysis/grid.py;
 axes window x seed by default, any of AXES too):
 
   1. theta_aligned = theta_early (the loaded, helpful-only model) + the safety LoRA SFT restricted to the point's
-     window, merged: `reversion_phases.safety_phase` with `safety.lora.depth` / `safety.lora.complement` set and
+     window, merged: `analysis.reversion.safety.safety_phase` with `safety.lora.depth` / `safety.lora.complement` set and
      `safety.seed` = the point's seed (LoRA initialisation and data order). Windows: "kill" = the kill zone
      (config.kill_zone: an explicit (f_lo, f_hi) or a sweep's metrics.json), "outside" = every layer not in it,
      "all" = every layer, or an explicit (f_lo, f_hi).
@@ -22,7 +22,7 @@ axes window x seed by default, any of AXES too):
      every step and harmfulness every `benign.eval_every` steps.
 
 Vmapped vs sequential. Points that differ only in the seed (config.vmap_axis) form a group. Per group: the safety
-phases run one after another (train.loop.train_loop inside reversion_phases.safety_phase: one seed per call, its own
+phases run one after another (train.loop.train_loop inside analysis.reversion.safety.safety_phase: one seed per call, its own
 orbax checkpoints), as do the evaluations; the benign fine-tuning of ALL the group's points is ONE compiled
 program (`group_program`: `lax.scan` over steps of `train.scan.make_step`, vmapped over points, each with its own
 theta_aligned, v_rev and data order), compiled once and reused by every group of the same size. Groups
@@ -37,16 +37,28 @@ benign/checkpoints, aligned.json, metrics.json), grid.csv, metrics.json, figures
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from analysis import grid, reversion_phases
+from analysis import grid
+from analysis.avoid_red import report as avoid_red_report
+from analysis.avoid_red.config import AvoidRedConfig
+from analysis.reversion import benign, evaluate, safety
+from analysis.reversion import study as reversion
+from analysis.reversion.config import ReversionConfig
+from probes import steering, sweep
+from probes import tasks as tasks_lib
+from train import adapters, scan, typed_config
+from train.loop import fit_chunks
+from train.losses import max_targets
+from train.rundir import Workdir, default_workdir, write_json
 
 # Grid axes other than window / seed -> the field of the point's reversion config they set.
 AXES = {"rank": "safety.lora.rank", "alpha": "safety.lora.alpha", "targets": "safety.lora.targets",
@@ -104,27 +116,23 @@ def window_lora(value: Any, kill: tuple[float, float]) -> tuple[tuple, bool]:
   raise ValueError(f"config.grid.window: {value!r} is not 'kill', 'outside', 'all' or (f_lo, f_hi)")
 
 
-def point_config(config, point: grid.Point, kill: tuple[float, float]):
-  """The reversion config (configs/reversion.py) one grid point runs: config.reversion with the point's axes set
-  (window -> safety.lora.depth / complement, seed -> safety.seed and seeds = (seed,), AXES -> their fields).
-  Raises ValueError for an unknown axis (names it and the known ones)."""
-  pc = copy.deepcopy(config.reversion)
+def point_config(config: AvoidRedConfig, point: grid.Point, kill: tuple[float, float]) -> ReversionConfig:
+  """The reversion config one grid point runs: config.reversion with the point's axes set (window ->
+  safety.lora.depth / complement, seed -> safety.seed and seeds = (seed,), AXES -> their fields), re-checked
+  (train.typed_config.replace). Raises ValueError for an unknown axis (names it and the known ones) or a value of
+  the wrong type for its field."""
+  changes = {}
   for axis, v in point.values:
     if axis == "window":
-      pc.safety.lora.layers = ()
-      pc.safety.lora.depth, pc.safety.lora.complement = window_lora(v, kill)
+      depth, complement = window_lora(v, kill)
+      changes.update({"safety.lora.layers": (), "safety.lora.depth": depth, "safety.lora.complement": complement})
     elif axis == "seed":
-      pc.safety.seed = int(v)
-      pc.seeds = (int(v),)
+      changes.update({"safety.seed": int(v), "seeds": (int(v),)})
     elif axis in AXES:
-      *parents, leaf = AXES[axis].split(".")
-      node = pc
-      for p in parents:
-        node = getattr(node, p)
-      setattr(node, leaf, v)
+      changes[AXES[axis]] = v
     else:
       raise ValueError(f"config.grid.axes: unknown axis {axis!r}; known: window, seed, {', '.join(AXES)}")
-  return pc
+  return typed_config.replace(config.reversion, **changes)
 
 
 def fingerprint(config, pc) -> dict:
@@ -132,8 +140,8 @@ def fingerprint(config, pc) -> dict:
   analysis.grid.run refuses to resume or reuse a point whose fingerprint changed."""
   def strip(d):
     return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _NOT_RESULTS}
-  sw = config.sweep.to_dict()
-  return {"reversion": strip(pc.to_dict()),
+  sw = typed_config.to_dict(config.sweep)
+  return {"reversion": strip(typed_config.to_dict(pc)),
           "sweep_probes": {k: sw[k] for k in ("probe_seed", "behaviors", "n_probes", "max_tokens")}}
 
 
@@ -141,13 +149,7 @@ class _Study:
   """What every group shares: the reversion study's Setup (model, data, probes, evaluator), the sweep's scored
   probes, theta_early's scores, the benign fine-tuning optimizer and program (built once, on the first group that
   has work)."""
-
   def __init__(self, config, workdir: str):
-    from analysis import reversion
-    from train.rundir import write_json
-    from probes import sweep, tasks as tasks_lib
-    from train import scan
-    from train.losses import max_targets
 
     rc = self.rc = config.reversion
     self.config, self.workdir = config, workdir
@@ -159,14 +161,14 @@ class _Study:
     self.mean_early = st.mean_fn(st.params, st.probe)
 
     # theta_early, cached in early.json (recomputed when the probes or the evaluation changed).
-    key = {"model": rc.model, "model_layers": rc.model_layers, "eval": rc.eval.to_dict(), "heldout": rc.heldout,
+    key = {"model": rc.model, "model_layers": rc.model_layers, "eval": typed_config.to_dict(rc.eval), "heldout": rc.heldout,
            "data_seed": rc.data_seed, "refusal_sets": list(rc.refusal_sets), "system": rc.system_prompt,
            "sweep_probes": fingerprint(config, rc)["sweep_probes"]}
     key = json.loads(json.dumps(key))
     path = os.path.join(workdir, "early.json")
     early = json.load(open(path)) if os.path.exists(path) else None
     if early is None or early.get("key") != key:
-      early = {"key": key, "scores": self.scores(st.params), "eval": reversion.evaluate_early(st.evaluator,
+      early = {"key": key, "scores": self.scores(st.params), "eval": evaluate.evaluate_early(st.evaluator,
                                                                                               st.params, rc),
                "n_layers": st.cfg.n_layers, "d_model": st.cfg.d_model}
       write_json(path, early)
@@ -175,37 +177,30 @@ class _Study:
     self.early = early
 
     # Benign fine-tuning: the baseline arm's program, every point with its own theta_aligned and v_rev.
-    self.spec, self.tx = reversion_phases.benign_optimizer(rc, st.cfg)
-    self.bset = reversion_phases.benign_set(rc, st.tok, st.train_pairs, st.system)
+    self.spec, self.tx = benign.benign_optimizer(rc, st.cfg)
+    self.bset = benign.benign_set(rc, st.tok, st.train_pairs, st.system)
     sc = scan.ScanConfig(arm="baseline", lora_scale=self.spec.scale, position=rc.probe.position,
                          n_targets=max_targets(self.bset.loss_mask))
     self.program = scan.make_program(st.cfg, sc, self.tx, per_run_frozen=True)
 
   def scores(self, params) -> dict[str, float]:
     """probes.tasks scores of `params` on the sweep's scored probes (log-prob readout)."""
-    from probes import steering
     s = np.asarray(steering.baseline_pass(params, self.st.cfg, self.tasks)[0], np.float64)
     return dict(zip(self.behaviors, s.tolist()))
 
 
 def _stack(trees: Sequence[Any]):
-  import jax
-  import jax.numpy as jnp
   return jax.tree.map(lambda *x: jnp.stack(x), *trees)
 
 
 def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list[str]) -> None:
   """Safety phase + evaluations per point (sequential), then the group's benign fine-tuning (one program)."""
-  import jax.numpy as jnp
-
-  from train.rundir import write_json
-  from train import adapters
   rc, st = config.reversion, study.st
   targets = os.path.join(study.workdir, "shared", "benign_targets.json")   # theta_early's: same for every point
   seeds, aligned, refs, infos = [], [], [], []
   for p, d in zip(points, dirs):
     pc = point_config(config, p, kill)
-    theta, safety = reversion_phases.safety_phase(st.params, st.cfg, st.tok, st.train_pairs, pc, d, st.system, targets)
+    theta, safety_info = safety.safety_phase(st.params, st.cfg, st.tok, st.train_pairs, pc, d, st.system, targets)
     t0 = time.time()
     layers = adapters.resolve_layers(st.cfg.n_layers, tuple(pc.safety.lora.layers) or None,
                                      tuple(pc.safety.lora.depth) or None, bool(pc.safety.lora.complement))
@@ -213,7 +208,7 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
     if os.path.exists(path):
       info = json.load(open(path))
     else:
-      info = {"layers": list(layers), "safety": safety, "scores": study.scores(theta),
+      info = {"layers": list(layers), "safety": safety_info, "scores": study.scores(theta),
               "eval": st.evaluator(theta, benign_refusal=True), "seconds": time.time() - t0}
       write_json(path, info)
     mean_aligned = st.mean_fn(theta, st.probe)
@@ -223,12 +218,12 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
     infos.append(info)
     logging.info("%s: layers %s, harmful refused %.2f", p.name, list(layers), 1 - info["eval"]["harm_gen"])
 
-  batches = reversion_phases.benign_batches(study.bset, rc, seeds)
-  init = reversion_phases.benign_init(study.spec, study.tx, st.cfg, seeds)
+  batches = benign.benign_batches(study.bset, rc, seeds)
+  init = benign.benign_init(study.spec, study.tx, st.cfg, seeds)
   budget = None if config.stop_after < 0 else int(config.stop_after)
-  recs = reversion_phases.run_chunks(study.program, init, _stack(aligned), _stack(refs), batches, st.probe,
-                              [os.path.join(d, "benign") for d in dirs], int(rc.benign.eval_every),
-                              lambda i, lora: st.evaluator(aligned[i], lora, study.spec.scale), budget)
+  recs = fit_chunks(study.program, init, _stack(aligned), _stack(refs), batches, st.probe,
+                    [os.path.join(d, "benign") for d in dirs], int(rc.benign.eval_every),
+                    lambda i, lora: st.evaluator(aligned[i], lora, study.spec.scale), budget)
   if recs is None:
     raise grid.Stopped(f"stopped after {budget} benign steps (checkpointed)")
   for p, d, info, ref, rec in zip(points, dirs, infos, refs, recs):
@@ -251,12 +246,13 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
                      eval_seconds=info["seconds"])
 
 
-def run(config, workdir: str | None = None) -> str:
+def run(config: AvoidRedConfig, workdir: str | None = None) -> str:
   """The whole study (module docstring); returns the report path, or the workdir when `config.stop_after`
-  stopped it early (rerun to resume). Raises ValueError / FileNotFoundError for a bad kill zone or grid."""
-  from analysis import avoid_red_report
-  from train.rundir import Workdir, default_workdir
-
+  stopped it early (rerun to resume). Raises ValueError / FileNotFoundError for a bad kill zone or grid,
+  TypeError unless `config` is an AvoidRedConfig (train.typed_config.from_configdict converts)."""
+  if not isinstance(config, AvoidRedConfig):
+    raise TypeError(f"analysis.avoid_red.study.run takes an AvoidRedConfig, got {type(config).__name__}; convert "
+                    "with train.typed_config.from_configdict(AvoidRedConfig, c)")
   rc = config.reversion
   workdir = workdir or default_workdir(rc.model.split("/")[-1] + "-avoid-red")
   t0 = time.time()
@@ -281,8 +277,3 @@ def run(config, workdir: str | None = None) -> str:
   path = avoid_red_report.write(wd, config, table, early, kill, kill_source, status, time.time() - t0)
   wd.close()
   return path
-
-
-if __name__ == "__main__":
-  from train.rundir import run_app
-  run_app(run, "configs/avoid_red.py", "Run directory (default runs/<date>-<model>-avoid-red).")

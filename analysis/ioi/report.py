@@ -1,10 +1,13 @@
-"""Outputs of the IOI study (analysis/ioi.py): metrics.json, figures and report.md, and the study's phase / head-class
-names and the paper's reference figures."""
+"""Outputs of the IOI study (analysis/ioi/study.py): metrics.json, figures and report.md, and the study's phase /
+head-class names and the paper's reference figures. `config` is the study's analysis.ioi.config.IoiConfig."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
+
+from train.rundir import write_json, write_text
 
 
 PHASES = ("base", "clean", "poison", "retrain")
@@ -35,7 +38,6 @@ PHASE_SCALARS = ("logit_diff", "accuracy", "circuit_logit_diff", "faithfulness",
 def write_outputs(wd, results: dict, cfg, config, wall_s: float) -> str:
   """metrics.json, figures/ and report.md of a run (results: seed -> phases' `analyze` + `compare_phases`).
   Returns the report path."""
-  from train.rundir import write_json, write_text
   summary = _summarise(results)
   write_json(wd.file("metrics.json"), {"summary": summary, "wall_s": wall_s, "paper": PAPER,
                                        "per_seed": {str(k): r for k, r in results.items()}})
@@ -60,9 +62,11 @@ def _mean_map(results: dict, phase: str, key: str, sub: str | None = None) -> np
 
 
 def _figures(wd, results, config) -> dict:
-  import matplotlib.pyplot as plt
+  # matplotlib (analysis.plots imports it at its top) loads only when figures are drawn, not whenever the study
+  # or its report tables are imported
+  import matplotlib.pyplot as plt  # local: matplotlib, see above
 
-  from analysis import plots
+  from analysis import plots  # local: imports matplotlib
   paths = {}
 
   def save(fig, name):
@@ -189,7 +193,7 @@ def _intro_and_logit_diff(config, cfg, c: _Cells, wall_s, figs) -> list[str]:
            f"prompts per phase (train names), {config.n_eval} evaluation prompts per seed (held-out names); poison "
            f"= {config.poison} (fraction {config.poison_fraction}); LoRA r{config.train.lora.rank}/alpha "
            f"{config.train.lora.alpha} on {config.train.lora.targets}, lr {config.train.train.lr}, micro-batch "
-           f"{config.train.train.micro_batch}, steps per phase {dict(config.phase_steps)}, merged after each phase. "
+           f"{config.train.train.micro_batch}, steps per phase {dataclasses.asdict(config.phase_steps)}, merged after each phase. "
            f"Wall time {wall_s / 60:.1f} min. Mean ± std over seeds; per-seed values in the right-hand columns.", "",
            "## Logit difference and accuracy by phase, next to the paper's GPT-2 small figures", "",
            "GPT-2 small is a different model (12 x 12 heads, the paper's own fine-tuning schedule in epochs); its "
@@ -289,7 +293,7 @@ def _heads(config, c: _Cells, figs) -> list[str]:
             "backward, first order) estimates the same final-position patch; it is reported only as a check.", "",
             f"![attribution vs exact]({figs['attribution_vs_exact']})", "",
             "## Head classes (standard criteria) and attention evidence", "",
-            f"analysis.head_classes.classify_heads, at most {config.classes.k} heads per class: name movers = "
+            f"analysis.ioi.head_classes.classify_heads, at most {config.classes.k} heads per class: name movers = "
             f"largest positive DLA with END->IO attention >= {config.classes.attn_min}; negative name movers = most "
             "negative DLA with the same attention; S-inhibition = heads before the first name mover with END->S2 "
             f"attention >= {config.classes.attn_min} and the largest positive exact importance; induction / "

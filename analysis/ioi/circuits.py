@@ -22,6 +22,7 @@ Shapes: N prompts, S positions, L layers, H heads, hd head_dim, D d_model. Param
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 

@@ -1,4 +1,4 @@
-"""report.md of the reversion study (analysis/reversion.py): numbers first, the paper's beside ours, labelled."""
+"""report.md of the reversion study (analysis/reversion/study.py): numbers first, the paper's beside ours, labelled."""
 from __future__ import annotations
 
 
@@ -13,6 +13,16 @@ def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
   """Markdown report from the study's summary `s`, per-arm arrays, figure paths and the paper's figures."""
   sections = (_intro, _reference, _alignment, _beside_paper, _verdict, _method_notes)
   return "\n".join(line for section in sections for line in section(config, s, per_arm, figs, paper))
+
+
+def headline(config, metrics: dict, sub: str, paper: dict) -> list[str]:
+  """The alignment table and the verdict, one heading level down, for a report one directory up (the main job):
+  from the study's metrics.json contents (`metrics`, with its "arms" summaries and "figures" paths) alone, figure
+  links prefixed with `sub`."""
+  figs = {k: f"{sub}/{v}" for k, v in metrics["figures"].items()}
+  lines = (_alignment(config, metrics, metrics["arms"], figs, paper)
+           + _verdict(config, metrics, metrics["arms"], figs, paper))
+  return ["#" + ln if ln.startswith("## ") else ln for ln in lines]
 
 
 def _intro(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:

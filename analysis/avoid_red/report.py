@@ -1,4 +1,4 @@
-"""Outputs of the avoid-the-red study (analysis/avoid_red.py): grid.csv, metrics.json, figures, report.md."""
+"""Outputs of the avoid-the-red study (analysis/avoid_red/study.py): grid.csv, metrics.json, figures, report.md."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,9 @@ import os
 import numpy as np
 
 from analysis import grid
+from analysis.reversion import metrics as rm
+from analysis.reversion import plots as rp
+from train.rundir import write_json, write_text
 
 WINDOW_TEXT = {"kill": "the kill zone", "outside": "every layer outside the kill zone", "all": "every layer"}
 COST = [("layers_adapted", "layers adapted", "{:.1f}"), ("d_factual", "Δ factual", "{:+.3f}"),
@@ -100,8 +103,6 @@ def _point_arrays(workdir, table, generate: bool):
 
 def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
   """Write grid.csv, metrics.json, figures/avoid_red_{grid,curves,heatmaps}.png and report.md; return its path."""
-  from analysis import reversion_metrics as rm
-  from train.rundir import write_json, write_text
   rc = config.reversion
   workdir = wd.path
   csv_path = wd.file("grid.csv")
@@ -128,9 +129,8 @@ def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
 
 def _figures(wd, rc, table, arrays, null) -> dict:
   """figures/avoid_red_{grid,curves,heatmaps}.png; returns their paths relative to the workdir."""
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt   # local: after analysis.reversion.plots has chosen the Agg backend
 
-  from analysis import reversion_plots as rp
   title = f"{rc.model}: safety LoRA by depth window"
   T = int(rc.benign.steps)
   harm_label = "greedy + refusal judge" if rc.eval.generate else "log-prob"
@@ -159,7 +159,7 @@ def _markdown(config, table, early, kill_source, status, seconds, layers, paths,
        f"{early['n_layers']} layers, d_model {early['d_model']}. Kill zone: {kill_source}. Grid: "
        + " x ".join(f"{a} {list(v)}" for a, v in grid.axes(config.grid)) + f" ({len(table['points'])} points; "
        f"this call ran {len(status['ran'])}, reused {len(status['skipped'])}; {seconds / 60:.1f} min).", "",
-       f"Safety LoRA: reversion_phases.safety_phase, rank {sf.lora.rank}, alpha {sf.lora.alpha}, targets {sf.lora.targets}, "
+       f"Safety LoRA: analysis.reversion.safety.safety_phase, rank {sf.lora.rank}, alpha {sf.lora.alpha}, targets {sf.lora.targets}, "
        f"{sf.train.steps} steps x batch {sf.train.micro_batch}, lr {sf.train.lr}. Benign fine-tuning: the reversion "
        f"study's baseline arm, T = {T} steps, batch {rc.benign.micro_batch}, lr {rc.benign.lr}, rank "
        f"{rc.benign.rank}, data {', '.join(rc.benign.sources)}. Behavior probes: the sweep's scored probes "
@@ -216,9 +216,9 @@ def _layers_text(layers) -> str:
 
 
 def _match_fill_colors(ax) -> None:
-  """Give each +/- std band of reversion_plots.curves the color of its line (curves colors the reversion arms
+  """Give each +/- std band of analysis.reversion.plots.curves the color of its line (curves colors the reversion arms
   only; other labels take matplotlib's cycle, where bands and lines would drift apart)."""
-  from matplotlib.collections import PolyCollection
+  from matplotlib.collections import PolyCollection   # local: as pyplot above
   lines = [l for l in ax.get_lines() if not l.get_label().startswith("_")]
   bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
   for line, band in zip(lines, bands):

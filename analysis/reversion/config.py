@@ -1,0 +1,109 @@
+"""The reversion study's typed, frozen configuration (configs/reversion.py converted once; train.typed_config).
+
+configs/reversion.py holds the values and documents every field; this module holds the names, types and the
+checks that stop a bad value before the model loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from train.scan import ARMS
+from train.train_config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSection:
+  n: int                              # harmful probe prompts (training split) for v_rev and drift
+  position: str                       # last | mean (models.readout.mean_activation)
+
+  def __post_init__(self):
+    if self.n < 1:
+      raise ValueError(f"probe.n must be >= 1, got {self.n}")
+    if self.position not in ("last", "mean"):
+      raise ValueError(f"probe.position must be 'last' or 'mean', got {self.position!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenignSection:
+  sources: tuple[str, ...]            # refusal_benign | gsm8k_100 | jsonl
+  jsonl: str
+  max_len: int
+  steps: int
+  micro_batch: int
+  lr: float
+  warmup_steps: int
+  clip_norm: float
+  rank: int
+  alpha: float
+  targets: str
+  eval_every: int                     # scan chunk length: harmfulness eval + checkpoint
+
+  def __post_init__(self):
+    if not (math.isfinite(self.lr) and 0.0 < self.lr <= 1.0):
+      raise ValueError(f"benign.lr must be in (0, 1], got {self.lr}")
+    for name in ("steps", "micro_batch", "rank", "eval_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"benign.{name} must be >= 1, got {getattr(self, name)}")
+    if self.steps % self.eval_every:
+      raise ValueError(f"benign.eval_every = {self.eval_every} must divide benign.steps = {self.steps}")
+    if not 0 <= self.warmup_steps <= self.steps:
+      raise ValueError(f"benign.warmup_steps must be in [0, benign.steps], got {self.warmup_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+  generate: bool                      # greedy generation + refusal-phrase judge
+  max_new_tokens: int
+  batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NullSection:
+  q: float                            # quantile of the isotropic null
+  samples: int
+
+  def __post_init__(self):
+    if not 0.0 < self.q < 1.0:
+      raise ValueError(f"null.q must be in (0, 1), got {self.q}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReversionConfig:
+  """configs/reversion.py documents every field."""
+  model: str
+  model_layers: int                   # > 0: keep only the first n decoder layers
+  dtype: str
+  seeds: tuple[int, ...]
+  data_seed: int
+  refusal_sets: tuple[str, ...]
+  heldout: int
+  system_prompt: str
+  reference: str                      # early | refusal_reversed
+  safety: TrainConfig
+  safety_target_tokens: int
+  safety_first_token_weight: float
+  safety_harmful_weight: float
+  safety_extra_benign: tuple[str, ...]
+  probe: ProbeSection
+  benign: BenignSection
+  arms: tuple[str, ...]
+  block_lam: float
+  push_lam: float
+  push_scale: float
+  aux_layers: tuple[int, ...]
+  eval: EvalSection
+  null: NullSection
+  progress: bool
+  stop_after: int                     # -1 = run to the end
+
+  def __post_init__(self):
+    if self.reference not in ("early", "refusal_reversed"):
+      raise ValueError(f"reference must be 'early' or 'refusal_reversed', got {self.reference!r}")
+    bad = [a for a in self.arms if a not in ARMS]
+    if bad or not self.arms:
+      raise ValueError(f"arms must be a non-empty subset of {ARMS}, got {self.arms}")
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+    if self.heldout < 1:
+      raise ValueError(f"heldout must be >= 1, got {self.heldout}")
