@@ -8,17 +8,12 @@ ConfigDict once into train.train_config.TrainConfig (typed, frozen; a bad overri
 """
 import ml_collections
 
-from configs import MODELS
+from configs import MODELS, preset
 
-PRESETS = ("smollm2", "qwen", "lorra", "quick")
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
-  if arg not in PRESETS:
-    raise ValueError(f"unknown lora config {arg!r}; choose from {', '.join(PRESETS)}")
-  c = _base()
-  {"smollm2": lambda c: None, "qwen": _qwen, "lorra": _lorra, "quick": _quick}[arg](c)
-  return c
+  return preset("lora", arg, _base, {"smollm2": None, "qwen": _qwen, "lorra": _lorra, "quick": _quick})
 
 
 def _base() -> ml_collections.ConfigDict:

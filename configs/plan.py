@@ -16,18 +16,16 @@ The entry point converts the ConfigDict once into train.plan_config.PlanConfig (
 import ml_collections
 from ml_collections import config_dict
 
-PRESETS = ("llama3_8b", "qwen2_7b", "smollm2", "quick")
+from configs import preset
+
 DIM_FIELDS = {"arch": str, "vocab_size": int, "d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
               "head_dim": int, "d_ff": int, "tie_embeddings": bool, "qkv_bias": bool, "o_bias": bool,
               "qk_norm": bool}
 
 
 def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; choose from {sorted(PRESETS)}")
-  c = _base()
-  {"llama3_8b": lambda c: None, "qwen2_7b": _qwen2_7b, "smollm2": _smollm2, "quick": _quick}[arg](c)
-  return c
+  return preset("plan", arg, _base, {"llama3_8b": None, "qwen2_7b": _qwen2_7b, "smollm2": _smollm2,
+                                     "quick": _quick})
 
 
 def _base() -> ml_collections.ConfigDict:

@@ -8,18 +8,12 @@ Override any field: --config.benign.steps=60 --config.arms="('baseline','block')
 """
 import ml_collections
 
-from configs import MODELS
+from configs import MODELS, preset
 from configs import lora as lora_configs
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
-  presets = {"smollm2": _full, "smollm2_fast": _fast, "qwen": _qwen, "quick": _quick}
-  if arg not in presets:
-    raise ValueError(f"unknown reversion config {arg!r}; choose {', '.join(presets)}")
-  c = _full()
-  if arg != "smollm2":
-    presets[arg](c)
-  return c
+  return preset("reversion", arg, _full, {"smollm2": None, "smollm2_fast": _fast, "qwen": _qwen, "quick": _quick})
 
 
 def _full() -> ml_collections.ConfigDict:
