@@ -5,7 +5,6 @@ Whole files are written to a temporary sibling and renamed, so a crash never lea
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import json
 import os
@@ -67,11 +66,7 @@ class Workdir:
   def __init__(self, path: str, config: Any):
     self.path = path
     os.makedirs(path, exist_ok=True)
-    if dataclasses.is_dataclass(config):
-      cfg = typed_config.to_dict(config)
-    else:
-      cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    write_json(self.file("config.json"), cfg)
+    write_json(self.file("config.json"), typed_config.to_dict(config))   # a ConfigDict via _jsonable
     self._tb = None
 
   def file(self, *parts: str) -> str:
