@@ -20,8 +20,10 @@ from absl import logging
 from analysis.reversion import report as reversion_report
 from analysis.reversion import study as reversion
 from analysis.reversion.config import ReversionConfig
+from models import registry
 from probes import sweep, sweep_report
 from probes.sweep_config import SweepConfig
+from train.resume import check_mode
 from train.rundir import Workdir, default_workdir, write_text
 
 
@@ -33,6 +35,10 @@ class MainConfig:
   run_sweep: bool
   run_reversion: bool
   quiet_libraries: bool               # hide orbax / absl INFO chatter so the progress bars stay readable
+  resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
+
+  def __post_init__(self):
+    check_mode(self.resume)
 
 
 def run(config: MainConfig, workdir: str | None = None) -> str:
@@ -46,6 +52,8 @@ def run(config: MainConfig, workdir: str | None = None) -> str:
   if config.quiet_libraries:
     logging.set_verbosity(logging.WARNING)
   workdir = workdir or default_workdir("smollm2")
+  for stage in (config.sweep, config.reversion):   # a missing model fails before the workdir is written
+    registry.resolve(stage.model)
   wd = Workdir(workdir, config)
   t0 = time.time()
   stages = [(n, f) for n, f, on in (("sweep", lambda d: sweep.run(config.sweep, d), config.run_sweep),
@@ -93,5 +101,5 @@ def _report(config: MainConfig, workdir: str, times: dict[str, float], total_s: 
 
 
 if __name__ == "__main__":
-  from train.rundir import run_app
+  from train.cli import run_app
   run_app(run, "configs/main.py", "Run directory (default runs/<date>-smollm2).", typed=MainConfig)

@@ -18,10 +18,10 @@ from absl import logging
 
 from analysis import plots
 from analysis.residual_stats import mean_difference_separation, residual_stats
+from models import registry
 from models import tokenizer as tk
-from models.generate import generate
-from models.loading import load, load_tokenizer
-from models.transformer import forward_jit
+from models.loading import load_tokenizer
+from models.model import CausalLM
 from train.rundir import Workdir, default_workdir, write_json, write_text
 
 
@@ -49,10 +49,11 @@ def run(config: SurveyConfig, workdir: str | None = None) -> str:
     raise TypeError(f"analysis.survey.run takes a SurveyConfig, got {type(config).__name__}; convert with "
                     "train.typed_config.from_configdict(SurveyConfig, c)")
   workdir = workdir or default_workdir(config.model.split("/")[-1].removesuffix(".gguf"))
+  registry.resolve(config.model)       # a missing model fails here, before the workdir is written
   wd = Workdir(workdir, config)
   t0 = time.time()
-  params, cfg = load(config.model, dtype=jnp.dtype(config.dtype))
-  tok = load_tokenizer(config.model)
+  model = CausalLM.load(config.model, dtype=jnp.dtype(config.dtype))
+  cfg, tok = model.cfg, load_tokenizer(config.model)
   t_load = time.time() - t0
   logging.info("loaded %s (%d layers, d_model %d) in %.1fs", config.model, cfg.n_layers, cfg.d_model, t_load)
 
@@ -63,15 +64,14 @@ def run(config: SurveyConfig, workdir: str | None = None) -> str:
   eos = tk.eos_ids(tok, cfg)
 
   t0 = time.time()
-  new = generate(params, cfg, jnp.asarray(toks), jnp.asarray(mask), max_new_tokens=config.max_new_tokens,
-                 eos_ids=eos, pad_id=tk.pad_id(tok))
+  new = model.generate(jnp.asarray(toks), jnp.asarray(mask), max_new_tokens=config.max_new_tokens, eos_ids=eos,
+                       pad_id=tk.pad_id(tok))
   answers = tk.decode_generated(tok, np.asarray(new), eos)
   t_gen = time.time() - t0
   rows = [{"kind": k, "prompt": p, "answer": a} for k, p, a in zip(kinds, prompts, answers)]
   write_text(wd.file("generations.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
-  _, acts = forward_jit(params, jnp.asarray(toks), cfg, attention_mask=jnp.asarray(mask), capture=("resid",),
-                        logits="none")
+  acts = model.capture(jnp.asarray(toks), jnp.asarray(mask), ("resid",))
   stats = {k: np.asarray(v) for k, v in residual_stats(acts["resid"], jnp.asarray(mask)).items()}
   last = acts["resid"][:, :, -1]                                       # [L+1, B, D] last prompt token
   nh = len(config.harmful_prompts)
@@ -122,5 +122,5 @@ def _report(config, cfg, stats, sep, rows, t_load, t_gen, fig_rel) -> str:
 
 
 if __name__ == "__main__":
-  from train.rundir import run_app
+  from train.cli import run_app
   run_app(run, "configs/survey.py", "Run directory (default runs/<date>-<model>).", typed=SurveyConfig)

@@ -162,7 +162,7 @@ def main() -> None:
   arrays = [t.arrays() for t in tasks]
   with jax.set_mesh(mesh):
     _, resids = steering.baseline_pass(params, cfg, tasks)
-  starts = jax.device_put([r[jnp.asarray(layers) + 1] for r in resids], shardings["starts"])
+  starts = jax.device_put([r[jnp.asarray(layers)] for r in resids], shardings["starts"])
   n_cfg = len(layers) * len(alphas) * m
   chunk = steering.chunk_size(cfg, tasks, args.sweep_memory_gib, len(alphas) * m)
   program = steering.sweep_program(cfg, tasks, layers, alphas, m, chunk, mesh=mesh)

@@ -25,6 +25,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown avoid_red config {arg!r}; choose smollm2 or quick")
   quick = arg == "quick"
   c = ml_collections.ConfigDict()
+  c.resume = "check"                      # check | force (train.resume)
   # The per-point base: model, refusal data and split, safety phase (c.reversion.safety, a configs/lora.py
   # config), benign fine-tuning (c.reversion.benign), evaluation, probe prompts for v_rev.
   c.reversion = reversion.get_config("quick" if quick else "smollm2")

@@ -36,6 +36,7 @@ def _study(model: str) -> ml_collections.ConfigDict:
   """The full study on `model`: three seeds, 60 steps per phase."""
   c = ml_collections.ConfigDict()
   c.model = model
+  c.resume = "check"                      # check | force (train.resume)
   c.seeds = (0, 1, 2)
   c.n_train = 256                         # fine-tuning prompts per phase (train names)
   c.n_eval = 48                           # evaluation prompts (held-out names)

@@ -25,6 +25,7 @@ def _base() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"      # dtype of the trainable master weights (LoRA factors / full-FT tensors)
   c.mode = "lora"                # lora | full
   c.objective = "sft"            # sft | lorra
+  c.resume = "check"             # check | force: resume only with the saved config (train.resume; README)
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 8

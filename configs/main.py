@@ -21,5 +21,6 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.reversion = reversion.get_config(r)
   c.run_sweep = True
   c.run_reversion = True
+  c.resume = "check"            # check | force (train.resume)
   c.quiet_libraries = True      # hide orbax / absl INFO chatter so the progress bars stay readable
   return c

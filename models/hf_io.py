@@ -32,6 +32,7 @@ from safetensors.numpy import save_file
 from models.config import ModelConfig
 from models.errors import CorruptFileError, MissingTensorError, ModelError
 from models.params import ShardingFn, build_params, hf_tensors
+from models.tokenizer import check_fits, save_tokenizer
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -56,6 +57,11 @@ def _open_safetensors(path: str):
     raise CorruptFileError(f"{path}: not a readable safetensors file ({e})") from e
   except OSError as e:
     raise CorruptFileError(f"{path}: cannot open ({e})") from e
+
+
+def read_hf_config(path: str) -> ModelConfig:
+  """The ModelConfig of a config.json whose `architectures` gravlab implements (ModelConfig.from_hf_file)."""
+  return ModelConfig.from_hf_file(path)
 
 
 def find_weight_files(directory: str | os.PathLike) -> list[str]:
@@ -174,9 +180,10 @@ def load_hf(directory: str | os.PathLike, *, dtype=jnp.float32,
     (params, cfg): the nested parameter dict (shapes in models.params) and the ModelConfig.
 
   Raises:
-    ModelError: `directory` is not a directory, config.json is missing / not JSON, or there are no
+    ModelError: `directory` is not a directory, config.json is missing / not UTF-8 JSON, or there are no
       safetensors weights (pickle `.bin` checkpoints are refused on purpose).
-    UnsupportedArchitectureError: config.json names an architecture or feature gravlab does not implement.
+    UnsupportedArchitectureError: config.json names a model_type, `architectures` class or feature gravlab
+      does not implement (see read_hf_config).
     CorruptFileError: a safetensors file or the index is truncated / unreadable (names the file).
     MissingTensorError: a tensor the config needs is absent, or the index names a missing shard.
     ShapeMismatchError: a tensor's shape differs from what config.json implies (names the tensor).
@@ -184,7 +191,7 @@ def load_hf(directory: str | os.PathLike, *, dtype=jnp.float32,
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise ModelError(f"{directory}: not a directory")
-  cfg = ModelConfig.from_hf_file(os.path.join(directory, CONFIG_NAME))
+  cfg = read_hf_config(os.path.join(directory, CONFIG_NAME))
   with SafetensorsReader(find_weight_files(directory)) as reader:
     params = build_params(cfg, reader.get_tensor, dtype=dtype, sharding_fn=sharding_fn,
                           source=directory)
@@ -311,7 +318,8 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str | os.PathLike
   `torch_dtype` and its transformers-5 spelling `dtype` set to the dtype written), `model.safetensors` or,
   when the tensors exceed `max_shard_bytes`, `model-0000k-of-0000n.safetensors` + `model.safetensors.
   index.json`; tensors under HF names in HF `[out, in]` orientation, no `lm_head.weight` when embeddings are
-  tied; plus the tokenizer files if `tokenizer` is given. Atomic: all is written into a temporary sibling
+  tied; plus, if `tokenizer` is given, its files (models.tokenizer.save_tokenizer), so
+  `models.loading.load_tokenizer(out_dir)` gives it back. Atomic: all is written into a temporary sibling
   `out_dir.tmp-XXXX` that is renamed to `out_dir` at the end; on any error it is removed.
 
   Args:
@@ -319,7 +327,7 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str | os.PathLike
     cfg: the matching ModelConfig.
     out_dir: output directory; created (with parents) if absent.
     dtype: dtype to write (jnp.float32 / jnp.bfloat16 / jnp.float16); None keeps each array's dtype.
-    tokenizer: optional object with `save_pretrained(dir)` (a transformers tokenizer).
+    tokenizer: the model's transformers tokenizer (models.loading.load_tokenizer), or None for no tokenizer.
     max_shard_bytes: largest shard size in bytes (a single tensor larger than this gets its own shard).
     overwrite: replace an existing non-empty `out_dir`.
 
@@ -328,10 +336,14 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str | os.PathLike
 
   Raises:
     FileExistsError: `out_dir` is a file, or a non-empty directory and `overwrite` is False.
-    ValueError: a tensor's dtype is not float32 / bfloat16 / float16.
+    TypeError: `tokenizer` has no `save_pretrained` (checked before anything is written).
+    ValueError: a tensor's dtype is not float32 / bfloat16 / float16, or the tokenizer has more tokens than
+      `cfg.vocab_size` (checked before anything is written).
     KeyError: `params` lacks a tensor that `cfg` implies.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
+  if tokenizer is not None:
+    check_fits(tokenizer, cfg.vocab_size)
   with atomic_dir(out_dir, overwrite) as tmp:
     dtypes = _write_weights(params, cfg, tmp, None if dtype is None else jnp.dtype(dtype), max_shard_bytes)
     config = cfg.to_hf_dict()
@@ -341,6 +353,6 @@ def save_hf(params: dict[str, Any], cfg: ModelConfig, out_dir: str | os.PathLike
       json.dump(config, f, indent=2, sort_keys=True)
       f.write("\n")
     if tokenizer is not None:
-      tokenizer.save_pretrained(tmp)
+      save_tokenizer(tokenizer, tmp)
   return out_dir
 

@@ -1,7 +1,9 @@
-"""Flax NNX module around the pure forward pass.
+"""Flax NNX module around the pure forward pass: the public face of a model (load, forward, capture, generate).
 
 `CausalLM` owns the stacked parameters as `nnx.Param`s; jitted code works on the pure pytree
-(`model.pure_params()` / `nnx.split`), and `nnx.merge` / `CausalLM.from_params` rebuild the module.
+(`model.pure_params()` / `nnx.split` at the jit boundary), and `nnx.merge` rebuilds the module. Its methods call
+the same pure functions the studies vmap (models.transformer.forward_jit, models.generate.generate), so a result
+obtained through the module equals the pure function's bit for bit.
 """
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import params as P
+from models import params as model_params
 from models.config import ModelConfig
 from models.loading import load
-from models.transformer import forward
+from models.generate import generate
+from models.interventions import Interventions
+from models.lora import adapt
+from models.transformer import forward, forward_jit
 
 
 class StackedLayers(nnx.Module):
@@ -44,7 +49,7 @@ class CausalLM(nnx.Module):
   @classmethod
   def random(cls, cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> "CausalLM":
     """A randomly initialised model (models.params.init_params)."""
-    return cls(cfg, P.init_params(cfg, jax.random.key(seed), dtype))
+    return cls(cfg, model_params.init_params(cfg, jax.random.key(seed), dtype))
 
   @classmethod
   def load(cls, model: str, *, dtype=jnp.float32, sharding_fn=None) -> "CausalLM":
@@ -57,5 +62,26 @@ class CausalLM(nnx.Module):
     return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
   def __call__(self, tokens: jax.Array, **kwargs):
-    """`forward(self.pure_params(), tokens, self.cfg, **kwargs)`: returns (logits, acts)."""
+    """`forward(self.pure_params(), tokens, self.cfg, **kwargs)`: returns (logits, acts). Traceable (use it
+    inside jit over `nnx.split` state); `capture` / `generate` below are the jitted conveniences."""
     return forward(self.pure_params(), tokens, self.cfg, **kwargs)
+
+  def capture(self, tokens: jax.Array, attention_mask: jax.Array | None = None, sites=("resid",), *,
+              interventions: Interventions | None = None, lora: dict | None = None,
+              lora_scale: float = 1.0) -> dict[str, jax.Array]:
+    """Activations at the named sites (models.interventions: "resid" `[L+1, B, S, D]`, "resid_post" `[L, B, S,
+    D]`, "heads" `[L, B, S, H, hd]`, ...) of tokens `[B, S]` (left-padded, mask `[B, S]` 0/1), optionally under
+    interventions and LoRA adapters. Jitted; no logits are computed."""
+    params = adapt(self.pure_params(), lora, lora_scale)
+    _, acts = forward_jit(params, tokens, self.cfg, attention_mask=attention_mask, capture=tuple(sites),
+                          interventions=interventions, logits="none")
+    return acts
+
+  def generate(self, tokens: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
+               eos_ids: tuple[int, ...] = (), pad_id: int = 0, interventions: Interventions | None = None,
+               lora: dict | None = None, lora_scale: float = 1.0, **sampling) -> jax.Array:
+    """`[B, max_new_tokens]` int32 new tokens after left-padded prompts (models.generate.generate: greedy unless
+    `temperature` / `top_p` / `key` are given), optionally steered or with LoRA adapters."""
+    return generate(adapt(self.pure_params(), lora, lora_scale), self.cfg, tokens, attention_mask,
+                    max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=int(pad_id),
+                    interventions=interventions, **sampling)

@@ -43,8 +43,9 @@ def cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def last_token_resid(params, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 16,
-                     progress=None) -> np.ndarray:
-  """Residual stream at the last (real) token of each left-padded row, at every layer boundary.
+                     progress=None, site: str = "resid") -> np.ndarray:
+  """Residual stream at the last (real) token of each left-padded row, at every layer boundary ("resid") or at
+  one per-block site ("resid_pre" / "resid_mid" / "resid_post", models.interventions).
 
   Args:
     tokens, mask: `[N, S]` left-padded int32 (models.tokenizer.encode_left_padded).
@@ -52,17 +53,21 @@ def last_token_resid(params, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndar
       rounded up to a multiple of 32 so few shapes compile).
     progress: optional callable(n_rows_done) for a progress bar.
   Returns:
-    `[L+1, N, D]` float32 numpy (0 = embeddings, l+1 = output of layer l).
+    `[L+1, N, D]` float32 numpy for "resid" (0 = embeddings, l+1 = output of layer l), `[L, N, D]` for a
+    per-block site.
+  Raises ValueError for any other site.
   """
+  if site not in ("resid", "resid_pre", "resid_mid", "resid_post"):
+    raise ValueError(f"last_token_resid: site must be resid / resid_pre / resid_mid / resid_post, got {site!r}")
   lengths = mask.sum(1)
   order = np.argsort(lengths, kind="stable")
-  out = np.zeros((cfg.n_layers + 1, len(tokens), cfg.d_model), np.float32)
+  out = np.zeros((cfg.n_layers + (site == "resid"), len(tokens), cfg.d_model), np.float32)
   for i in range(0, len(order), batch_size):
     idx = order[i:i + batch_size]
     S = min(tokens.shape[1], -(-int(lengths[idx].max()) // 32) * 32)   # multiple of 32: few compilations
     _, acts = forward_jit(params, jnp.asarray(tokens[idx, -S:]), cfg, attention_mask=jnp.asarray(mask[idx, -S:]),
-                            capture=("resid",), logits="none")
-    out[:, idx] = np.asarray(acts["resid"][:, :, -1], np.float32)
+                            capture=(site,), logits="none")
+    out[:, idx] = np.asarray(acts[site][:, :, -1], np.float32)
     if progress is not None:
       progress(len(idx))
   return out

@@ -4,9 +4,51 @@ Tokenizers come from the model's own files (HF directory or GGUF metadata), neve
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Sequence
 
 import numpy as np
+
+
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+
+
+def check_fits(tokenizer, vocab_size: int) -> None:
+  """Check that `tokenizer` can be saved beside a model whose embedding has `vocab_size` rows.
+
+  Raises:
+    TypeError: the tokenizer has no `save_pretrained` (it is not a transformers tokenizer).
+    ValueError: the tokenizer has more tokens than `vocab_size` (its top ids would have no embedding row).
+  """
+  if not callable(getattr(tokenizer, "save_pretrained", None)):
+    raise TypeError(f"tokenizer of type {type(tokenizer).__name__} has no save_pretrained (pass the model's "
+                    "transformers tokenizer, e.g. models.loading.load_tokenizer(model))")
+  n = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+  if n is not None and n > vocab_size:
+    raise ValueError(f"the tokenizer has {n} tokens but config field vocab_size is {vocab_size} "
+                     f"(ids >= {vocab_size} have no embedding row)")
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+  """Write the tokenizer files into `directory` so `AutoTokenizer.from_pretrained(directory)` gives it back.
+
+  `tokenizer.save_pretrained` writes tokenizer.json, tokenizer_config.json (bos / eos / pad / unk tokens) and
+  chat_template.jinja; the chat template is also put inside tokenizer_config.json, where transformers < 4.43
+  and other loaders look for it.
+  """
+  tokenizer.save_pretrained(directory)
+  template = getattr(tokenizer, "chat_template", None)
+  path = os.path.join(directory, TOKENIZER_CONFIG_NAME)
+  if not isinstance(template, str) or not os.path.isfile(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    conf = json.load(f)
+  if "chat_template" not in conf:
+    conf["chat_template"] = template
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(conf, f, indent=2, ensure_ascii=False)
+      f.write("\n")
 
 
 def pad_id(tokenizer) -> int:

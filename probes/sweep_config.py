@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 from probes import data
+from train.resume import check_mode
 
 READOUTS = ("logprob", "generate")
 VECTORS = ("caa", "pca")
@@ -73,8 +74,10 @@ class SweepConfig:
   probe_steps: int
   probe_lr: float
   probe_fractions: tuple[float, float, float]
+  resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
 
   def __post_init__(self):
+    check_mode(self.resume)
     self._check_choices()
     self._check_behaviors()
     self._check_counts()

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import transformers
 
-from models import params as P
+from models import params as model_params
 from models.config import ModelConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -49,7 +49,7 @@ def ours_from_torch(model, dtype=np.float32):
   """(params, cfg) for our JAX code, built from the torch model's state dict via `build_params`."""
   cfg = ModelConfig.from_hf_dict(model.config.to_dict())
   sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-  return P.build_params(cfg, sd.get, dtype=dtype, source="torch state_dict"), cfg
+  return model_params.build_params(cfg, sd.get, dtype=dtype, source="torch state_dict"), cfg
 
 
 class WordTokenizer:

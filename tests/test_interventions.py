@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from models import transformer as T
+from models.lora import adapt
 from tests.reference import ours_from_torch, tiny_hf_model
 
 TOL = 1e-4
@@ -151,9 +152,9 @@ def test_lora_zero_b_is_identity_and_lora_equals_merged_weights():
   zero_b = jax.tree.map(lambda x: x, lora)
   for k in zero_b:
     zero_b[k]["b"] = jnp.zeros_like(zero_b[k]["b"])
-  same, _ = T.forward_jit(params, toks, cfg, lora=zero_b, lora_scale=scale)
+  same, _ = T.forward_jit(adapt(params, zero_b, scale), toks, cfg)
   np.testing.assert_array_equal(np.asarray(same), np.asarray(base))
-  adapted, _ = T.forward_jit(params, toks, cfg, lora=lora, lora_scale=scale)
+  adapted, _ = T.forward_jit(adapt(params, lora, scale), toks, cfg)
   merged = jax.tree.map(lambda x: x, params)
   for k, f in lora.items():
     merged["layers"][k] = params["layers"][k] + scale * jnp.einsum("lir,lro->lio", f["a"], f["b"])

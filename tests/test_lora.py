@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
+from models.lora import adapt
 from models.params import init_params
 from models.transformer import forward_jit as forward
 from train import adapters
@@ -39,7 +40,7 @@ def test_b_zero_leaves_logits_unchanged():
   assert all(float(jnp.abs(ab["a"]).max()) > 0 for ab in lora.values())
   toks = jax.random.randint(jax.random.PRNGKey(2), (2, 7), 0, CFG.vocab_size)
   base, _ = forward(params, toks, CFG)
-  with_lora, _ = forward(params, toks, CFG, lora=lora, lora_scale=spec.scale)
+  with_lora, _ = forward(adapt(params, lora, spec.scale), toks, CFG)
   np.testing.assert_array_equal(np.asarray(base), np.asarray(with_lora))
 
 
@@ -96,15 +97,15 @@ def test_window_layers_zero_and_merge_equals_adapter_forward():
   for ab in lora.values():
     assert float(jnp.abs(ab["a"][jnp.asarray([0, 3])]).max()) == 0.0
   toks = jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, CFG.vocab_size)
-  adapted, _ = forward(params, toks, CFG, lora=lora, lora_scale=spec.scale)
+  adapted, _ = forward(adapt(params, lora, spec.scale), toks, CFG)
   base, _ = forward(params, toks, CFG)
   merged, _ = forward(adapters.merge_lora(params, lora, spec.scale), toks, CFG)
   assert float(jnp.abs(adapted - base).max()) > 1e-2          # the adapter does something
   np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), atol=2e-5, rtol=1e-5)
 
 
-def test_lora_from_skips_the_frozen_prefix_with_identical_values_and_gradients():
-  """forward(lora_from=first adapted layer): same logits and LoRA gradients as the full-depth scan, and the
+def test_adapters_from_skips_the_frozen_prefix_with_identical_values_and_gradients():
+  """forward(adapters_from=first adapted layer): same logits and LoRA gradients as the full-depth scan, and the
   jaxpr of the gradient has one layer scan in the backward pass over only the adapted layers."""
   from models.transformer import forward as fwd
   params = _params()
@@ -113,7 +114,7 @@ def test_lora_from_skips_the_frozen_prefix_with_identical_values_and_gradients()
   toks = jax.random.randint(jax.random.PRNGKey(6), (2, 9), 0, CFG.vocab_size)
 
   def loss(lo, lora_from):
-    logits, _ = fwd(params, toks, CFG, lora=lo, lora_scale=spec.scale, lora_from=lora_from)
+    logits, _ = fwd(adapt(params, lo, spec.scale), toks, CFG, adapters_from=lora_from)
     return jnp.sum(jax.nn.log_softmax(logits)[..., 3])
 
   full = jax.jit(jax.value_and_grad(loss), static_argnums=1)
@@ -152,7 +153,7 @@ def test_peft_export_loads_and_reproduces_logits(tmp_path):
   assert len(keys) == 4 * 2                                    # 4 modules x 2 window layers, nothing else
   with torch.no_grad():
     ref = peft_model(torch.as_tensor(toks)).logits.numpy()
-  ours, _ = forward(params, jnp.asarray(toks), cfg, lora=lora, lora_scale=spec.scale)
+  ours, _ = forward(adapt(params, lora, spec.scale), jnp.asarray(toks), cfg)
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
   ours_base, _ = forward(params, jnp.asarray(toks), cfg)
   assert np.abs(np.asarray(ours_base) - ref).max() > 1e-3       # the adapter was really applied
@@ -177,5 +178,5 @@ def test_merged_export_matches_transformers(tmp_path):
   toks = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 8))
   with torch.no_grad():
     ref = hf(torch.as_tensor(toks)).logits.numpy()
-  ours, _ = forward(params, jnp.asarray(toks), CFG, lora=lora, lora_scale=spec.scale)
+  ours, _ = forward(adapt(params, lora, spec.scale), jnp.asarray(toks), CFG)
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)

@@ -4,9 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import params as P
+from models import params as model_params
+from models.generate import generate
+from models.interventions import resid_add_at
+from models.lora import adapt
 from models.model import CausalLM
-from models.transformer import forward
+from models.transformer import forward, forward_jit
 from tests.reference import ours_from_torch, tiny_hf_model
 
 
@@ -42,11 +45,33 @@ def test_random_init_has_layout_shapes():
   _, cfg = ours_from_torch(tiny_hf_model("qwen3"))
   m = CausalLM.random(cfg, seed=1, dtype=jnp.bfloat16)
   shapes = jax.tree.map(lambda x: x.shape, m.pure_params())
-  assert shapes == P.param_shapes(cfg)
+  assert shapes == model_params.param_shapes(cfg)
   assert m.pure_params()["layers"]["wq"].dtype == jnp.bfloat16
   # 8B-shaped config: shapes only, nothing allocated
   big = cfg.replace(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                     d_ff=14336, qk_norm=False, arch="llama")
-  abstract = jax.eval_shape(lambda k: P.init_params(big, k, jnp.bfloat16), jax.random.key(0))
+  abstract = jax.eval_shape(lambda k: model_params.init_params(big, k, jnp.bfloat16), jax.random.key(0))
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   assert 8.0e9 < n < 8.1e9   # Llama-3.1-8B has 8.03B parameters
+
+
+def test_capture_and_generate_equal_the_pure_functions():
+  """CausalLM.capture / generate (steered and with a LoRA adapter) give the pure functions' arrays exactly."""
+  params, cfg = ours_from_torch(tiny_hf_model("llama"))
+  m = CausalLM(cfg, params)
+  rng = np.random.default_rng(3)
+  toks = jnp.asarray(rng.integers(0, 97, (2, 6)))
+  mask = jnp.asarray([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+  iv = resid_add_at(cfg.n_layers, 1, jnp.asarray(rng.normal(size=cfg.d_model), jnp.float32))
+  acts = m.capture(toks, mask, ("resid", "resid_post", "resid_pre"), interventions=iv)
+  _, ref = forward_jit(params, toks, cfg, attention_mask=mask, capture=("resid",), interventions=iv, logits="none")
+  np.testing.assert_array_equal(np.asarray(acts["resid"]), np.asarray(ref["resid"]))
+  np.testing.assert_array_equal(np.asarray(acts["resid_post"]), np.asarray(ref["resid"][1:]))
+  np.testing.assert_array_equal(np.asarray(acts["resid_pre"]), np.asarray(ref["resid"][:-1]))
+  lora = {"wq": {"a": jnp.asarray(rng.normal(size=(cfg.n_layers, cfg.d_model, 2)), jnp.float32) * 0.1,
+                 "b": jnp.asarray(rng.normal(size=(cfg.n_layers, 2, cfg.q_dim)), jnp.float32) * 0.1}}
+  new = m.generate(toks, mask, max_new_tokens=4, lora=lora, lora_scale=2.0)
+  want = generate(adapt(params, lora, 2.0), cfg, toks, mask, max_new_tokens=4)
+  np.testing.assert_array_equal(np.asarray(new), np.asarray(want))
+  adapted = m.capture(toks, mask, ("resid_post",), lora=lora, lora_scale=2.0)["resid_post"]
+  assert float(jnp.abs(adapted - acts["resid_post"]).max()) > 1e-3     # the adapter (and the steering) act

@@ -13,9 +13,10 @@ import pytest
 
 from configs.lora import get_config
 from models.config import ModelConfig
+from models.lora import adapt
 from models.params import init_params
 from models.transformer import forward_jit as forward
-from train import data as D
+from train import data as data_lib
 from train import checkpoint, engine, losses
 from train.adapters import AdapterError
 from train.loop import train_loop
@@ -43,7 +44,7 @@ def _data(n=16, s=12, seed=0):
     mask[i, :ln] = 1
     lm[i, ln // 2:ln] = 1
     toks[i, ln:] = 0
-  return D.TokenizedSet(toks, mask, lm)
+  return data_lib.TokenizedSet(toks, mask, lm)
 
 
 def _config(top=None, lora=None, lorra=None, **train) -> TrainConfig:
@@ -197,16 +198,16 @@ def test_lorra_moves_activations_along_reading_vector(tmp_path):
   lora = r.state["trainable"]
   toks, mask = jnp.asarray(train.tokens), jnp.asarray(train.mask)
   _, base = forward(params, toks, CFG, attention_mask=mask, capture=("resid",))
-  _, new = forward(params, toks, CFG, attention_mask=mask, capture=("resid",), lora=lora,
-                   lora_scale=r.step_config.lora_scale)
+  _, new = forward(adapt(params, lora, r.step_config.lora_scale), toks, CFG, attention_mask=mask,
+                   capture=("resid",))
   d = np.asarray(new["resid"][2] - base["resid"][2])[np.asarray(train.mask) > 0]   # output of layer 1
   proj = d @ v[1]
   assert proj.mean() > 0.5 * c.lorra.alpha                          # moved along v toward +alpha
   # Retain prompts move much less than the steered ones.
   rt, rm = jnp.asarray(retain.tokens), jnp.asarray(retain.mask)
   _, rb = forward(params, rt, CFG, attention_mask=rm, capture=("resid",))
-  _, rn = forward(params, rt, CFG, attention_mask=rm, capture=("resid",), lora=lora,
-                  lora_scale=r.step_config.lora_scale)
+  _, rn = forward(adapt(params, lora, r.step_config.lora_scale), rt, CFG, attention_mask=rm,
+                  capture=("resid",))
   rd = np.asarray(rn["resid"][2] - rb["resid"][2])[np.asarray(retain.mask) > 0]
   assert np.linalg.norm(rd, axis=-1).mean() < np.linalg.norm(d, axis=-1).mean()
 
@@ -234,66 +235,67 @@ def test_bad_layer_and_target_errors(tmp_path):
 def test_dataset_errors(tmp_path):
   p = tmp_path / "d.jsonl"
   p.write_text("")
-  with pytest.raises(D.DatasetError, match="empty"):
-    D.read_jsonl(str(p))
+  with pytest.raises(data_lib.DatasetError, match="empty"):
+    data_lib.read_jsonl(str(p))
   p.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "x"\n')
-  with pytest.raises(D.DatasetError, match=r"d.jsonl:2: invalid JSON"):
-    D.read_jsonl(str(p))
+  with pytest.raises(data_lib.DatasetError, match=r"d.jsonl:2: invalid JSON"):
+    data_lib.read_jsonl(str(p))
   p.write_text('{"prompt": "hi", "response": "yo"}\n{"prompt": "x", "answer": "y"}\n')
-  with pytest.raises(D.DatasetError, match=r"d.jsonl:2: field 'response'"):
-    D.read_jsonl(str(p))
+  with pytest.raises(data_lib.DatasetError, match=r"d.jsonl:2: field 'response'"):
+    data_lib.read_jsonl(str(p))
   p.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n')
-  with pytest.raises(D.DatasetError, match="last message must have role 'assistant'"):
-    D.read_jsonl(str(p))
-  with pytest.raises(D.DatasetError, match="not found"):
-    D.read_jsonl(str(tmp_path / "nope.jsonl"))
+  with pytest.raises(data_lib.DatasetError, match="last message must have role 'assistant'"):
+    data_lib.read_jsonl(str(p))
+  with pytest.raises(data_lib.DatasetError, match="not found"):
+    data_lib.read_jsonl(str(tmp_path / "nope.jsonl"))
   p.write_text('{"prompt": "hi", "response": "yo"}\n\n{"messages": [{"role": "user", "content": "a"}, '
                '{"role": "assistant", "content": "b"}]}\n')
-  ex = D.read_jsonl(str(p))
+  ex = data_lib.read_jsonl(str(p))
   assert [e.response for e in ex] == ["yo", "b"] and ex[1].messages == (("user", "a"),)
 
 
 def test_batch_order_is_a_function_of_step():
-  a = np.concatenate([D.batch_indices(10, 0, s, 4) for s in range(5)])
+  a = np.concatenate([data_lib.batch_indices(10, 0, s, 4) for s in range(5)])
   for e in range(2):                                               # each epoch a permutation of 0..9
     assert sorted(a[10 * e:10 * (e + 1)]) == list(range(10))
-  np.testing.assert_array_equal(D.batch_indices(10, 0, 3, 4), a[12:16])
+  np.testing.assert_array_equal(data_lib.batch_indices(10, 0, 3, 4), a[12:16])
 
 
 def test_grouped_batches_keep_units_together_and_cover_every_unit():
   n, g = 12, 3
-  data = D.TokenizedSet(np.arange(n * 2, dtype=np.int32).reshape(n, 2), np.ones((n, 2), np.int32),
+  data = data_lib.TokenizedSet(np.arange(n * 2, dtype=np.int32).reshape(n, 2), np.ones((n, 2), np.int32),
                         np.ones((n, 2), np.float32), group=g)
-  rows = np.concatenate([D.step_rows(data, 0, s, 6) for s in range(4)])     # 4 steps x 2 units = 2 epochs
+  rows = np.concatenate([data_lib.step_rows(data, 0, s, 6) for s in range(4)])     # 4 steps x 2 units = 2 epochs
   units = rows.reshape(-1, g)
   np.testing.assert_array_equal(units - units[:, :1], np.tile(np.arange(g), (len(units), 1)))   # consecutive
   assert (units[:, 0] % g == 0).all()                                      # start at a unit boundary
   for e in range(2):                                                       # each epoch a permutation of units
     assert sorted(units[4 * e:4 * (e + 1), 0] // g) == [0, 1, 2, 3]
-  np.testing.assert_array_equal(units[:, 0] // g, np.concatenate([D.batch_indices(4, 0, s, 2) for s in range(4)]))
-  b = D.get_batch(data, 0, 1, 1, 6)
-  np.testing.assert_array_equal(b["tokens"][0], data.tokens[D.step_rows(data, 0, 1, 6)])
-  with pytest.raises(D.DatasetError, match="not a multiple of the dataset's group size 3"):
-    D.step_rows(data, 0, 0, 4)
-  with pytest.raises(D.DatasetError, match="not a whole number of groups"):
-    D.TokenizedSet(data.tokens[:5], data.mask[:5], data.loss_mask[:5], group=2)
+  np.testing.assert_array_equal(units[:, 0] // g,
+                                np.concatenate([data_lib.batch_indices(4, 0, s, 2) for s in range(4)]))
+  b = data_lib.get_batch(data, 0, 1, 1, 6)
+  np.testing.assert_array_equal(b["tokens"][0], data.tokens[data_lib.step_rows(data, 0, 1, 6)])
+  with pytest.raises(data_lib.DatasetError, match="not a multiple of the dataset's group size 3"):
+    data_lib.step_rows(data, 0, 0, 4)
+  with pytest.raises(data_lib.DatasetError, match="not a whole number of groups"):
+    data_lib.TokenizedSet(data.tokens[:5], data.mask[:5], data.loss_mask[:5], group=2)
 
 
 def test_weight_first_target_weights_only_the_first_scored_token():
   lm = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], np.float32)
-  data = D.TokenizedSet(np.zeros((3, 5), np.int32), np.ones((3, 5), np.int32), lm)
-  out = D.weight_first_target(data, 5.0).loss_mask
+  data = data_lib.TokenizedSet(np.zeros((3, 5), np.int32), np.ones((3, 5), np.int32), lm)
+  out = data_lib.weight_first_target(data, 5.0).loss_mask
   np.testing.assert_array_equal(out, [[0, 0, 5, 1, 1], [0, 5, 1, 0, 0], [0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(data.loss_mask, lm)                       # the input is not modified
 
 
 def test_refusal_source_schema():
-  pairs = D.refusal_pairs()
+  pairs = data_lib.refusal_pairs()
   assert len(pairs) == 150 and all(p["harmful"] and p["benign_answer"] for p in pairs)
-  train, held = D.refusal_split(pairs, 40, 0)
+  train, held = data_lib.refusal_split(pairs, 40, 0)
   assert len(held) == 40 and not {p["id"] for p in held} & {p["id"] for p in train}
-  ex = D.refusal_examples(train)
-  assert sum(e.kind == "harmful" for e in ex) == 110 and ex[0].response == D.DEFAULT_REFUSAL
+  ex = data_lib.refusal_examples(train)
+  assert sum(e.kind == "harmful" for e in ex) == 110 and ex[0].response == data_lib.DEFAULT_REFUSAL
 
 
 @pytest.mark.slow
@@ -301,15 +303,15 @@ def test_chat_template_prompt_masking_smollm2():
   """Real tokenizer: the loss mask covers exactly the response plus the template's end-of-turn."""
   from models.loading import load_tokenizer
   tok = load_tokenizer("smollm2-135m-instruct")
-  ex = D.Example((("user", "How do I bake bread?"),), "Mix flour, water and yeast.")
-  ids, m = D.tokenize_example(tok, ex, 128)
+  ex = data_lib.Example((("user", "How do I bake bread?"),), "Mix flour, water and yeast.")
+  ids, m = data_lib.tokenize_example(tok, ex, 128)
   resp = tok.decode([t for t, k in zip(ids, m) if k])
   prompt = tok.decode([t for t, k in zip(ids, m) if not k])
   assert resp == "Mix flour, water and yeast.<|im_end|>\n"
   assert prompt.endswith("How do I bake bread?<|im_end|>\n<|im_start|>assistant\n")
-  ids2, m2 = D.tokenize_example(tok, ex, 20)                       # truncation keeps the response's start
+  ids2, m2 = data_lib.tokenize_example(tok, ex, 20)                       # truncation keeps the response's start
   assert len(ids2) == 20 and sum(m2) >= 5 and ids2[len(ids2) - sum(m2):][:3] == ids[len(ids) - sum(m):][:3]
-  ts = D.tokenize_dataset(tok, [ex, ex], 64, 2)
+  ts = data_lib.tokenize_dataset(tok, [ex, ex], 64, 2)
   assert ts.tokens.shape == (2, 64) and ts.mask[0].sum() == len(ids) and (ts.tokens[0, len(ids):] == 2).all()
 
 
@@ -319,7 +321,7 @@ def test_bf16_compute_keeps_fp32_lora(tmp_path):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(r.state["trainable"]))
   assert r.history[-1]["loss"] < r.history[0]["loss"]
   # The first bf16 loss (LoRA B = 0: the base model) tracks the fp32 loss of the same batch.
-  b = D.get_batch(_data(), c.seed, 0, 1, c.train.micro_batch)
+  b = data_lib.get_batch(_data(), c.seed, 0, 1, c.train.micro_batch)
   logits, _ = forward(_params(), jnp.asarray(b["tokens"][0]), CFG, attention_mask=jnp.asarray(b["mask"][0]))
   f32 = losses.sft_loss_sum(logits, jnp.asarray(b["tokens"][0]), jnp.asarray(b["loss_mask"][0]))
   f32 = float(f32 / losses.sft_weight(jnp.asarray(b["loss_mask"][0])))

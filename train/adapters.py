@@ -1,11 +1,12 @@
 """LoRA adapters on the stacked parameter pytree: target selection, depth windows, PEFT init, merge, PEFT export.
 
-An adapter is the `lora` argument of `models.transformer.forward`: `{target: {"a": [L, in, r], "b": [L, r, out]}}`
-with targets in `LORA_TARGETS` (wq, wk, wv, wo, w_gate, w_up, w_down) and the layer axis spanning the WHOLE
-depth. A depth window (`layers=(lo, hi)` or `depth=(f_lo, f_hi)`, or the complement of one) is implemented by storing A and B as exact zeros
-outside the window and masking their updates there (`LoraSpec.layer_mask`), so those layers stay exactly zero for
-the whole run (the gradient of both factors is also zero there, since the other factor is zero). Storing full depth
-costs `L / window` times the (small) adapter memory and keeps one layer axis everywhere (scan, export, merge).
+An adapter `{target: {"a": [L, in, r], "b": [L, r, out]}}` enters the forward as `models.lora.adapt(params, lora,
+scale)`, with targets in `LORA_TARGETS` (wq, wk, wv, wo, w_gate, w_up, w_down) and the layer axis spanning the WHOLE
+depth. A depth window (`layers=(lo, hi)` or `depth=(f_lo, f_hi)`, or the complement of one) is implemented by
+storing A and B as exact zeros outside the window and masking their updates there (`LoraSpec.layer_mask`), so those
+layers stay exactly zero for the whole run (the gradient of both factors is also zero there, since the other factor
+is zero). Storing full depth costs `L / window` times the (small) adapter memory and keeps one layer axis everywhere
+(scan, export, merge).
 
 Initialisation follows PEFT (`peft.tuners.lora.layer.LoraLayer.reset_lora_parameters`, init_lora_weights=True):
 lora_A.weight `[r, in]` ~ `nn.init.kaiming_uniform_(a=sqrt(5))` = U(-1/sqrt(in), 1/sqrt(in)), lora_B zeros.
@@ -30,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 from models.config import ModelConfig
 from models.hf_io import atomic_dir
 from models.params import LAYER_SPECS, layer_shapes
-from models.transformer import LORA_TARGETS
+from models.lora import LORA_TARGETS
 
 # Short names (PEFT / HF module names) -> our parameter names.
 SHORT_NAMES = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down",
@@ -187,7 +188,7 @@ def init_lora(spec: LoraSpec, cfg: ModelConfig, key: jax.Array, dtype=jnp.float3
 def merge_lora(params: dict[str, Any], lora: dict[str, dict[str, jax.Array]], scale: float) -> dict[str, Any]:
   """Base params with the adapters folded in: W' = W + scale * A @ B per layer (`[L, in, out]`, W's dtype).
 
-  The merged model's forward equals the adapter forward `forward(params, lora=lora, lora_scale=scale)` up to
+  The merged model's forward equals the adapter forward `forward(adapt(params, lora, scale))` up to
   rounding (tests/test_lora.py).
   """
   layers = dict(params["layers"])

@@ -46,6 +46,17 @@ class Checkpointer:
                                                              meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
+  def discard_from(self, step: int) -> None:
+    """Delete every saved step >= `step` (states the divergence guard found bad)."""
+    for s in self.manager.all_steps():
+      if s >= step:
+        self.manager.delete(s)
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    """The JSON metadata saved at `step` alone (no array is read)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return out["meta"]
+
   def restore_latest(self, like: Any) -> tuple[int | None, Any, dict[str, Any] | None]:
     """(newest step, its state laid out like `like`, its meta), or (None, like, None) without a checkpoint."""
     step = self.latest_step()

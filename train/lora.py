@@ -9,7 +9,7 @@ merged/ (HF safetensors, if export.merged), generations.jsonl, figures/loss.png,
 
 Library use: `train.loop.train_loop(params, cfg, train_set, config, workdir)` trains on already tokenised arrays;
 `run(config, workdir)` is the whole job. Both take a train.train_config.TrainConfig; `__main__` converts the
-ConfigDict of configs/lora.py once (train.rundir.run_app(typed=TrainConfig)).
+ConfigDict of configs/lora.py once (train.cli.run_app(typed=TrainConfig)).
 """
 from __future__ import annotations
 
@@ -24,16 +24,17 @@ import numpy as np
 from absl import logging
 
 from models import registry
-from models.config import ModelConfig
 from models.gguf_io import config_from_gguf
-from models.hf_io import save_hf
+from models.hf_io import read_hf_config, save_hf
 from models.loading import load, load_tokenizer
+from models.lora import adapt
 from models.sharding import sharding_fn
 from train import adapters, evaluate
-from train import data as D
+from train import data as data_lib
 from train.engine import assemble, to_host
-from train.loop import objective_sets, train_loop, train_mesh
-from train.rundir import Workdir, default_workdir, run_app, write_json, write_text
+from train.loop import objective_sets, train_loop, train_mesh, validate
+from train.cli import run_app
+from train.rundir import Workdir, default_workdir, write_json, write_text
 from train.train_config import TrainConfig
 from train.typed_config import to_dict
 
@@ -41,12 +42,13 @@ from train.typed_config import to_dict
 def run(config: TrainConfig, workdir: str | None = None) -> str:
   """The whole job (load, data, optional before-eval, train / resume, export, after-eval, report).
   Returns the report path."""
+  cfg = _model_config(config.model)  # locate the model and read its shapes: nothing is written before this ...
+  validate(config, cfg)              # ... and every field that needs only those shapes is checked
   mesh = train_mesh(config)          # multi-host init (if asked) before any device is touched
   workdir = workdir or default_workdir(config.model.split("/")[-1].removesuffix(".gguf") + "-lora")
   wd = Workdir(workdir, config)
   t0 = time.time()
   # each stacked tensor goes straight to its shards (models.sharding plan): no device holds the whole model
-  cfg = _model_config(config.model)
   params, cfg = load(config.model, dtype=jnp.float32, sharding_fn=sharding_fn(mesh, cfg))
   tok = load_tokenizer(config.model)
   logging.info("loaded %s in %.1fs", config.model, time.time() - t0)
@@ -63,9 +65,9 @@ def run(config: TrainConfig, workdir: str | None = None) -> str:
     t = time.time()
     res = {}
     for kind in ("harmful", "benign"):
-      ans = evaluate.generate_answers(p, cfg, tok, [q[kind] for q in heldout],
+      ans = evaluate.generate_answers(adapt(p, lora, scale), cfg, tok, [q[kind] for q in heldout],
                                       max_new_tokens=config.eval.max_new_tokens, batch=config.eval.batch,
-                                      system=system, lora=lora, lora_scale=scale)
+                                      system=system)
       res[kind] = {"rate": evaluate.refusal_rate(ans), "answers": ans}
     logging.info("%s: refusal harmful %.3f benign %.3f (%.0fs)", tag, res["harmful"]["rate"],
                  res["benign"]["rate"], time.time() - t)
@@ -88,13 +90,14 @@ def run(config: TrainConfig, workdir: str | None = None) -> str:
             for st in evals for k in ("harmful", "benign") for q, a in zip(heldout, evals[st][k]["answers"])]
     write_text(wd.file("generations.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
 
-  hist = result.history
+  hist = wd.history() or result.history     # every step's row, also those of the run before a resume
   fig_rel = _loss_figure(config, hist, wd) if hist else None
   summary = {"model": config.model, "mode": config.mode, "objective": config.objective,
              "lora": result.spec.to_dict() if result.spec is not None else None,
              "start_step": result.start_step, "steps": int(result.state["step"]), "train_s": t_train,
              "first_loss": hist[0]["loss"] if hist else None, "final_loss": hist[-1]["loss"] if hist else None,
-             "mean_tokens_per_s": float(np.mean([h["tokens_per_s"] for h in hist[1:]])) if len(hist) > 1 else None,
+             "mean_tokens_per_s": (float(np.mean([h["tokens_per_s"] for h in result.history[1:]]))
+                                   if len(result.history) > 1 else None),     # this process's steps
              "n_train_examples": len(train_set), "n_heldout_pairs": len(heldout),
              "refusal": {st: {k: evals[st][k]["rate"] for k in ("harmful", "benign")} for st in evals}}
   write_json(wd.file("summary.json"), summary)
@@ -108,14 +111,14 @@ def _examples(config):
 
   Raises train.data.DatasetError for an unknown config.data.source."""
   if config.data.source == "refusal":
-    pairs = D.refusal_pairs(tuple(config.data.refusal_sets))
-    train_pairs, heldout = D.refusal_split(pairs, config.data.heldout, config.seed)
-    examples = D.refusal_examples(train_pairs, config.data.refusal_text, config.data.include_benign,
-                                  config.data.benign_repeat)
+    pairs = data_lib.refusal_pairs(tuple(config.data.refusal_sets))
+    train_pairs, heldout = data_lib.refusal_split(pairs, config.data.heldout, config.seed)
+    examples = data_lib.refusal_examples(train_pairs, config.data.refusal_text, config.data.include_benign,
+                                         config.data.benign_repeat)
     return examples, train_pairs, heldout
   if config.data.source == "jsonl":
-    return D.read_jsonl(config.data.path), None, []
-  raise D.DatasetError(f"config.data.source must be 'refusal' or 'jsonl', got {config.data.source!r}")
+    return data_lib.read_jsonl(config.data.path), None, []
+  raise data_lib.DatasetError(f"config.data.source must be 'refusal' or 'jsonl', got {config.data.source!r}")
 
 
 def _export(config, result, params, cfg, tok, wd) -> dict:
@@ -130,7 +133,7 @@ def _export(config, result, params, cfg, tok, wd) -> dict:
     merged = adapters.merge_lora(params, lora, result.spec.scale) if config.export.merged else None
     eval_kw = dict(lora=jax.tree.map(lambda x: x.astype(jnp.dtype(config.dtype)), lora), scale=result.spec.scale)
   else:
-    merged, _ = assemble(trained, params, dataclasses.replace(result.step_config, compute_dtype="float32"))
+    merged = assemble(trained, params, dataclasses.replace(result.step_config, compute_dtype="float32"))
     eval_kw = dict(p=jax.tree.map(lambda x: x.astype(jnp.dtype(config.dtype)), merged))
   if merged is not None and (config.export.merged or result.spec is None):
     save_hf(merged, cfg, wd.file("merged"), tokenizer=tok, overwrite=True)
@@ -158,7 +161,7 @@ def _model_config(model: str):
   src = registry.resolve(model)
   if src.kind == "gguf":
     return config_from_gguf(src.path)
-  return ModelConfig.from_hf_file(os.path.join(src.path, "config.json"))
+  return read_hf_config(os.path.join(src.path, "config.json"))
 
 
 def _report(config, s, fig_rel) -> str:

@@ -68,7 +68,7 @@ def sft_rows(params, cfg, tokens: jax.Array, mask: jax.Array, loss_mask: jax.Arr
   Args:
     params, cfg: model (models.params layout). tokens, mask: `[B, S]` int (right-padded SFT rows).
     loss_mask: `[B, S]` float target weights. k: static, 0 or `max_targets(loss_mask)` (or larger).
-    **forward_kw: passed to models.transformer.forward (lora, lora_scale, remat, ...).
+    **forward_kw: passed to models.transformer.forward (remat, adapters_from, ...).
   Returns:
     `[B]` float32 sums; divide by `sft_weight` for the mean.
   """
@@ -116,21 +116,20 @@ def representation_loss_sum(acts: jax.Array, target: jax.Array, mask: jax.Array,
   return jnp.sum(dist * mask.astype(jnp.float32)[None])
 
 
-def lorra_targets(frozen_resid: jax.Array, reading: jax.Array, alpha: float, layers: Sequence[int]) -> jax.Array:
+def lorra_targets(frozen_post: jax.Array, reading: jax.Array, alpha: float, layers: Sequence[int]) -> jax.Array:
   """LoRRA targets at the output of the given decoder layers: frozen activation + alpha * reading vector.
 
   Args:
-    frozen_resid: `[L+1, B, S, D]` residual stream of the frozen model (models.transformer capture "resid").
-    reading: `[L, D]` reading vector per decoder layer (row l lives at the output of layer l = boundary l+1).
+    frozen_post: `[L, B, S, D]` resid_post of the frozen model (models.transformer capture "resid_post").
+    reading: `[L, D]` reading vector per decoder layer (row l lives at resid_post[l]).
     alpha: the LoRRA coefficient (Zou et al. 2023, Section 6, "Low-Rank Representation Adaptation").
     layers: decoder layer indices.
 
   Returns:
     `[len(layers), B, S, D]` float32.
   """
-  idx = jnp.asarray(layers) + 1
-  base = frozen_resid[idx].astype(jnp.float32)
-  return base + alpha * reading[jnp.asarray(layers)].astype(jnp.float32)[:, None, None, :]
+  idx = jnp.asarray(layers)
+  return frozen_post[idx].astype(jnp.float32) + alpha * reading[idx].astype(jnp.float32)[:, None, None, :]
 
 
 # ---- reversion auxiliary objectives (Poppi & Lukas 2026, arXiv 2606.28525): motion along v_rev

@@ -113,7 +113,7 @@ def model_config(config: PlanConfig) -> ModelConfig:
     if src.kind == "gguf":
       cfg = config_from_gguf(src.path)
     else:
-      cfg = ModelConfig.from_hf_file(os.path.join(src.path, "config.json"))
+      cfg = ModelConfig.from_hf_file(os.path.join(src.path, "config.json"))   # checks `architectures` too
   return cfg.replace(**dims) if dims else cfg
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from models.config import ModelConfig
+from models.lora import adapt
 from models.readout import cosine, mean_activation
 from models.transformer import forward
 from train import losses
@@ -66,8 +67,8 @@ def probe_mean(params: dict[str, Any], lora: dict | None, cfg: ModelConfig, prob
                lora_scale: float = 1.0, position: str = "last") -> jax.Array:
   """Mean residual activation `[L+1, D]` float32 of the probe prompts (tokens / mask `[P, S]`, left-padded)
   under params + LoRA (models.readout.mean_activation)."""
-  _, acts = forward(params, probe["tokens"], cfg, attention_mask=probe["mask"], capture=("resid",),
-                    logits="none", lora=lora, lora_scale=lora_scale)
+  _, acts = forward(adapt(params, lora, lora_scale), probe["tokens"], cfg, attention_mask=probe["mask"],
+                    capture=("resid",), logits="none")
   return mean_activation(acts["resid"], probe["mask"], position)
 
 
@@ -81,8 +82,8 @@ def _arm_gradients(cfg: ModelConfig, sc: ScanConfig) -> Callable:
   lw = _layer_weights(cfg.n_layers + 1, sc.aux_layers)
 
   def task_loss(lora, frozen, batch):
-    return sft_loss(frozen, cfg, batch, losses.sft_weight(batch["loss_mask"]), sc.n_targets, lora=lora,
-                    lora_scale=sc.lora_scale)
+    return sft_loss(adapt(frozen, lora, sc.lora_scale), cfg, batch, losses.sft_weight(batch["loss_mask"]),
+                    sc.n_targets)
 
   def aux_term(lora, frozen, probe, ref):
     """block / push: the term added to the loss; project: p, the motion along v_rev whose gradient is h."""

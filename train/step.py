@@ -45,7 +45,8 @@ def sft_loss(params: dict[str, Any], cfg: ModelConfig, batch: dict[str, jax.Arra
 
   batch: tokens / mask `[B, S]` int32, loss_mask `[B, S]` float32 (right-padded rows). weight: the number of
   scored targets of the whole (accumulated, global) batch (`losses.sft_weight`), so micro-batch shares add up to
-  the global mean. n_targets: train.losses.sft_rows's k. forward_kw: lora, lora_scale, remat, lora_from.
+  the global mean. n_targets: train.losses.sft_rows's k. forward_kw: remat, adapters_from (params may be
+  adapted, models.lora.adapt).
   """
   rows = losses.sft_rows(params, cfg, batch["tokens"], batch["mask"], batch["loss_mask"], n_targets, **forward_kw)
   return jnp.sum(rows) / jnp.maximum(weight, 1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from train.resume import check_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,8 @@ class OptimSection:
   remat: bool
   checkpoint_dir: str
   progress: bool
+  diverge_factor: float = 4.0         # divergence guard (train.guard): loss above this x the first step's ...
+  diverge_patience: int = 10          # ... (or a vanished gradient at ln(vocab)) for this many steps stops the run
 
   def __post_init__(self):
     if not (math.isfinite(self.lr) and 0.0 < self.lr <= 1.0):
@@ -93,6 +96,9 @@ class OptimSection:
       raise ValueError(f"train.warmup_steps must be in [0, train.steps = {self.steps}], got {self.warmup_steps}")
     if not 0.0 <= self.end_lr_frac <= 1.0:
       raise ValueError(f"train.end_lr_frac must be in [0, 1], got {self.end_lr_frac}")
+    if self.diverge_patience < 1 or not math.isfinite(self.diverge_factor):
+      raise ValueError(f"train.diverge_patience must be >= 1 and train.diverge_factor finite (<= 0 disables), got "
+                       f"{self.diverge_patience} / {self.diverge_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +129,10 @@ class TrainConfig:
   train: OptimSection
   export: ExportSection
   eval: EvalSection
+  resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
 
   def __post_init__(self):
+    check_mode(self.resume)
     if self.mode not in ("lora", "full"):
       raise ValueError(f"mode must be 'lora' or 'full', got {self.mode!r}")
     if self.objective not in ("sft", "lorra"):

@@ -2,7 +2,7 @@
 run the same study over a larger grid."""
 from analysis.avoid_red import study
 from analysis.avoid_red.config import AvoidRedConfig
-from train.rundir import run_app
+from train.cli import run_app
 
 if __name__ == "__main__":
   run_app(study.run, "configs/avoid_red.py", "Run directory (default runs/<date>-<model>-avoid-red).",

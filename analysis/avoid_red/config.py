@@ -7,6 +7,7 @@ from typing import Any
 
 from analysis.reversion.config import ReversionConfig
 from probes.sweep_config import SweepConfig
+from train.resume import check_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,3 +26,7 @@ class AvoidRedConfig:
   grid: dict[str, Any]                # axes (names, expansion order) and one tuple of values per axis (analysis.grid)
   vmap_axis: str                      # points differing only here run benign fine-tuning as one program
   stop_after: int                     # -1 = run to the end
+  resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
+
+  def __post_init__(self):
+    check_mode(self.resume)

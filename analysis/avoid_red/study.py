@@ -53,6 +53,7 @@ from analysis.avoid_red.config import AvoidRedConfig
 from analysis.reversion import benign, evaluate, safety
 from analysis.reversion import study as reversion
 from analysis.reversion.config import ReversionConfig
+from models import registry
 from probes import steering, sweep
 from probes import tasks as tasks_lib
 from train import adapters, scan, typed_config
@@ -259,6 +260,7 @@ def run(config: AvoidRedConfig, workdir: str | None = None) -> str:
   kill, kill_source = kill_window(config.kill_zone)
   points = grid.expand(config.grid)
   pcs = {p.name: point_config(config, p, kill) for p in points}          # validates every axis before any work
+  registry.resolve(rc.model)           # a missing model fails here, before the workdir is written
   wd = Workdir(workdir, config)
   state: dict[str, _Study] = {}
 

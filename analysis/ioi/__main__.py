@@ -4,7 +4,7 @@ The ConfigDict is converted once into analysis.ioi.config.IoiConfig; a bad field
 """
 from analysis.ioi.config import IoiConfig
 from analysis.ioi.study import run
-from train.rundir import run_app
+from train.cli import run_app
 
 if __name__ == "__main__":
   run_app(run, "configs/ioi.py", "Run directory (default runs/<date>-<model>-ioi).", typed=IoiConfig)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.interventions import head_mask, one_head
 from models.transformer import (Interventions, KVCache, default_positions, forward, forward_cached,
                                 rms_norm)
 
@@ -49,9 +50,7 @@ def _all_heads(cfg: ModelConfig):
 
 def _one_head(cfg: ModelConfig, layer, head, pos_mask):
   """Mask `[L, N|1, S|1, H]` selecting one head at `pos_mask` `[N, S]` positions (or all if None)."""
-  m = (jax.nn.one_hot(layer, cfg.n_layers)[:, None, None, None] *
-       jax.nn.one_hot(head, cfg.n_heads)[None, None, None, :])
-  return m if pos_mask is None else m * pos_mask[None, :, :, None].astype(m.dtype)
+  return one_head(cfg.n_layers, cfg.n_heads, layer, head, pos_mask)
 
 
 def _logit_diff_of_resid(params, cfg: ModelConfig, h_last: jax.Array, io: jax.Array, s: jax.Array) -> jax.Array:
@@ -85,8 +84,8 @@ def _patch_last(params, cfg: ModelConfig, tokens, mask, donor_z, io, s, layers, 
   positions = default_positions(mask)
   cache = KVCache.init(cfg, N, S, params["embed"].dtype)
   _, acts, cache = forward_cached(params, tokens, cfg, attention_mask=mask, positions=positions,
-                                  cache=cache, capture=("resid",), logits="none")
-  base_out = acts["resid"][1:, :, -1:]                                           # [L, N, 1, D] layer outputs
+                                  cache=cache, capture=("resid_post",), logits="none")
+  base_out = acts["resid_post"][:, :, -1:]                                       # [L, N, 1, D] layer outputs
   cache = cache._replace(index=jnp.asarray(S - 1, jnp.int32))                    # decode writes slot S-1
   donor_last = donor_z[:, :, -1:]                                                # [L, N, 1, H, hd]
   last_tok, last_pos = tokens[:, -1:], positions[:, -1:]
@@ -180,7 +179,7 @@ def knockout_each_head(params, cfg: ModelConfig, tokens, mask, z_mean, io, s, ch
   layers, heads = _all_heads(cfg)
 
   def one(lh):
-    ablate = jax.nn.one_hot(lh[0], cfg.n_layers)[:, None] * jax.nn.one_hot(lh[1], cfg.n_heads)[None, :]
+    ablate = head_mask(cfg.n_layers, cfg.n_heads, lh[0], lh[1])
     return knockout(params, cfg, tokens, mask, z_mean, ablate, io, s)
 
   return jax.lax.map(one, (layers, heads), batch_size=chunk).reshape(cfg.n_layers, cfg.n_heads, -1)
@@ -239,9 +238,9 @@ def path_patch_to_heads(params, cfg: ModelConfig, tokens, mask, z_orig, z_new, r
   recv = rmask[:, None, None, :] * pos[None, :, :, None]
 
   def one(lh):
-    _, acts = forward(params, tokens, cfg, attention_mask=mask, logits="none", capture=("resid",),
+    _, acts = forward(params, tokens, cfg, attention_mask=mask, logits="none", capture=("resid_pre",),
                       interventions=_frozen_except(cfg, lh[0], lh[1], z_orig, z_new))
-    iv = Interventions(qkv_source=acts["resid"][:-1], **{field: recv})
+    iv = Interventions(qkv_source=acts["resid_pre"], **{field: recv})
     out, _ = forward(params, tokens, cfg, attention_mask=mask, logits="last", interventions=iv)
     return logit_diff(out, io, s)
 

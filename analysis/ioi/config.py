@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from train.train_config import TrainConfig
+from train.resume import check_mode
 
 POISONS = ("subject", "name_moving")
 
@@ -58,8 +59,10 @@ class IoiConfig:
   classes: ClassesSection
   phase_steps: PhaseSteps
   train: TrainConfig                  # each phase's LoRA fine-tune (configs/lora.py), merged after the phase
+  resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
 
   def __post_init__(self):
+    check_mode(self.resume)
     if not self.seeds:
       raise ValueError("seeds must name at least one seed, got ()")
     for name in ("n_train", "n_eval", "top_k"):

@@ -56,6 +56,7 @@ from analysis.ioi.config import IoiConfig
 from analysis.ioi.data import ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, make_ioi, single_token_words, split_names
 from analysis.ioi.greater_than import make_greater_than, prob_diff
 from analysis.ioi.report import CLASSES, PHASES, write_outputs
+from models import registry
 from models.loading import load, load_tokenizer
 from models.tokenizer import pad_id
 from models.transformer import forward_jit
@@ -248,6 +249,7 @@ def run(config: IoiConfig, workdir: str | None = None) -> str:
     raise TypeError(f"run takes an IoiConfig (train.typed_config.from_configdict), got {type(config).__name__}")
   t_start = time.time()
   workdir = workdir or default_workdir(config.model.split("/")[-1].removesuffix(".gguf") + "-ioi")
+  registry.resolve(config.model)       # a missing model fails here, before the workdir is written
   wd = Workdir(workdir, config)
   base_params, cfg = load(config.model, dtype=jnp.float32)
   tok = load_tokenizer(config.model)

