@@ -65,7 +65,9 @@ def _base() -> ml_collections.ConfigDict:
   c.train.clip_norm = 1.0
   c.train.save_every = 20
   c.train.max_to_keep = 2
-  c.train.stop_after = -1        # stop (checkpointed) after this many steps; -1 = run to the end
+  c.train.stop_after = -1        # stop (checkpointed) on reaching this absolute step; -1 = run to the end
+  c.train.diverge_factor = 4.0   # divergence guard (train/guard.py): loss above this x the first step's loss ...
+  c.train.diverge_patience = 10  # ... or a vanished gradient at ln(vocab), this many steps in a row; 0 factor = off
   c.train.log_every = 1
   c.train.fsdp = 1               # mesh fsdp size (shards weights, LoRA factors, optimizer state; splits batch)
   c.train.tensor = 1             # mesh tensor size (Megatron column/row splits); data = devices / (fsdp * tensor)

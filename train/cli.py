@@ -151,12 +151,10 @@ def _exit_user_error(e: BaseException) -> NoReturn:
 
 
 def _quiet_failed_save(record: logging.LogRecord) -> bool:
-  """absl-handler filter: orbax's background-thread errors (a failed checkpoint write) as their one message line,
-  without the traceback; the main thread re-raises the same error, which run_app reports (or, with --verbose,
-  shows in full)."""
-  if record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
-    record.exc_info, record.exc_text = None, None
-  return True
+  """absl-handler filter: drops orbax's background-thread error records (a failed checkpoint write, logged with
+  its traceback); the main thread re-raises the same error, which run_app reports as the one `error:` line (or,
+  with --verbose, where this filter is not installed, shows in full)."""
+  return not (record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
 
 
 def _quiet_unraisable(hook):

@@ -96,9 +96,33 @@ def validate(config: TrainConfig, cfg) -> None:
     adapters.resolve_layers(cfg.n_layers, config.lorra.layers)
   if config.data.source == "jsonl" and not os.path.isfile(config.data.path):
     raise data_lib.DatasetError(f"config.data.path={config.data.path!r}: no such file")
-  rv = config.lorra.reading_vector
-  if config.objective == "lorra" and rv != "mean_diff" and not os.path.isfile(rv):
-    raise ValueError(f"config.lorra.reading_vector={rv!r}: no such file (or 'mean_diff')")
+  if config.objective == "lorra" and config.data.source != "refusal":
+    raise data_lib.DatasetError("objective 'lorra' steers harmful prompts and retains benign ones: it needs "
+                                f"config.data.source='refusal', got {config.data.source!r}")
+  if config.objective == "lorra" and config.lorra.reading_vector != "mean_diff":
+    load_reading_vector(config.lorra.reading_vector, cfg)
+
+
+def load_reading_vector(path: str, cfg) -> np.ndarray:
+  """A LoRRA reading vector `[L, D]` float32 from a .npy file (never unpickled: allow_pickle=False).
+
+  Raises train.data.DatasetError naming config.lorra.reading_vector and the file: missing, not a numeric .npy
+  array (a pickle or object array is refused unread), wrong shape, or non-finite values.
+  """
+  where = f"config.lorra.reading_vector={path!r}"
+  if not os.path.isfile(path):
+    raise data_lib.DatasetError(f"{where}: no such file (or 'mean_diff')")
+  try:
+    v = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise data_lib.DatasetError(f"{where}: not a numeric .npy array ({e})") from None
+  if not isinstance(v, np.ndarray) or v.dtype.kind not in "fiu":
+    raise data_lib.DatasetError(f"{where}: expected a numeric array, got {getattr(v, 'dtype', type(v))}")
+  if v.shape != (cfg.n_layers, cfg.d_model):
+    raise data_lib.DatasetError(f"{where}: shape {v.shape}, the model needs [{cfg.n_layers}, {cfg.d_model}]")
+  if not np.isfinite(v).all():
+    raise data_lib.DatasetError(f"{where}: holds non-finite values")
+  return v.astype(np.float32)
 
 
 def train_mesh(config: TrainConfig):
@@ -279,7 +303,7 @@ def objective_sets(config: TrainConfig, params, cfg, tok, examples, train_pairs,
     reading = mean_diff_reading(params, cfg, tok, [p["harmful"] for p in train_pairs],
                                 [p["benign"] for p in train_pairs], system)
   else:
-    reading = np.load(config.lorra.reading_vector, allow_pickle=False)
+    reading = load_reading_vector(config.lorra.reading_vector, cfg)
   return (data_lib.tokenize_dataset(tok, [e for e in examples if e.kind == "harmful"], ml, pid),
           data_lib.tokenize_dataset(tok, [e for e in examples if e.kind == "benign"], ml, pid), reading)
 

@@ -80,7 +80,9 @@ def run(config: TrainConfig, workdir: str | None = None) -> str:
   t_train = time.time() - t0
   if config.train.stop_after >= 0 and int(result.state["step"]) < config.train.steps:
     wd.close()
-    logging.info("stopped after step %d (checkpointed); rerun to resume", int(result.state["step"]))
+    logging.warning("stopped at step %d = config.train.stop_after (an absolute step; checkpointed): rerun with a "
+                    "larger stop_after, or -1, to continue (the change needs --config.resume=force)",
+                    int(result.state["step"]))
     return wd.file("checkpoints")
 
   eval_kw = _export(config, result, params, cfg, tok, wd)

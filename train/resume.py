@@ -7,17 +7,20 @@ metadata). When a run starts where checkpoints exist, `check_resume` compares th
 - a difference in a field that alters results (model, data, optimiser, LoRA, seeds, arms, sizes: everything
   not listed below) is refused, naming each field with its old and new value; start a new workdir instead;
 - a difference only in fields that do not (`NEUTRAL_LEAVES`: progress bars, logging / evaluation cadence,
-  checkpoint keeping, stop_after, multi-host addresses; the `export` section) is refused too unless the run
-  is started with `--config.resume=force`, so that nothing changes silently.
+  checkpoint keeping, multi-host addresses; the `export` section) is refused too unless the run is started with
+  `--config.resume=force`, so that nothing changes silently;
+- `stop_after` (`FREE_LEAVES`: how far this invocation goes, the way a run is stopped and continued) may always
+  differ.
 """
 from __future__ import annotations
 
 from typing import Any, Iterable
 
 NEUTRAL_LEAVES = frozenset({
-    "progress", "log_every", "save_every", "max_to_keep", "stop_after", "checkpoint_dir", "eval_every",
-    "distributed", "coordinator_address", "num_processes", "process_id", "resume", "capture_batch_size",
+    "progress", "log_every", "save_every", "max_to_keep", "checkpoint_dir", "eval_every",
+    "distributed", "coordinator_address", "num_processes", "process_id", "capture_batch_size",
 })
+FREE_LEAVES = frozenset({"stop_after", "resume"})
 NEUTRAL_SECTIONS = frozenset({"export"})
 MODES = ("check", "force")
 
@@ -62,7 +65,7 @@ def check_resume(old: dict[str, Any], new: dict[str, Any], mode: str, where: str
   """
   if mode not in MODES:
     raise ValueError(f"config.resume must be one of {MODES}, got {mode!r}")
-  diffs = [d for d in differences(old, new) if d[0].split(".")[-1] != "resume"]
+  diffs = [d for d in differences(old, new) if d[0].split(".")[-1] not in FREE_LEAVES]
   fixed = [d for d in diffs if not _neutral(d[0])]
   if fixed:
     raise ResumeConfigError(
