@@ -37,6 +37,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown sweep config {arg!r}; choose smollm2, smollm2_fast, qwen, full or quick")
   c = _base()
+  _screen(c)
   {"smollm2": lambda c: None, "smollm2_fast": _fast, "qwen": _qwen, "full": _full, "quick": _quick}[arg](c)
   return c
 
@@ -99,6 +100,12 @@ def _base() -> ml_collections.ConfigDict:
   return c
 
 
+def _screen(c: ml_collections.ConfigDict) -> None:
+  """The first-order screen's fields (probes/sweep_screen.py), set on every preset."""
+  c.screen = True                         # each behavior's own CAA vector vs covariance-shaped controls, alpha -> 0
+  c.screen_directions = 1000              # control directions per layer
+
+
 def _qwen(c: ml_collections.ConfigDict) -> None:
   """smollm2's sizes on Qwen."""
   c.model = MODELS["qwen"]
@@ -131,3 +138,4 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   c.gen_max_cells = 1
   c.probe_pairs = ml_collections.ConfigDict({"factual": 16, "refusal": 16})
   c.probe_steps = 150
+  c.screen_directions = 64

@@ -27,23 +27,24 @@ from models.transformer import forward
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "score_fn", "logits"))
-def score_gradients(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, score_fn: Callable,
-                    logits: str = "last") -> jax.Array:
-  """Per-probe gradients `[L, B, D]` float32 of `score_fn` with respect to a steering vector at resid_post[l].
+def score_gradients(params, cfg: ModelConfig, arrays: dict, score_fn: Callable, logits: str = "last") -> jax.Array:
+  """Per-row gradients `[L, B, D]` float32 of `score_fn` with respect to a steering vector at resid_post[l].
 
   Args:
-    params, cfg: the model. tokens, mask: `[B, S]` left-padded probes (one probe a row).
-    score_fn: (logits `[B, V]` for logits="last", `[B, S, V]` for "all") -> per-row scores `[B]` (static: a
-      module-level function, so jit can hash it).
+    params, cfg: the model. arrays: "tokens", "mask" `[B, S]` left-padded rows (one probe, or one text of a
+      paired probe, a row) and whatever else score_fn reads (probes.tasks.Task.arrays()).
+    score_fn: (logits `[B, V]` for logits="last", `[B, S, V]` for "all", arrays) -> per-row scores `[B]`
+      (static: a module-level function or a stored partial, so jit can hash it).
   Returns:
     g `[L, B, D]`: d score_b / d v at v = 0, where v `[D]` is added at every position of row b after layer l.
   """
+  tokens, mask = arrays["tokens"], arrays["mask"]
   L, B = cfg.n_layers, tokens.shape[0]
 
   def total(add):
     out, _ = forward(params, tokens, cfg, attention_mask=mask, interventions=Interventions(resid_add=add),
                      logits=logits)
-    return jnp.sum(score_fn(out))
+    return jnp.sum(score_fn(out, arrays))
 
   return jax.grad(total)(jnp.zeros((L, B, 1, cfg.d_model), jnp.float32))[:, :, 0]
 

@@ -45,7 +45,7 @@ from models.generate import generate
 from models.loading import load, load_tokenizer
 from models.readout import last_token_resid
 from models.sharding import make_mesh
-from probes import data, killzones, linear, steering, sweep_report, tasks as tasks_lib
+from probes import data, killzones, linear, steering, sweep_report, sweep_screen, tasks as tasks_lib
 from probes.sweep_config import SweepConfig
 from probes.sweep_report import PROBE_TASKS, SweepResults
 from train.cli import run_app
@@ -116,6 +116,9 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
   name = config.model.split("/")[-1].removesuffix(".gguf")
   workdir = workdir or default_workdir(name + "-sweep")
   registry.resolve(config.model)       # a missing model fails here, before the workdir is written
+  for behavior, paths in config.files.items():   # user probe files: read and checked before anything is written
+    for path in paths:
+      data.validate(behavior, data.read_records(path), path)
   wd = Workdir(workdir, config)
   timing = {}
   t_start = time.time()
@@ -127,6 +130,7 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
 
   behaviors = list(config.behaviors)
   task_list = [tasks_lib.build_task(b, model.tok, probes[b][0], config.max_tokens[b]) for b in behaviors]
+  scr = sweep_screen.run_screen(model, config, probes, task_list, timing) if config.screen else None
   layers = list(range(config.layer_start, model.cfg.n_layers, config.layer_stride))
   grid = Grid(layers, list(config.alphas),
               steering.sweep_directions(jnp.asarray(layer_vecs), layers, config.n_random, config.seed))
@@ -142,7 +146,7 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
   timing["total_s"] = time.time() - t_start
 
   sr = SweepResults(config, model.cfg, name, behaviors, grid.layers, grid.alphas, res, an, probe_res, vec, timing,
-                    {}, task_list, config.readout, base_logprob, gen_base, gen_cells)
+                    {}, task_list, config.readout, base_logprob, gen_base, gen_cells, scr)
   return write_outputs(wd, sr)
 
 

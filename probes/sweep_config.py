@@ -74,10 +74,15 @@ class SweepConfig:
   probe_steps: int
   probe_lr: float
   probe_fractions: tuple[float, float, float]
+  # the first-order screen (probes/sweep_screen.py): each behavior's own vector vs covariance-shaped controls
+  screen: bool = False
+  screen_directions: int = 1000
   resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
 
   def __post_init__(self):
     check_mode(self.resume)
+    if self.screen and self.screen_directions < 1:
+      raise ValueError(f"screen_directions must be >= 1, got {self.screen_directions}")
     self._check_choices()
     self._check_behaviors()
     self._check_counts()

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from probes import sweep_screen
 from probes.sweep_config import SweepConfig
 
 # Linear-probe task -> (behavior whose probe pairs it uses, what it separates)
@@ -47,6 +48,7 @@ class SweepResults:
   base_logprob: Any = None
   gen_base: dict | None = None
   gen_cells: Sequence[dict] = ()
+  screen: dict | None = None          # probes.sweep_screen.run_screen
 
 
 def figures(wd, sr: SweepResults) -> dict[str, str]:
@@ -81,19 +83,24 @@ def metrics(sr: SweepResults) -> dict[str, Any]:
           "baseline_logprob": dict(zip(sr.behaviors, sr.base_logprob.tolist())),
           "baseline_generation": sr.gen_base, "generation_cells": sr.gen_cells,
           **{k: an[k] for k in ("delta", "z", "ctrl_mean", "ctrl_std", "band_lo", "band_hi", "depth_pct")},
-          "probes": {k: {m: v for m, v in r.items()} for k, r in sr.probe_res.items()}}
+          "probes": {k: {m: v for m, v in r.items()} for k, r in sr.probe_res.items()},
+          "screen": sr.screen, "screen_directions": sr.screen["directions"] if sr.screen else 0}
 
 
 def report(sr: SweepResults) -> str:
   """The report's markdown."""
-  sections = (_intro, _baseline, _kill_zones, _largest_drops, _linear_probes)
+  sections = (_intro, _baseline, _screen, _kill_zones, _largest_drops, _linear_probes)
   return "\n".join(line for section in sections for line in section(sr))
+
+
+def _screen(sr: SweepResults) -> list[str]:
+  return sweep_screen.report_lines(sr.screen, sr.cfg.n_layers)
 
 
 def _intro(sr: SweepResults) -> list[str]:
   """Title, setup, timing and the readout."""
   (config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing, figs, task_list, readout,
-   base_logprob, gen_base, gen_cells) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
+   base_logprob, gen_base, gen_cells, _) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
   K, L = int(config.n_random), cfg.n_layers
   readout_key = readout if readout == "generate" or config.gen_check else "logprob_nocheck"
   lines = [f"# Lobotomy layers: {name}", "",
@@ -116,7 +123,7 @@ def _intro(sr: SweepResults) -> list[str]:
 def _baseline(sr: SweepResults) -> list[str]:
   """Baseline scores with both readouts."""
   (config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing, figs, task_list, readout,
-   base_logprob, gen_base, gen_cells) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
+   base_logprob, gen_base, gen_cells, _) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
   lines = [
            "## Baseline scores (rho-eval definitions)", "",
            "| behavior | score (sweep readout) | metric | probes | log-prob readout | generation readout "
@@ -153,6 +160,12 @@ def headline(config: SweepConfig, metrics: dict) -> list[str]:
   an["kill_zones"] = metrics["kill_zones"]
   lines = kill_zone_lines(config, metrics["behaviors"], metrics["layers"], metrics["alphas"], an,
                           metrics["generation_cells"])
+  scr = metrics.get("screen")
+  if scr:
+    scr = {"directions": scr["directions"],
+           "behaviors": {b: {k: np.asarray(v) if isinstance(v, list) else v for k, v in r.items()}
+                         for b, r in scr["behaviors"].items()}}
+    lines += [""] + sweep_screen.report_lines(scr, metrics["n_layers"])
   return ["#" + ln if ln.startswith("##") else ln for ln in lines]
 
 
@@ -208,7 +221,7 @@ def kill_zone_lines(config: SweepConfig, behaviors: Sequence[str], layers: Seque
 def _largest_drops(sr: SweepResults) -> list[str]:
   """The largest drop per behavior with its control, the figures and the per-layer delta tables."""
   (config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing, figs, task_list, readout,
-   base_logprob, gen_base, gen_cells) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
+   base_logprob, gen_base, gen_cells, _) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
   lines = []
   # largest drops regardless of control
   lines += ["", "Largest drop per behavior (any layer / alpha), with the control at the same cell:", "",
@@ -235,7 +248,7 @@ def _largest_drops(sr: SweepResults) -> list[str]:
 def _linear_probes(sr: SweepResults) -> list[str]:
   """Linear probes by depth."""
   (config, cfg, name, behaviors, layers, alphas, res, an, probe_res, vec, timing, figs, task_list, readout,
-   base_logprob, gen_base, gen_cells) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
+   base_logprob, gen_base, gen_cells, _) = (getattr(sr, f.name) for f in dataclasses.fields(sr))
   L = cfg.n_layers
   lines = []
   lines += ["## Linear probes by depth", "",

@@ -12,10 +12,12 @@ import sys
 import textwrap
 import types
 
+import numpy as np
 import pytest
 
 from models.errors import MissingTensorError
 from train import cli, rundir
+from train.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,6 +149,15 @@ def test_unknown_model_writes_no_workdir(tmp_path, module, config):
   assert not (tmp_path / "w").exists()
 
 
+def test_bad_probe_file_is_refused_before_the_workdir_is_written(tmp_path):
+  bad = tmp_path / "bias.jsonl"
+  bad.write_bytes(b'{"text": "ok", "correct_answer": "A", "biased_answer": "B"}\n{"text": "\xff"}\n')
+  r = _module("probes.sweep", "--config=configs/sweep.py:quick", f"--config.files.bias={bad}",
+              f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 2 and _lines(r.stderr) == [f"error: {bad}: line 2 is not valid UTF-8 (byte 0xff at column 11)"]
+  assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_verbose_shows_the_traceback(tmp_path, how):
   args = ["--verbose"] if how == "flag" else []
@@ -254,3 +265,17 @@ def test_failed_save_noise_is_quieted():
   assert not cli._quiet_failed_save(rec)                       # dropped: the main thread reports the error
   rec.exc_info = None
   assert cli._quiet_failed_save(rec)                           # orbax's other records pass
+
+
+def test_a_failed_checkpoint_save_says_what_was_being_written(tmp_path, monkeypatch):
+  ck = Checkpointer(str(tmp_path / "ck"))
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ck" / "3.orbax-checkpoint-tmp"))
+  monkeypatch.setattr(ck.manager, "save", full)
+  with pytest.raises(OSError) as e:
+    ck.save(3, {"x": np.zeros(2)}, {})
+  ck.close()
+  assert cli.error_line(cli._user_error(e.value)) == (
+      f"error: No space left on device: {tmp_path}/ck/3.orbax-checkpoint-tmp (while saving checkpoint step 3 to "
+      f"{tmp_path}/ck)")

@@ -16,7 +16,7 @@ CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=4, n_heads=4
 ALPHAS = (-4.0, 2.0, 4.0)
 
 
-def margin(logits):
+def margin(logits, arrays=None):
   """Per-probe score of the tests: log-prob margin of token 3 over token 5 at the last position."""
   lp = jax.nn.log_softmax(logits, axis=-1)
   return lp[:, 3] - lp[:, 5]
@@ -140,6 +140,7 @@ def test_tiny_model_null_with_a_control_as_the_behavior_vector():
   sc = sc.reshape(3, 3, n_sims, 1 + K, -1)
   flagged = [bool(_run([base], [sc[:, :, i, 0]], [sc[:, :, i, 1:]])["kill_zones"]) for i in range(n_sims)]
   assert np.std(sc[:, :, :, 1:].mean(-1)) > 1e-3            # the directions do move the scores
+  print(f"tiny model, null sweeps with a kill zone: {np.mean(flagged):.3f}")
   assert np.mean(flagged) <= 0.05
 
 
@@ -156,7 +157,7 @@ def test_exact_scores_equal_a_direct_forward():
 def test_gradient_screen_matches_finite_differences():
   params = init_params(CFG, jax.random.PRNGKey(0), std=0.3)
   toks, mask = _probes(6, seed=5)
-  g = screen.score_gradients(params, CFG, toks, mask, margin)
+  g = screen.score_gradients(params, CFG, {"tokens": toks, "mask": mask}, margin)
   dirs = controls.isotropic(jax.random.PRNGKey(3), jnp.ones(CFG.n_layers), 4, CFG.d_model)
   dd = np.asarray(screen.directional_derivatives(g, dirs))                      # [L, M, B]
   eps = 1e-2
@@ -195,3 +196,22 @@ def test_controls_have_the_norm_and_live_where_the_activations_vary():
   assert off(shuf).max() < 1e-4 * 5
   with pytest.raises(ValueError, match="need the activations"):
     controls.controls("covariance", jax.random.PRNGKey(0), norms, 5)
+
+
+def test_probe_gradients_map_rows_to_paired_probes_exactly():
+  """sweep_screen.probe_gradients (row batches of 3 over 8 rows, the last padded) gives each factual probe's
+  d margin / d alpha: the finite difference of probes.margins.probe_scores (true row minus false row)."""
+  from probes import margins, sweep_screen, tasks as tasks_lib
+  params = init_params(CFG, jax.random.PRNGKey(0), std=0.3)
+  toks, mask = _probes(8, seed=9)
+  task = tasks_lib.Task("factual", np.asarray(toks), np.asarray(mask), np.asarray([0] * 4 + [1] * 4, np.int32),
+                        np.zeros((8, 0), np.int32), 4)
+  g = sweep_screen.probe_gradients(params, CFG, task, 3)                         # [L, 4, D]
+  v = controls.isotropic(jax.random.PRNGKey(4), jnp.ones(CFG.n_layers), 1, CFG.d_model)[:, 0]
+  d = np.asarray(jnp.einsum("lnd,ld->ln", g, v))
+  arrays, eps = task.arrays(), 1e-2
+  for layer in (0, 3):
+    f = lambda a: np.asarray(margins.probe_scores("factual", forward(
+        params, arrays["tokens"], CFG, attention_mask=arrays["mask"], logits="all",
+        interventions=resid_add_at(CFG.n_layers, layer, a * v[layer]))[0], arrays), np.float64)
+    np.testing.assert_allclose(d[layer], (f(eps) - f(-eps)) / (2 * eps), rtol=2e-2, atol=2e-3)

@@ -34,9 +34,13 @@ class Checkpointer:
     """Save `state` and `meta` at `step` (no-op if that step is already saved)."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
+    except Exception as e:   # a full disk, say: the one-line error (train.cli) says what was being written
+      e.add_note(f"while saving checkpoint step {step} to {self.directory}")
+      raise
 
   def restore(self, step: int, like: Any = None) -> tuple[Any, dict[str, Any]]:
     """(state, meta) saved at `step`, laid out like the pytree `like` (same structure, shardings, dtypes);

@@ -1,0 +1,111 @@
+"""The sweep's first-order screen stage: does each behavior's own CAA vector move its own behavior, layer by
+layer, more than covariance-shaped random directions of the same norm do?
+
+Per behavior b (Rimsky et al. 2024's CAA from b's own unscored contrast pairs, so disjoint from the scored probes):
+v_b(l) = mean resid_post[l](positive) - mean resid_post[l](negative) at the last token. The scored probes' per-probe
+continuous scores (probes.margins) are differentiated with respect to a vector added at resid_post[l]
+(probes.screen: one backward pass per probe batch for every layer), and the derivative along v_b(l) is placed
+among those along M directions drawn from N(0, Sigma_l) of the same contrast texts' activations, rescaled to
+||v_b(l)|| (probes.controls). Empirical two-sided p per (behavior, layer); Benjamini-Hochberg q over all of them.
+This is the screen of issue 17 at alpha -> 0; the exact large-alpha test (probes.killtest) is not wired yet.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from models import tokenizer as tk
+from models.readout import last_token_resid
+from probes import controls, data, margins, screen
+from probes import tasks as tasks_lib
+
+ROW_MEASURE = {b: functools.partial(margins.row_measure, b) for b in data.BEHAVIORS}   # stable static args
+
+
+def probe_gradients(params, cfg, task: tasks_lib.Task, batch: int) -> jax.Array:
+  """Per-probe gradients `[L, n_probes, D]` of the task's continuous scores (probes.margins) with respect to a
+  vector added at resid_post[l], in row batches of `batch` (the last one padded with copies of row 0)."""
+  arrays = task.arrays()
+  B = arrays["tokens"].shape[0]
+  out = []
+  for i in range(0, B, batch):
+    idx = np.minimum(np.arange(i, i + batch), B - 1) if i + batch > B else np.arange(i, i + batch)
+    sub = {k: v[idx] for k, v in arrays.items()}
+    g = screen.score_gradients(params, cfg, sub, ROW_MEASURE[task.behavior], tasks_lib.logits_mode(task.behavior))
+    out.append(g[:, :min(batch, B - i)])
+  rows = jnp.concatenate(out, axis=1)                                                    # [L, B, D]
+  return jnp.moveaxis(margins.probe_margins(task.behavior, jnp.moveaxis(rows, 1, -1), arrays["label"]), -1, 1)
+
+
+def own_vector(model, config, pairs: Sequence[tuple[str, str]]) -> tuple[jax.Array, jax.Array]:
+  """(CAA vector `[L, D]` at resid_post, the contrast texts' activations `[L, 2N, D]`) of one behavior's pairs."""
+  texts = [p for p, _ in pairs] + [q for _, q in pairs]
+  toks, mask = tk.encode_left_padded(model.tok, texts, add_special_tokens=True)
+  acts = jnp.asarray(last_token_resid(model.params, model.cfg, toks, mask, config.capture_batch_size,
+                                      site="resid_post"))
+  n = len(pairs)
+  return acts[:, :n].mean(1) - acts[:, n:].mean(1), acts
+
+
+def run_screen(model, config, probes: dict[str, tuple[list, list]], task_list: Sequence[tasks_lib.Task],
+               timing: dict) -> dict[str, Any]:
+  """The screen of every scored behavior (module docstring); records timing["screen_s"].
+
+  Returns {"directions": M, "behaviors": {b: {"n_probes", "n_pairs", "vector_norm" `[L]`, and screen.screen's
+  `[L]` arrays slope, ctrl_mean, ctrl_sd, band_lo, band_hi, z, p, plus q `[L]`}}}. Raises ValueError when a
+  behavior has fewer than 2 unscored probes to build contrast pairs from.
+  """
+  t0 = time.time()
+  key = jax.random.PRNGKey(config.seed + 17)
+  out: dict[str, Any] = {}
+  for task in task_list:
+    b = task.behavior
+    pairs = data.contrast_pairs(b, probes[b][1])[:config.n_vector_pairs]
+    if len(pairs) < 2:
+      raise ValueError(f"screen: only {len(pairs)} unscored {b} contrast pairs; lower n_probes.{b}")
+    v, acts = own_vector(model, config, pairs)
+    norms = jnp.linalg.norm(v, axis=-1)
+    key, sub = jax.random.split(key)
+    ctrl = controls.covariance_shaped(sub, acts, norms, config.screen_directions)          # [L, M, D]
+    g = probe_gradients(model.params, model.cfg, task, config.capture_batch_size)         # [L, n, D]
+    res = screen.screen(np.asarray(jnp.einsum("lnd,ld->ln", g, v)),
+                        np.asarray(screen.directional_derivatives(g, ctrl)))
+    out[b] = {**res, "n_pairs": len(pairs), "vector_norm": np.asarray(norms)}
+  p = np.concatenate([r["p"] for r in out.values()])
+  q = stats.false_discovery_control(p, method="bh")
+  L = model.cfg.n_layers
+  for i, r in enumerate(out.values()):
+    r["q"] = q[i * L:(i + 1) * L]
+  timing["screen_s"] = time.time() - t0
+  return {"directions": config.screen_directions, "behaviors": out}
+
+
+def report_lines(scr: dict[str, Any] | None, n_layers: int) -> list[str]:
+  """The report's "First-order screen" section (empty without a screen)."""
+  if not scr:
+    return []
+  M = scr["directions"]
+  lines = ["## First-order screen: does each behavior's own vector move it? (alpha -> 0)", "",
+           f"d score / d alpha of each behavior's per-probe continuous score (probes.margins) at every layer, for "
+           f"its own CAA vector against {M} covariance-shaped random directions of the same norm (N(0, Sigma_l) "
+           "of its contrast texts' activations). p: empirical, two-sided, (1 + #controls at least as far from "
+           f"the controls' mean) / (M + 1), so never below 1 / (M + 1) = {1 / (M + 1):.4f}; q: Benjamini-Hochberg "
+           "over every behavior x layer. A first-order effect at small alpha, not the large-alpha kill-zone test.", "",
+           "| behavior | probes | pairs | layers with q < 0.05 (sign of the slope) | strongest layer: slope, "
+           "control mean +/- sd, z, p, q |", "|---|---|---|---|---|"]
+  for b, r in scr["behaviors"].items():
+    sig = [f"{l} ({'+' if r['slope'][l] > 0 else '-'})" for l in range(n_layers) if r["q"][l] < 0.05]
+    z = np.where(np.isfinite(r["z"]), np.abs(r["z"]), -1.0)
+    w = int(np.argmax(z))
+    lines.append(f"| {b} | {r['n_probes']} | {r['n_pairs']} | {', '.join(sig) if sig else 'none'} | layer {w}: "
+                 f"{r['slope'][w]:+.4g}, {r['ctrl_mean'][w]:+.3g} +/- {r['ctrl_sd'][w]:.3g}, z {r['z'][w]:+.2f}, "
+                 f"p {r['p'][w]:.4f}, q {r['q'][w]:.3f} |")
+  if not any((r["q"] < 0.05).any() for r in scr["behaviors"].values()):
+    lines += ["", "No behavior's own vector moves it beyond the covariance-shaped controls at any layer (q < 0.05)."]
+  return lines + [""]
