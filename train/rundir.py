@@ -21,7 +21,6 @@ from train import typed_config
 from train.resume import check_resume
 
 
-
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yield a new temporary path in path's directory; rename it to `path` only if the block succeeds.
