@@ -67,6 +67,6 @@ def base(layers: dict[str, Any]) -> dict[str, Any]:
   return {k: v.w if isinstance(v, LowRank) else v for k, v in layers.items()}
 
 
-def is_adapted(params: dict[str, Any]) -> bool:
-  """Whether any layer weight of `params` carries a LowRank adapter."""
-  return any(isinstance(v, LowRank) for v in params["layers"].values())
+def is_adapted(layers: dict[str, Any]) -> bool:
+  """Whether any of the stacked layer parameters `layers` (params["layers"]) is a LowRank adapter."""
+  return any(isinstance(v, LowRank) for v in layers.values())

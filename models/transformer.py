@@ -29,7 +29,7 @@ from models.config import ModelConfig
 from models.interventions import CAPTURE_NAMES, Interventions  # noqa: F401 (public here too)
 from models.layers import (apply_rope, attend, default_positions, mix, rms_norm,  # noqa: F401 (public here)
                            rope_inv_freq)
-from models.lora import LowRank, base, project
+from models.lora import base, is_adapted, project
 from models.sharding import BATCH_AXES, TENSOR, constrain
 
 
@@ -189,8 +189,7 @@ def _scan_layers(body, h, layers, iv, cache_kv, adapters_from: int):
   """`lax.scan` of body over the stacked layers. With adapters_from > 0 and LowRank weights, the layers below
   it run on their frozen weights in a scan of their own: nothing there depends on the adapters, so autodiff
   runs no backward pass through those layers."""
-  adapted = any(isinstance(v, LowRank) for v in layers.values())
-  if not adapted or adapters_from <= 0:
+  if not is_adapted(layers) or adapters_from <= 0:
     return jax.lax.scan(body, h, (layers, iv, cache_kv))
   split = lambda t, sl: jax.tree.map(lambda x: x[sl], t)
   lo, hi = slice(0, adapters_from), slice(adapters_from, None)

@@ -61,14 +61,6 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return out["meta"]
 
-  def restore_latest(self, like: Any) -> tuple[int | None, Any, dict[str, Any] | None]:
-    """(newest step, its state laid out like `like`, its meta), or (None, like, None) without a checkpoint."""
-    step = self.latest_step()
-    if step is None:
-      return None, like, None
-    state, meta = self.restore(step, like)
-    return step, state, meta
-
   def close(self) -> None:
     self.manager.close()
 

@@ -210,16 +210,14 @@ def _resume(ckpt: Checkpointer, state, meta: dict, config: TrainConfig, cfg):
   before any state is restored (a changed LoRA rank would otherwise fail inside orbax)."""
   tc = config.train
   step = ckpt.latest_step()
-  old = ckpt.restore_meta(step) if step is not None else None
-  if old is not None:
+  old = ckpt.restore_meta(step) if step is not None else {}
+  if step is not None:
     check_resume(old.get("config", {}), meta["config"], "force", ckpt.directory)
+    state, _ = ckpt.restore(step, state)
+    logging.info("resumed from %s step %d", ckpt.directory, step)
   guard = DivergenceGuard(loss_factor=tc.diverge_factor, patience=tc.diverge_patience,
-                          vocab=cfg.vocab_size if config.objective == "sft" else 0,
-                          reference=None if old is None else old.get("first_loss"))
-  resumed, state, _ = ckpt.restore_latest(state)
-  if resumed is not None:
-    logging.info("resumed from %s step %d", ckpt.directory, resumed)
-  return resumed, state, guard
+                          vocab=cfg.vocab_size if config.objective == "sft" else 0, reference=old.get("first_loss"))
+  return step, state, guard
 
 
 def _step_config(config: TrainConfig, spec, lorra_layers, train_set) -> engine.StepConfig:
