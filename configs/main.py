@@ -1,9 +1,11 @@
 """Config for the main job (`make run` = `python -m analysis.main --config=configs/main.py:smollm2`): the layer
-sweep (steering heatmap with the random-direction control) followed by the gravitational-reversion study.
+sweep (rho-eval baselines, vector validation, the first-order screen and the exact kill-zone test) followed by the
+gravitational-reversion study.
 
-Presets: smollm2 (the `make run` sizes: configs/sweep.py:smollm2_fast + configs/reversion.py:smollm2_fast, about
-19 minutes on a 2-core CPU, measured), full (the full sweep and the full reversion protocol), quick (tiny sizes; tests).
-Override either part: --config.sweep.alphas="(1.0,4.0)" --config.reversion.benign.steps=60.
+Presets: smollm2 (the `make run` sizes: configs/sweep.py:smollm2_fast + configs/reversion.py:smollm2_fast; the time
+measured on a 2-core CPU is in the README), full (the full sweep and the full reversion protocol), quick (tiny sizes; tests).
+Override either part: --config.sweep.exact_alphas="(2.0,4.0)"
+--config.reversion.benign.steps=60.
 """
 import ml_collections
 

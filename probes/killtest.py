@@ -13,21 +13,16 @@ s `[N]` and K controls' c `[K, N]` (same norm, probes.controls):
   #{d >= delta} + 1) / (K + 1), exact under exchangeability;
 - q = Benjamini-Hochberg over every cell with a defined p (scipy.stats.false_discovery_control);
 - a cell is killed when q < q_level, delta <= -threshold (a practical size, in score units) and the drop holds at
-  the next smaller |alpha| of the same sign (dose-response; a cell without a smaller alpha cannot pass);
+  the next smaller |alpha| of the same sign (dose-response; at the smallest |alpha| of the grid, the first-order
+  screen's slope at alpha = 0 stands for it when given, else the cell cannot pass);
 - a kill zone is a maximal run of consecutive swept layers killed at one (behavior, alpha).
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Sequence
+from typing import Sequence
 
-import jax
 import numpy as np
 from scipy import stats
-
-from models.config import ModelConfig
-from models.interventions import resid_add_at
-from models.transformer import forward
 
 
 def cell_p_values(delta: np.ndarray, ctrl: np.ndarray) -> dict[str, np.ndarray]:
@@ -60,8 +55,10 @@ def paired_ci(diff: np.ndarray, n_boot: int, seed: int, confidence: float = 0.95
   return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
-def _dose_ok(delta: np.ndarray, alphas: Sequence[float]) -> np.ndarray:
-  """`[..., A]` bool: delta < 0 at the next smaller |alpha| of the same sign (False where there is none)."""
+def _dose_ok(delta: np.ndarray, alphas: Sequence[float], slope0: np.ndarray | None = None) -> np.ndarray:
+  """`[..., A]` bool: delta < 0 at the next smaller |alpha| of the same sign. Where the grid has none, the
+  first-order slope d score / d alpha at alpha = 0 (`slope0` `[...]`, probes.screen) stands for it: alpha *
+  slope0 < 0; without slope0 such a cell fails."""
   a = np.asarray(alphas, np.float64)
   ok = np.zeros(delta.shape, bool)
   for j, aj in enumerate(a):
@@ -69,12 +66,15 @@ def _dose_ok(delta: np.ndarray, alphas: Sequence[float]) -> np.ndarray:
     if smaller:
       k = max(smaller, key=lambda k: abs(a[k]))
       ok[..., j] = delta[..., k] < 0
+    elif slope0 is not None:
+      ok[..., j] = aj * np.asarray(slope0) < 0
   return ok
 
 
 def kill_zone_test(base: Sequence[np.ndarray], steered: Sequence[np.ndarray], ctrl: Sequence[np.ndarray],
               behaviors: Sequence[str], layers: Sequence[int], alphas: Sequence[float], *, threshold: float,
-              q_level: float = 0.05, n_boot: int = 2000, seed: int = 0) -> dict:
+              q_level: float = 0.05, n_boot: int = 2000, seed: int = 0,
+              slope0: Sequence[np.ndarray] | None = None) -> dict:
   """The calibrated kill-zone test over a grid (module docstring).
 
   Args:
@@ -83,6 +83,8 @@ def kill_zone_test(base: Sequence[np.ndarray], steered: Sequence[np.ndarray], ct
     behaviors, layers, alphas: the grid's names, swept layer indices and coefficients.
     threshold: the practical size a drop must reach (score units). n_boot: bootstrap resamples of each cell's
       CI (0: no CIs, e.g. in calibration simulations).
+    slope0: optional per behavior `[L']` first-order slopes at alpha = 0 (probes.screen), the dose-response
+      reference of the smallest |alpha| of each sign (`_dose_ok`).
   Returns:
     dict of float64 `[T, L', A]` arrays "delta", "ci_low", "ci_high", "ctrl_mean", "ctrl_sd", "t", "p",
     "p_rank", "q" (NaN where p is undefined), bool "significant", "dose_response", "killed"; "n_probes" `[T]`,
@@ -111,7 +113,8 @@ def kill_zone_test(base: Sequence[np.ndarray], steered: Sequence[np.ndarray], ct
   if defined.any():
     q[defined] = stats.false_discovery_control(out["p"][defined], method="bh")
   significant = np.where(defined, q, 1.0) < q_level
-  dose = _dose_ok(out["delta"], alphas)
+  dose = _dose_ok(out["delta"], alphas, None if slope0 is None else
+                  np.stack([np.asarray(x, np.float64) for x in slope0]))
   killed = significant & (out["delta"] <= -threshold) & dose
   return {**out, "q": q, "significant": significant, "dose_response": dose, "killed": killed,
           "n_probes": np.asarray([len(np.asarray(x)) for x in base]), "n_controls": K,
@@ -119,7 +122,8 @@ def kill_zone_test(base: Sequence[np.ndarray], steered: Sequence[np.ndarray], ct
 
 
 def _zones(killed, delta, q, behaviors, layers, alphas) -> list[dict]:
-  """Maximal runs of consecutive swept layers killed at one (behavior, alpha)."""
+  """Maximal runs of consecutive swept layers killed at one (behavior, alpha): {behavior, alpha, layers, min_delta,
+  worst_layer (its layer), max_q} (analysis.avoid_red reads them)."""
   zones = []
   for t, name in enumerate(behaviors):
     for j, alpha in enumerate(alphas):
@@ -129,25 +133,9 @@ def _zones(killed, delta, q, behaviors, layers, alphas) -> list[dict]:
           run.append(i)
           continue
         if run:
+          worst = run[int(np.argmin(delta[t, run, j]))]
           zones.append({"behavior": name, "alpha": float(alpha), "layers": [int(layers[k]) for k in run],
-                        "min_delta": float(delta[t, run, j].min()), "max_q": float(q[t, run, j].max())})
+                        "min_delta": float(delta[t, run, j].min()), "worst_layer": int(layers[worst]),
+                        "max_q": float(q[t, run, j].max())})
         run = [i] if i < len(layers) and killed[t, i, j] else []
   return zones
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "score_fn", "logits"))
-def exact_probe_scores(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, layers: jax.Array,
-                       directions: jax.Array, alphas: jax.Array, score_fn: Callable,
-                       logits: str = "last") -> jax.Array:
-  """Per-probe steered scores `[L', A, M, B]` of steering alpha * directions[l, m] at resid_post[layers[l]].
-
-  tokens / mask `[B, S]` (one probe a row), layers `[L']` int, directions `[L', M, D]`, alphas `[A]`;
-  score_fn: logits -> `[B]` (static). One vmapped program over (layer, alpha, direction).
-  """
-  def one(layer, vec):
-    out, _ = forward(params, tokens, cfg, attention_mask=mask, logits=logits,
-                     interventions=resid_add_at(cfg.n_layers, layer, vec))
-    return score_fn(out)
-
-  per_alpha = jax.vmap(lambda l, a, d: jax.vmap(lambda v: one(l, a * v))(d), in_axes=(None, 0, None))
-  return jax.vmap(per_alpha, in_axes=(0, None, 0))(layers, alphas, directions)

@@ -16,78 +16,65 @@ def _vlim(x: np.ndarray) -> float:
   return v if v > 0 else 1.0
 
 
-def behavior_depth_heatmap(an: dict, behaviors: Sequence[str], alphas: Sequence[float], title: str):
-  """One panel per alpha: delta (steered - baseline) as behavior x depth, RdYlGn centred at 0.
-
-  Cells outside the random-direction control band get a dot, kill-zone cells a black frame. Returns the Figure.
-  """
-  delta, depth = an["delta"], an["depth_pct"]
-  vmax = _vlim(delta)
-  norm = mcolors.TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax)
-  fig, axes = plt.subplots(len(alphas), 1, figsize=(max(6, 0.42 * len(depth) + 2.5), 1.0 + 1.35 * len(alphas)),
-                           constrained_layout=True, squeeze=False)
-  for a, alpha in enumerate(alphas):
-    ax = axes[a, 0]
-    im = ax.imshow(delta[:, :, a], cmap="RdYlGn", norm=norm, aspect="auto")
-    for t in range(len(behaviors)):
-      for i in range(len(depth)):
-        if an["killed"][t, i, a]:
-          ax.add_patch(plt.Rectangle((i - 0.5, t - 0.5), 1, 1, fill=False, lw=1.6, ec="black"))
-        elif an["outside"][t, i, a]:
-          ax.plot(i, t, "k.", ms=4)
-    ax.set_yticks(range(len(behaviors)), behaviors)
-    ax.set_xticks(range(len(depth)), [f"{d:.0f}" for d in depth], fontsize=7)
-    ax.set_title(f"alpha = {alpha:+g}", fontsize=9, loc="left")
-    if a == len(alphas) - 1:
-      ax.set_xlabel("steered layer depth (% of layers)")
-  fig.colorbar(im, ax=axes[:, 0], label="score change vs baseline", shrink=0.8)
-  fig.suptitle(title + "\n(dot: outside the random-direction control band; frame: kill zone)", fontsize=10)
-  return fig
-
-
-def alpha_depth_heatmaps(an: dict, behaviors: Sequence[str], alphas: Sequence[float], title: str):
-  """One panel per behavior: delta as alpha x depth (RdYlGn), with the z-score against the control annotated."""
-  delta, depth, z = an["delta"], an["depth_pct"], an["z"]
-  fig, axes = plt.subplots(len(behaviors), 1, figsize=(max(6, 0.42 * len(depth) + 2.5), 1.2 + 1.1 * len(alphas)
-                                                         * len(behaviors) / 2), constrained_layout=True,
-                           squeeze=False)
-  for t, b in enumerate(behaviors):
-    ax = axes[t, 0]
-    vmax = _vlim(delta[t])
-    im = ax.imshow(delta[t].T, cmap="RdYlGn", norm=mcolors.TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax),
-                   aspect="auto")
-    for i in range(len(depth)):
-      for a in range(len(alphas)):
-        if an["outside"][t, i, a]:
-          ax.text(i, a, f"{z[t, i, a]:.0f}", ha="center", va="center", fontsize=6)
-    ax.set_yticks(range(len(alphas)), [f"{x:+g}" for x in alphas])
-    ax.set_ylabel("alpha")
-    ax.set_xticks(range(len(depth)), [f"{d:.0f}" for d in depth], fontsize=7)
-    ax.set_title(b, fontsize=9, loc="left")
-    fig.colorbar(im, ax=ax, label="delta", shrink=0.9)
-  axes[-1, 0].set_xlabel("steered layer depth (% of layers)")
-  fig.suptitle(title + "\n(numbers: z vs random directions, shown outside the control band)", fontsize=10)
-  return fig
-
-
-def delta_with_band(an: dict, behaviors: Sequence[str], alphas: Sequence[float], title: str):
-  """One panel per behavior: delta vs depth for each alpha, with the control band shaded in the same colour."""
-  depth = an["depth_pct"]
-  fig, axes = plt.subplots(1, len(behaviors), figsize=(3.2 * len(behaviors), 3.2), constrained_layout=True,
-                           squeeze=False, sharey=False)
-  cmap = plt.get_cmap("coolwarm")
-  for t, b in enumerate(behaviors):
-    ax = axes[0, t]
-    for a, alpha in enumerate(alphas):
-      col = cmap(a / max(1, len(alphas) - 1))
-      ax.fill_between(depth, an["band_lo"][t, :, a], an["band_hi"][t, :, a], color=col, alpha=0.15, lw=0)
-      ax.plot(depth, an["delta"][t, :, a], "o-", ms=3, color=col, label=f"{alpha:+g}")
+def screen_depth(scr: dict, n_layers: int, title: str):
+  """One panel per behavior: d score / d alpha of its own vector by depth (line) inside the 2.5-97.5% band of the
+  controls' slopes (shaded); layers with q < 0.05 marked. Returns the Figure."""
+  rows = scr["behaviors"]
+  fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 2.8), constrained_layout=True, squeeze=False)
+  depth = 100 * np.arange(n_layers) / n_layers
+  for ax, (b, r) in zip(axes[0], rows.items()):
+    ax.fill_between(depth, r["band_lo"], r["band_hi"], color="0.8", label="controls 2.5-97.5%")
+    ax.plot(depth, r["slope"], "o-", ms=3, color="C3", label="own vector")
+    sig = np.asarray(r["q"]) < 0.05
+    ax.plot(depth[sig], np.asarray(r["slope"])[sig], "k*", ms=8, label="q < 0.05")
     ax.axhline(0, color="k", lw=0.6)
-    ax.set(title=b, xlabel="steered layer depth (%)")
+    ax.set(title=b, xlabel="depth (% of layers)")
     ax.grid(alpha=0.3)
-  axes[0, 0].set_ylabel("score change vs baseline")
-  axes[0, -1].legend(title="alpha", frameon=False, fontsize=7)
-  fig.suptitle(title + " (shaded: random-direction control band)", fontsize=10)
+  axes[0, 0].set_ylabel("d score / d alpha")
+  axes[0, 0].legend(frameon=False, fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def cross_matrix(mat: dict, n_layers: int, title: str):
+  """One panel per source vector: target behavior x depth heatmap of the first-order z against the target's
+  controls (RdBu, centred at 0); cells with q < 0.05 dotted. Returns the Figure."""
+  z = np.asarray(mat["z"], np.float64)
+  vmax = _vlim(np.nan_to_num(z))
+  norm = mcolors.TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax)
+  fig, axes = plt.subplots(len(mat["sources"]), 1, figsize=(max(6, 0.25 * n_layers + 2.5),
+                                                            1.0 + 1.3 * len(mat["sources"])),
+                           constrained_layout=True, squeeze=False)
+  for i, s in enumerate(mat["sources"]):
+    ax = axes[i, 0]
+    im = ax.imshow(z[i], cmap="RdBu", norm=norm, aspect="auto")
+    ti, li = np.nonzero(np.asarray(mat["q"][i]) < 0.05)
+    ax.plot(li, ti, "k.", ms=3)
+    ax.set_yticks(range(len(mat["targets"])), mat["targets"], fontsize=7)
+    ax.set_title(f"{s} vector", fontsize=9, loc="left")
+  axes[-1, 0].set_xlabel("layer")
+  fig.colorbar(im, ax=axes[:, 0], shrink=0.6, label="z vs controls")
+  fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def exact_cells(cells: Sequence[dict], title: str):
+  """Forest plot of the exact cells: the own vector's delta with its 95% CI beside each control kind's mean +/- 2
+  sd; killed cells in bold red. Returns the Figure."""
+  kinds = sorted({k[len("ctrl_mean_"):] for c in cells for k in c if k.startswith("ctrl_mean_")})
+  fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(cells)), constrained_layout=True)
+  for y, c in enumerate(cells):
+    for off, k in zip(np.linspace(-0.25, 0.25, max(len(kinds), 1)), kinds):
+      ax.errorbar(c[f"ctrl_mean_{k}"], y + off, xerr=2 * c[f"ctrl_sd_{k}"], fmt="|", color=f"C{kinds.index(k)}",
+                  alpha=0.6, label=f"{k} controls (mean +/- 2 sd)" if y == 0 else None)
+    ax.errorbar(c["delta"], y, xerr=[[c["delta"] - c["ci_low"]], [c["ci_high"] - c["delta"]]], fmt="o",
+                color="C3" if c["killed"] else "k", ms=4, label="own vector (95% CI)" if y == 0 else None)
+  ax.axvline(0, color="k", lw=0.6)
+  ax.set_yticks(range(len(cells)), [f"{c['behavior']} L{c['layer']} a{c['alpha']:+g}" for c in cells], fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel("delta of the mean per-probe score (steered - unsteered)")
+  ax.legend(frameon=False, fontsize=7, loc="best")
+  ax.set_title(title, fontsize=10)
   return fig
 
 

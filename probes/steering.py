@@ -38,7 +38,7 @@ from models import sharding as sh, transformer as T
 from models.config import ModelConfig
 from models.generate import generate
 from models.interventions import resid_add_at
-from probes import tasks as tasks_lib
+from probes import margins, tasks as tasks_lib
 
 
 # ---- Capture and vectors
@@ -86,16 +86,25 @@ def sweep_directions(vectors: jax.Array, layers: Sequence[int], n_random: int, s
 
 # ---- Scoring programs
 
-def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]):
-  """Unsteered scores `[n_tasks]` and each task's resid_post `[L, B, S, D]` (one forward per task)."""
+def score(behavior: str, logits: jax.Array, arrays: dict, per_probe: bool) -> jax.Array:
+  """One task's score from its logits: rho-eval's scalar (probes.tasks.task_score) or, with `per_probe`, the
+  per-probe continuous scores `[n_probes]` (probes.margins.probe_scores)."""
+  if per_probe:
+    return margins.probe_scores(behavior, logits, arrays)
+  return tasks_lib.task_score(behavior, logits, arrays)
+
+
+def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], per_probe: bool = False):
+  """Unsteered scores (`[n_tasks]`, or with `per_probe` a list of `[n_probes]` arrays) and each task's resid_post
+  `[L, B, S, D]` (one forward per task)."""
   scores, resids = [], []
   for t in tasks:
     a = t.arrays()
     logits, acts = T.forward_jit(params, a["tokens"], cfg, attention_mask=a["mask"], capture=("resid_post",),
                                  logits=tasks_lib.logits_mode(t.behavior))
-    scores.append(tasks_lib.task_score(t.behavior, logits, a))
+    scores.append(score(t.behavior, logits, a, per_probe))
     resids.append(acts["resid_post"])
-  return jnp.stack(scores), resids
+  return (scores if per_probe else jnp.stack(scores)), resids
 
 
 def bytes_per_config(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], dtype_bytes: int = 4) -> int:
@@ -121,7 +130,8 @@ def chunk_size(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], memory_gib: fl
 
 
 def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Sequence[int], alphas: Sequence[float],
-                  n_directions: int, chunk: int, *, method: str = "suffix", mesh=None, progress=None):
+                  n_directions: int, chunk: int, *, method: str = "suffix", mesh=None, progress=None,
+                  per_probe: bool = False):
   """The jitted steering-sweep program: every (layer, alpha, direction) configuration in one compiled program.
 
   Args:
@@ -134,9 +144,12 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
       directions replicated, each task's cached residual `[L', B, S, D]` split over (data, fsdp) on B when they
       divide it), `out_shardings` replicated, and traced with the mesh active (activation constraints).
     progress: optional callable(n) called from inside the program as configurations finish.
+    per_probe: score each task by its per-probe continuous scores (`score`); the program then returns a tuple
+      with one `[..., n_probes_t]` array per task in place of the `[..., n_tasks]` array.
   Returns:
     suffix: `program(params, arrays, directions, starts) -> [L', A * M, n_tasks]` with arrays = `[t.arrays()]`,
-      directions `[L', M, D]`, starts = per task resid_post `[L', B, S, D]` of the swept layers;
+      directions `[L', M, D]` (shared by the tasks) or `[L', n_tasks, M, D]` (each task its own), starts = per
+      task resid_post `[L', B, S, D]` of the swept layers;
     full: `program(params, arrays, directions) -> [n_chunks, chunk, n_tasks]` (row-major (layer, alpha,
       direction), the last chunk padded by wrapping).
     `program.lower(*jax.ShapeDtypeStruct args).compile()` compiles it without weights.
@@ -150,12 +163,14 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
   alphas_a = np.asarray(alphas, np.float32)
   behaviors = tuple(t.behavior for t in tasks)
 
-  def tick(n):
+  def tick(n, done):
+    """Report n finished configurations once `done` (their scores) exists: the callback takes the scores as an
+    argument, so XLA cannot run it before they are computed."""
     if progress is not None:
-      jax.debug.callback(lambda n: progress(int(n)), n)
+      jax.debug.callback(lambda n, _: progress(int(n)), n, jax.tree.leaves(done)[0])
 
   build = _full_program if method == "full" else _suffix_program
-  program = build(cfg, behaviors, layers, alphas_a, M, chunk, tick)
+  program = build(cfg, behaviors, layers, alphas_a, M, chunk, tick, per_probe)
   if mesh is None:
     return jax.jit(program)
   shardings = sweep_shardings(mesh, cfg, tasks)
@@ -172,7 +187,7 @@ def _with_mesh(mesh, fn):
   return traced
 
 
-def _full_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: int, tick):
+def _full_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: int, tick, per_probe: bool):
   """method="full": `program(params, arrays, directions) -> [n_chunks, chunk, n_tasks]` (see sweep_program)."""
   Lp, A = len(layers), len(alphas_a)
   n = Lp * A * M
@@ -183,45 +198,50 @@ def _full_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: 
   layer_ids = np.asarray(layers)
 
   def program(params, arrays, directions):
+    per_task = directions.ndim == 4                       # [L', T, M, D]: each task its own directions
+
     def one(l, a, d):
-      iv = resid_add_at(cfg.n_layers, jnp.asarray(layer_ids)[l], jnp.asarray(alphas_a)[a] * directions[l, d])
       out = []
-      for b, arr in zip(behaviors, arrays):
+      for t, (b, arr) in enumerate(zip(behaviors, arrays)):
+        vec = directions[l, t, d] if per_task else directions[l, d]
+        iv = resid_add_at(cfg.n_layers, jnp.asarray(layer_ids)[l], jnp.asarray(alphas_a)[a] * vec)
         logits, _ = T.forward(params, arr["tokens"], cfg, attention_mask=arr["mask"], interventions=iv,
                               logits=tasks_lib.logits_mode(b))
-        out.append(tasks_lib.task_score(b, logits, arr))
-      return jnp.stack(out)
+        out.append(score(b, logits, arr, per_probe))
+      return tuple(out) if per_probe else jnp.stack(out)
 
     def per_chunk(x):
       l, a, d, r = x
       s = jax.vmap(one)(l, a, d)
-      tick(r)
+      tick(r, s)
       return s
     return jax.lax.map(per_chunk, tuple(jnp.asarray(x) for x in (li, ai, di, real)))
   return program
 
 
-def _suffix_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: int, tick):
+def _suffix_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: int, tick, per_probe: bool):
   """method="suffix": `program(params, arrays, directions, starts) -> [L', A * M, n_tasks]` (see sweep_program)."""
   A = len(alphas_a)
   ai = np.repeat(np.arange(A), M)
   di = np.tile(np.arange(M), A)
 
   def program(params, arrays, directions, starts):
+    per_task = directions.ndim == 4                       # [L', T, M, D]: each task its own directions
+
     def per_layer(x):
       l, dirs, h0s = x
 
       def one(y):
         a, d = y
-        vec = jnp.asarray(alphas_a)[a] * dirs[d]
         out = []
-        for b, arr, h0 in zip(behaviors, arrays, h0s):
+        for t, (b, arr, h0) in enumerate(zip(behaviors, arrays, h0s)):
+          vec = jnp.asarray(alphas_a)[a] * (dirs[t, d] if per_task else dirs[d])
           h = T.run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
           logits = T.final_logits(params, cfg, h, tasks_lib.logits_mode(b))
-          out.append(tasks_lib.task_score(b, logits, arr))
-        return jnp.stack(out)
+          out.append(score(b, logits, arr, per_probe))
+        return tuple(out) if per_probe else jnp.stack(out)
       s = jax.lax.map(one, (jnp.asarray(ai), jnp.asarray(di)), batch_size=chunk)
-      tick(jnp.asarray(A * M, jnp.int32))
+      tick(jnp.asarray(A * M, jnp.int32), s)
       return s
     return jax.lax.map(per_layer, (jnp.asarray(layers), directions, starts))
   return program
@@ -240,14 +260,14 @@ def sweep_shardings(mesh, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]) -> 
 
 def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], directions: jax.Array,
                    layers: Sequence[int], alphas: Sequence[float], *, method: str = "suffix",
-                   memory_gib: float = 4.0, progress=None, mesh=None) -> dict[str, Any]:
+                   memory_gib: float = 4.0, progress=None, mesh=None, per_probe: bool = False) -> dict[str, Any]:
   """Score every task under every (layer, alpha, direction) steering configuration, as one jitted program.
 
   Args:
     params, cfg: the model.
     tasks: tokenized behavior probes (probes.tasks.Task).
-    directions: `[L', M, D]` per swept layer, M directions (from `sweep_directions`: 0 = behavior vector,
-      1..K = random controls).
+    directions: `[L', M, D]` per swept layer, M directions shared by every task (from `sweep_directions`:
+      0 = behavior vector, 1..K = random controls), or `[L', n_tasks, M, D]`: each task its own M directions.
     layers: the L' swept layer indices (steer at the output of layer l).
     alphas: the A steering coefficients.
     method: "suffix" (default) or "full" (see module docstring); the results agree to float32 round-off.
@@ -255,8 +275,10 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
     progress: optional callable(n) called from inside the program (jax.debug.callback) as configurations finish.
     mesh: optional `(data, fsdp, tensor)` mesh: weights are placed by the sharding plan and the baseline pass and
       the program run on it (`sweep_program`); None = as before, on the default device.
+    per_probe: score per probe (probes.margins.probe_scores) instead of rho-eval's scalar per task.
   Returns:
     dict: "baseline" `[n_tasks]` unsteered scores; "scores" `[L', A, M, n_tasks]` float32 numpy; "chunk" (int).
+    With per_probe, "baseline" is a list of `[n_probes_t]` and "scores" a list of `[L', A, M, n_probes_t]`.
   Raises:
     ValueError: unknown method or a layer out of range.
   """
@@ -266,7 +288,9 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
   if method not in ("suffix", "full"):
     raise ValueError(f"method must be 'suffix' or 'full', got {method!r}")
   directions = jnp.asarray(directions, jnp.float32)
-  Lp, M, D = directions.shape
+  if directions.ndim not in (3, 4) or (directions.ndim == 4 and directions.shape[1] != len(tasks)):
+    raise ValueError(f"directions {directions.shape} must be [layers, M, D] or [layers, {len(tasks)} tasks, M, D]")
+  Lp, M = directions.shape[0], directions.shape[-2]
   A = len(alphas)
   arrays = [t.arrays() for t in tasks]
   ctx = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
@@ -274,20 +298,25 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
     shardings = sweep_shardings(mesh, cfg, tasks)
     params = jax.device_put(params, shardings["params"])
   with ctx:
-    baseline, resids = baseline_pass(params, cfg, tasks)
+    baseline, resids = baseline_pass(params, cfg, tasks, per_probe)
   n_cfg = Lp * A * M if method == "full" else A * M
   chunk = chunk_size(cfg, tasks, memory_gib, n_cfg)
-  program = sweep_program(cfg, tasks, layers, alphas, M, chunk, method=method, mesh=mesh, progress=progress)
+  program = sweep_program(cfg, tasks, layers, alphas, M, chunk, method=method, mesh=mesh, progress=progress,
+                          per_probe=per_probe)
   if method == "full":
-    n_chunks = -(-n_cfg // chunk)
-    scores = program(params, arrays, directions).reshape(n_chunks * chunk, len(tasks))[:n_cfg]
+    out = program(params, arrays, directions)
   else:
     starts = [r[jnp.asarray(layers)] for r in resids]                     # per task [L', B, S, D]
     if mesh is not None:
       starts = jax.device_put(starts, shardings["starts"])
-    scores = program(params, arrays, directions, starts)
-  scores = scores.reshape(Lp, A, M, len(tasks))
-  return {"baseline": np.asarray(baseline), "scores": np.asarray(scores), "chunk": chunk}
+    out = program(params, arrays, directions, starts)
+
+  def grid(x):                                          # [n_chunks, chunk, ...] or [L', A * M, ...] -> [L', A, M, ...]
+    x = np.asarray(x)
+    return x.reshape((-1,) + x.shape[2:])[:Lp * A * M].reshape((Lp, A, M) + x.shape[2:])
+  if per_probe:
+    return {"baseline": [np.asarray(b) for b in baseline], "scores": [grid(x) for x in out], "chunk": chunk}
+  return {"baseline": np.asarray(baseline), "scores": grid(out), "chunk": chunk}
 
 
 # ---- Steered generation (rho-eval's generation readout of bias / sycophancy under steering)

@@ -7,7 +7,10 @@ continuous scores (probes.margins) are differentiated with respect to a vector a
 (probes.screen: one backward pass per probe batch for every layer), and the derivative along v_b(l) is placed
 among those along M directions drawn from N(0, Sigma_l) of the same contrast texts' activations, rescaled to
 ||v_b(l)|| (probes.controls). Empirical two-sided p per (behavior, layer); Benjamini-Hochberg q over all of them.
-This is the screen of issue 17 at alpha -> 0; the exact large-alpha test (probes.killtest) is not wired yet.
+The same gradients give the seed's cross-behavior design for free: every behavior's vector on every other
+behavior (a source x target matrix at every layer, against the target's controls rescaled to the source vector's
+norm). To first order delta(alpha) = alpha * slope, so one screen covers every alpha; the exact large-alpha test
+(probes.sweep_exact, probes.killtest) checks the cells where that approximation may fail.
 """
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
+from tqdm import tqdm
 
-from models import tokenizer as tk
-from models.readout import last_token_resid
 from probes import controls, data, margins, screen
 from probes import tasks as tasks_lib
 
@@ -43,47 +45,48 @@ def probe_gradients(params, cfg, task: tasks_lib.Task, batch: int) -> jax.Array:
   return jnp.moveaxis(margins.probe_margins(task.behavior, jnp.moveaxis(rows, 1, -1), arrays["label"]), -1, 1)
 
 
-def own_vector(model, config, pairs: Sequence[tuple[str, str]]) -> tuple[jax.Array, jax.Array]:
-  """(CAA vector `[L, D]` at resid_post, the contrast texts' activations `[L, 2N, D]`) of one behavior's pairs."""
-  texts = [p for p, _ in pairs] + [q for _, q in pairs]
-  toks, mask = tk.encode_left_padded(model.tok, texts, add_special_tokens=True)
-  acts = jnp.asarray(last_token_resid(model.params, model.cfg, toks, mask, config.capture_batch_size,
-                                      site="resid_post"))
-  n = len(pairs)
-  return acts[:, :n].mean(1) - acts[:, n:].mean(1), acts
-
-
-def run_screen(model, config, probes: dict[str, tuple[list, list]], task_list: Sequence[tasks_lib.Task],
+def run_screen(model, config, vectors: dict[str, dict], task_list: Sequence[tasks_lib.Task],
                timing: dict) -> dict[str, Any]:
-  """The screen of every scored behavior (module docstring); records timing["screen_s"].
+  """The screen of every scored behavior, and the source x target matrix (module docstring); records
+  timing["screen_s"].
 
-  Returns {"directions": M, "behaviors": {b: {"n_probes", "n_pairs", "vector_norm" `[L]`, and screen.screen's
-  `[L]` arrays slope, ctrl_mean, ctrl_sd, band_lo, band_hi, z, p, plus q `[L]`}}}. Raises ValueError when a
-  behavior has fewer than 2 unscored probes to build contrast pairs from.
+  Args:
+    vectors: per behavior {"vec" `[L, D]` CAA at resid_post, "acts" `[L, 2N, D]` its contrast texts' last-token
+      activations, "n_pairs"} (probes.sweep.behavior_vectors).
+    task_list: the scored tasks, one per behavior.
+  Returns:
+    {"directions": M, "behaviors": {b: {"n_probes", "n_pairs", "vector_norm" `[L]`, screen.screen's `[L]`
+    arrays slope, ctrl_mean, ctrl_sd, band_lo, band_hi, z, p, plus q `[L]` (BH over behaviors x layers)}},
+    "matrix": {"sources", "targets" (names), "slope", "z", "p", "q" `[S, T, L]`: source s's vector on target t,
+    against t's controls rescaled to ||v_s(l)||; q is BH over the whole matrix; the diagonal is "behaviors"}}.
   """
   t0 = time.time()
   key = jax.random.PRNGKey(config.seed + 17)
+  names = [t.behavior for t in task_list]
+  norms = {b: jnp.linalg.norm(vectors[b]["vec"], axis=-1) for b in names}
   out: dict[str, Any] = {}
-  for task in task_list:
+  mat = {k: np.full((len(names), len(names), model.cfg.n_layers), np.nan) for k in ("slope", "z", "p")}
+  for j, task in enumerate(tqdm(task_list, desc="first-order screen", unit="behavior")):
     b = task.behavior
-    pairs = data.contrast_pairs(b, probes[b][1])[:config.n_vector_pairs]
-    if len(pairs) < 2:
-      raise ValueError(f"screen: only {len(pairs)} unscored {b} contrast pairs; lower n_probes.{b}")
-    v, acts = own_vector(model, config, pairs)
-    norms = jnp.linalg.norm(v, axis=-1)
     key, sub = jax.random.split(key)
-    ctrl = controls.covariance_shaped(sub, acts, norms, config.screen_directions)          # [L, M, D]
-    g = probe_gradients(model.params, model.cfg, task, config.capture_batch_size)         # [L, n, D]
-    res = screen.screen(np.asarray(jnp.einsum("lnd,ld->ln", g, v)),
-                        np.asarray(screen.directional_derivatives(g, ctrl)))
-    out[b] = {**res, "n_pairs": len(pairs), "vector_norm": np.asarray(norms)}
-  p = np.concatenate([r["p"] for r in out.values()])
-  q = stats.false_discovery_control(p, method="bh")
+    ctrl = controls.covariance_shaped(sub, vectors[b]["acts"], norms[b], config.screen_directions)   # [L, M, D]
+    g = probe_gradients(model.params, model.cfg, task, config.capture_batch_size)                    # [L, n, D]
+    ctrl_dd = np.asarray(screen.directional_derivatives(g, ctrl))                                     # [L, M, n]
+    for i, s in enumerate(names):
+      ratio = np.asarray(norms[s] / jnp.maximum(norms[b], 1e-30))[:, None, None]
+      res = screen.screen(np.asarray(jnp.einsum("lnd,ld->ln", g, vectors[s]["vec"])), ctrl_dd * ratio)
+      for k in mat:
+        mat[k][i, j] = res[k]
+      if s == b:
+        out[b] = {**res, "n_pairs": vectors[b]["n_pairs"], "vector_norm": np.asarray(norms[b])}
   L = model.cfg.n_layers
+  q = stats.false_discovery_control(np.concatenate([r["p"] for r in out.values()]), method="bh")
   for i, r in enumerate(out.values()):
     r["q"] = q[i * L:(i + 1) * L]
+  mat["q"] = stats.false_discovery_control(mat["p"].ravel(), method="bh").reshape(mat["p"].shape)
   timing["screen_s"] = time.time() - t0
-  return {"directions": config.screen_directions, "behaviors": out}
+  return {"directions": config.screen_directions, "behaviors": out,
+          "matrix": {"sources": names, "targets": names, **mat}}
 
 
 def report_lines(scr: dict[str, Any] | None, n_layers: int) -> list[str]:

@@ -159,6 +159,24 @@ def build_task(behavior: str, tokenizer, probes: Sequence[dict], max_tokens: int
   raise data.ProbeDataError(f"unknown behavior {behavior!r}")
 
 
+def length_buckets(behavior: str, tokenizer, probes: Sequence[dict], max_tokens: int,
+                   n_buckets: int) -> list[tuple[np.ndarray, Task]]:
+  """The probes split into up to `n_buckets` Tasks of similar token length, so that each pads to its own longest
+  row instead of the set's (rows are independent, so no per-probe score changes).
+
+  Probes are ordered by their longest row (a paired probe's two rows count together) and cut into equal parts.
+  Returns [(probe indices `[n_k]` int, ascending; the bucket's Task of those probes in that order)]; scattering
+  each bucket's per-probe scores to its indices restores the original probe order.
+  """
+  whole = build_task(behavior, tokenizer, probes, max_tokens)
+  lengths = np.asarray(whole.mask).sum(1)
+  n = whole.n_probes
+  if lengths.shape[0] == 2 * n:
+    lengths = np.maximum(lengths[:n], lengths[n:])
+  groups = [np.sort(g) for g in np.array_split(np.argsort(lengths, kind="stable"), max(1, min(n_buckets, n)))]
+  return [(g, build_task(behavior, tokenizer, [probes[i] for i in g], max_tokens)) for g in groups if len(g)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Readouts (pure JAX)
 

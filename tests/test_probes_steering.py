@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.transformer import Interventions, forward_jit
-from probes import killzones, steering, tasks as tasks_lib
+from probes import steering, tasks as tasks_lib
 from tests.reference import ours_from_torch, tiny_hf_model
 
 
@@ -127,24 +127,3 @@ def test_steering_vectors_match_numpy():
     np.testing.assert_allclose(out["pca_explained"][l], w[-1] / w.sum(), atol=1e-5)
 
 
-def test_analyze_kill_zone_and_control_band():
-  L, A, K, Tn = 6, 2, 3, 2
-  base = np.array([0.8, 0.5])
-  scores = np.tile(base, (L, A, 1 + K, 1)).astype(np.float64)
-  ctrl_noise = np.array([0.01, -0.01, 0.0])
-  scores[:, :, 1:, :] += ctrl_noise[None, None, :, None]
-  # behavior 0, alpha index 1: layers 2-3 drop by 0.4 (kill zone); layer 5 drops 0.4 but the control drops too
-  scores[2:4, 1, 0, 0] -= 0.4
-  scores[5, 1, 0, 0] -= 0.4
-  scores[5, 1, 1:, 0] -= np.array([0.5, 0.3, 0.4])
-  # behavior 1: a small drop that stays under the threshold
-  scores[1, 0, 0, 1] -= 0.05
-  out = killzones.analyze(base, scores, ["bias", "sycophancy"], list(range(L)), 10, [-1.0, 4.0], threshold=0.1)
-  assert out["delta"].shape == (Tn, L, A)
-  np.testing.assert_allclose(out["delta"][0, 2, 1], -0.4)
-  np.testing.assert_allclose(out["ctrl_std"][0, 0, 0], 0.02)                      # floored (std 0.01)
-  np.testing.assert_allclose(out["z"][0, 2, 1], -0.4 / 0.02)
-  assert [(z["behavior"], z["alpha"], z["layers"]) for z in out["kill_zones"]] == [("bias", 4.0, [2, 3])]
-  z = out["kill_zones"][0]
-  assert (z["depth_start"], z["depth_end"]) == (20.0, 30.0)
-  assert not out["killed"][0, 5, 1] and out["delta"][0, 5, 1] <= -0.1

@@ -9,47 +9,65 @@ import numpy as np
 import pytest
 
 from configs.sweep import get_config
-from probes import sweep, sweep_report
+from models.interventions import resid_add_at
+from models.readout import last_token_resid
+from models import tokenizer as tk
+from models.transformer import forward
+from probes import margins, sweep, tasks as tasks_lib
 from probes.sweep_config import SweepConfig
 from tests.reference import ours_from_torch, tiny_hf_model
 from tests.runtime_only import run_runtime_only
 from tests.test_probes_stats import CharTokenizer
 from train.typed_config import from_configdict
 
+FIGURES = ("screen_depth", "cross_matrix", "exact_cells", "probe_accuracy")
+
 
 def _check_outputs(wd, n_layers, cfg):
   m = json.load(open(os.path.join(wd, "metrics.json")))
-  layers = list(range(cfg.layer_start, n_layers, cfg.layer_stride))
-  assert m["layers"] == layers
-  delta = np.array(m["delta"])
-  assert delta.shape == (len(cfg.behaviors), len(layers), len(cfg.alphas))
-  scores = np.array(m["scores"])
-  base = np.array([m["baseline"][b] for b in cfg.behaviors])
-  np.testing.assert_allclose(delta, np.transpose(scores[:, :, 0] - base, (2, 0, 1)), atol=1e-6)
-  for name in ("behavior_depth", "alpha_depth", "delta_band", "probe_accuracy"):
+  for b in cfg.behaviors:
+    r = m["baseline_rho_eval"][b]
+    assert r["readout"] == ("generation" if b in ("bias", "sycophancy") else "teacher-forced")
+    assert r["ci_low"] <= r["value"] <= r["ci_high"] and r["n"] == (cfg.baseline_n or r["n"])
+    assert m["probes_per_behavior"][b] == {"screen": cfg.n_probes[b], "exact": min(cfg.exact_probes,
+                                                                                  cfg.n_probes[b])}
+  assert m["controls_per_cell"] == dict(cfg.exact_controls) and m["screen_directions"] == cfg.screen_directions
+  cells = m["exact_cells"]
+  assert len(cells) == len(cfg.behaviors) * len(cfg.exact_layers) * len(cfg.exact_alphas)
+  for c in cells:
+    assert c["ci_low"] <= c["delta"] <= c["ci_high"] and 0 < c["p"] <= 1 and c["p"] <= c["q"] <= 1
+  for name in FIGURES:
     assert os.path.getsize(os.path.join(wd, "figures", name + ".png")) > 10_000
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
-  assert [r["step"] for r in rows] == layers
+  assert [r["step"] for r in rows] == list(range(n_layers))
   report = open(os.path.join(wd, "report.md")).read()
-  assert "## Kill zones" in report and "## Linear probes by depth" in report
+  for heading in ("## Baselines: rho-eval 2.6.0's scores", "## Vector validation", "## Source x target",
+                  "## Exact test at large alpha", "## Kill zones", "## Linear probes by depth"):
+    assert heading in report
   assert len(m["probes"]["truth"]["acc_mean"]) == n_layers + 1
   return m
 
 
-@pytest.mark.parametrize("readout", ["logprob", "generate"])
-def test_sweep_run_tiny_model(tmp_path, readout):
+def _own_vector(params, cfg, tok, config, behavior):
+  """The behavior's CAA vector at resid_post `[L, D]`, recomputed from its contrast pairs."""
+  pairs = sweep.contrast_pairs(config, sweep.split_probes(config))[behavior][:config.n_vector_pairs]
+  toks, mask = tk.encode_left_padded(tok, [p for p, _ in pairs] + [q for _, q in pairs], add_special_tokens=True)
+  acts = last_token_resid(params, cfg, toks, mask, 4, site="resid_post")
+  return acts[:, :len(pairs)].mean(1) - acts[:, len(pairs):].mean(1)
+
+
+def test_sweep_run_tiny_model(tmp_path):
   params, mcfg = ours_from_torch(tiny_hf_model("llama", seed=2))
   config = get_config("quick")
   with config.unlocked():
-    config.layer_stride = 1
     config.probe_steps = 50
     config.n_vector_pairs = 4
     config.probe_pairs.factual = 8
     config.probe_pairs.refusal = 8
     config.max_tokens.sycophancy = 96
     config.max_tokens.bias = 96
-    config.readout = readout
-    config.gen_max_cells = 2
+    config.exact_layers = [0, mcfg.n_layers - 2]
+    config.baseline_n = 6
   config = from_configdict(SweepConfig, config)
   wd = str(tmp_path / "run")
   tok = CharTokenizer()
@@ -57,40 +75,30 @@ def test_sweep_run_tiny_model(tmp_path, readout):
   path = sweep.run(config, wd, loaded=(params, mcfg, tok))
   assert path.endswith("report.md")
   m = _check_outputs(wd, mcfg.n_layers, config)
-  assert m["n_probes"] == {b: 4 for b in config.behaviors}
-  report = open(path).read()
-  assert m["readout"] == readout and f"Readout of bias and sycophancy: **{sweep_report.READOUT_TEXT[readout]}**" in report
-  # the generation readout's baseline, recomputed here with models.generate + rho-eval's parse
-  from models.generate import generate
-  from probes import tasks as tasks_lib
+  # an exact cell's delta, recomputed by a direct steered forward with the own vector rebuilt from its pairs
   probes = sweep.split_probes(config)
-  for b in ("bias", "sycophancy"):
-    gt = tasks_lib.build_generation_task(b, tok, probes[b][0])
-    new = generate(params, mcfg, jnp.asarray(gt.tokens), jnp.asarray(gt.mask), max_new_tokens=5, eos_ids=(2,),
-                   pad_id=0)
-    assert m["baseline_generation"][b]["score"] == float(tasks_lib.generation_readout(gt, tok, new, (2,))["score"])
-    expected = m["baseline_generation"][b]["score"] if readout == "generate" else m["baseline_logprob"][b]
-    assert m["baseline"][b] == expected
-  # kill-zone table: one row per zone, or one "none" row per behavior
-  table = report.split("## Kill zones")[1].split("\n\n")[2].splitlines()
-  assert table[0].startswith("| behavior | alpha | window: layers | depth % | delta (at layer) | z vs control")
-  assert "control band" in table[0]
-  assert {r.split("|")[1].strip() for r in table[2:]} == set(config.behaviors)
-  if readout == "logprob":
-    cells = m["generation_cells"]
-    assert {c["behavior"] for c in cells} == {"bias", "sycophancy"} and len(cells) <= 4
-    assert all(len(c["ctrl_scores"]) == config.n_random for c in cells)
-    assert "### Generation readout at the kill-zone cells" in report
-  else:
-    assert m["generation_cells"] == []
+  for b in ("bias", "factual"):
+    v = _own_vector(params, mcfg, tok, config, b)
+    task = tasks_lib.build_task(b, tok, probes[b][0][:config.exact_probes], config.max_tokens[b])
+    a = task.arrays()
+    layer, alpha = config.exact_layers[1], config.exact_alphas[-1]
+
+    def scores(iv=None):
+      logits, _ = forward(params, a["tokens"], mcfg, attention_mask=a["mask"], interventions=iv,
+                          logits=tasks_lib.logits_mode(b))
+      return np.asarray(margins.probe_scores(b, logits, a))
+    ref = scores(resid_add_at(mcfg.n_layers, layer, alpha * jnp.asarray(v[layer]))) - scores()
+    cell = next(c for c in m["exact_cells"] if (c["behavior"], c["layer"], c["alpha"]) == (b, layer, alpha))
+    np.testing.assert_allclose(cell["delta"], ref.mean(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m["screen"]["behaviors"][b]["vector_norm"], np.linalg.norm(v, axis=-1), rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_sweep_quick_smollm2_runs_without_test_only_packages(tmp_path):
-  config = get_config("quick")
+  config = from_configdict(SweepConfig, get_config("quick"))
   wd = str(tmp_path / "run")
   run_runtime_only("probes.sweep", "--config=configs/sweep.py:quick", f"--workdir={wd}")
   m = _check_outputs(wd, 30, config)
   # SmolLM2 separates true from false statements better than chance somewhere in depth
   assert max(m["probes"]["truth"]["acc_mean"]) > 0.6
-  assert np.isfinite(np.array(m["z"])).all()
+  assert all(np.isfinite(c["delta"]) for c in m["exact_cells"])

@@ -20,17 +20,17 @@ def test_every_preset_converts_and_keeps_every_value(preset):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("readout", "gen", "readout must be one of logprob, generate"),
-    ("n_random", -1, "n_random must be >= 0"),
     ("vector", "mean", "vector must be one of caa, pca"),
     ("method", "prefix", "method must be one of suffix, full"),
-    ("layer_stride", 0, "layer_stride must be >= 1"),
     ("behaviors", ["factual", "honesty"], "behaviors: unknown behavior 'honesty'"),
-    ("gen_max_cells", 0, "gen_max_cells must be >= 1"),
     ("memory_gib", 0.0, "memory_gib must be > 0"),
     ("probe_fractions", [0.5, 0.2, 0.2], "probe_fractions must be 3 non-negative fractions summing to 1"),
-    ("n_random", 2.5, "config.n_random: expected int"),
-    ("gen_check", "yes", "config.gen_check: expected bool"),
+    ("screen_directions", 0, "screen_directions must be >= 1"),
+    ("screen_directions", 2.5, "config.screen_directions: expected int"),
+    ("exact_layers", [3, 3], "exact_layers must be distinct layer indices >= 0"),
+    ("exact_alphas", [0.0, 4.0], "exact_alphas must be finite and non-zero"),
+    ("q_level", 1.0, r"q_level must be in \(0, 1\)"),
+    ("baseline_n", -1, "baseline_n must be >= 0"),
 ])
 def test_a_bad_override_names_the_field(field, value, message):
   d = get_config("quick").to_dict()                   # a dict: the ConfigDict itself refuses a change of type
@@ -41,7 +41,9 @@ def test_a_bad_override_names_the_field(field, value, message):
 
 
 @pytest.mark.parametrize("section, key, value, message", [
-    ("n_probes", "bias", 0, "n_probes.bias must be >= 1"),
+    ("n_probes", "bias", 1, "n_probes.bias must be >= 2"),
+    ("exact_controls", "covariance", 1, "exact_controls.covariance must be >= 2"),
+    ("exact_controls", "shuffled", -1, "exact_controls.shuffled must be >= 0"),
     ("probe_pairs", "refusal", -2, "probe_pairs.refusal must be >= 1"),
     ("max_tokens", "toxicity", 0, "max_tokens.toxicity must be >= 1"),
 ])
