@@ -30,7 +30,7 @@ PROGRAM = textwrap.dedent("""
   from train.rundir import write_json
 
   def sweep(config, workdir):
-    print(repr((config.files["bias"], config.files["factual"], config.alphas, config.behaviors,
+    print(repr((config.files["bias"], config.files["factual"], config.exact_alphas, config.behaviors,
                 config.probe_l2, config.probe_seeds)))
     return "sweep-report"
 
@@ -81,7 +81,7 @@ def test_list_overrides_round_trip_through_the_flag_parser(tmp_path):
   r = _program(tmp_path, "sweep", "--config=configs/sweep.py:quick", f"--workdir={tmp_path / 'w'}",
                "--config.files.bias=x.json,/data/y.jsonl",          # bare comma-separated strings
                "--config.files.factual=['a, b.json']",              # literal form: an element with a comma
-               "--config.alphas=(1.0,2)",                            # tuple literal into a list of floats
+               "--config.exact_alphas=(1.0,2)",                      # tuple literal into a list of floats
                "--config.behaviors=factual,bias",
                "--config.probe_l2=0.5", "--config.probe_l2=0.25",   # repeated flags concatenate
                "--config.probe_seeds=7")                             # one element
@@ -117,9 +117,9 @@ def test_sequence_parser_forms():
 
 
 def test_bad_element_type_names_the_element(tmp_path):
-  r = _program(tmp_path, "sweep", "--config=configs/sweep.py:quick", "--config.alphas=1.0,fast")
+  r = _program(tmp_path, "sweep", "--config=configs/sweep.py:quick", "--config.exact_alphas=1.0,fast")
   assert r.returncode == 2
-  assert _lines(r.stderr) == ["error: config.alphas[1]: expected float, got str 'fast'"]
+  assert _lines(r.stderr) == ["error: config.exact_alphas[1]: expected float, got str 'fast'"]
 
 
 def test_config_error_is_one_line_before_the_run_starts(tmp_path):
@@ -169,7 +169,8 @@ def test_verbose_shows_the_traceback(tmp_path, how):
 
 
 @pytest.mark.parametrize("arg,line", [
-    ("--config.alphaz=1", "error: --config.alphaz: the config has no field 'alphaz' (did you mean 'alphas'?)"),
+    ("--config.exact_alphaz=1",
+     "error: --config.exact_alphaz: the config has no field 'exact_alphaz' (did you mean 'exact_alphas'?)"),
     ("--config.nope.x=1", "error: --config.nope.x: the config has no field 'nope'"),
     ("--config.n_probes.factual=x",
      "error: flag --config.n_probes.factual=x: invalid literal for int() with base 10: 'x' "
