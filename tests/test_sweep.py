@@ -1,5 +1,6 @@
 """The sweep entry point end to end: a tiny random model with a character tokenizer (fast), and the real SmolLM2
 `:quick` config (slow)."""
+import dataclasses
 import json
 import os
 
@@ -18,6 +19,7 @@ from probes.sweep_config import SweepConfig
 from tests.reference import ours_from_torch, tiny_hf_model
 from tests.runtime_only import run_runtime_only
 from tests.test_probes_stats import CharTokenizer
+from train.resume import ResumeConfigError
 from train.typed_config import from_configdict
 
 FIGURES = ("screen_depth", "cross_matrix", "exact_cells", "probe_accuracy")
@@ -91,6 +93,16 @@ def test_sweep_run_tiny_model(tmp_path):
     cell = next(c for c in m["exact_cells"] if (c["behavior"], c["layer"], c["alpha"]) == (b, layer, alpha))
     np.testing.assert_allclose(cell["delta"], ref.mean(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(m["screen"]["behaviors"][b]["vector_norm"], np.linalg.norm(v, axis=-1), rtol=1e-5)
+  # rerun into the same workdir: every stage comes back from its checkpoint, with the same numbers and timings
+  sweep.run(config, wd, loaded=(params, mcfg, tok))
+  again = json.load(open(os.path.join(wd, "metrics.json")))
+  assert again["timing"].pop("resumed") == ["baselines", "screen"] + [f"exact layer {l}" for l in config.exact_layers]
+  for k in ("baseline_s", "screen_s") + tuple(f"exact_layer_{l}_s" for l in config.exact_layers):
+    assert again["timing"][k] == m["timing"][k]
+  assert json.dumps({**again, "timing": None}) == json.dumps({**m, "timing": None})
+  # a changed field that alters results is refused before anything is computed or written
+  with pytest.raises(ResumeConfigError, match="n_boot"):
+    sweep.run(dataclasses.replace(config, n_boot=config.n_boot + 1), wd, loaded=(params, mcfg, tok))
 
 
 @pytest.mark.slow

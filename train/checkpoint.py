@@ -1,11 +1,13 @@
 """Checkpoints: one orbax-checkpoint CheckpointManager per run directory (train state + JSON metadata), shared by
-train.engine.fit (through train.loop.train_loop) and train.loop.fit_chunks."""
+train.engine.fit (through train.loop.train_loop) and train.loop.fit_chunks; `cached_stage` keeps the results of a
+study's expensive stages (the layer sweep) the same way, so a stopped run resumes."""
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -19,7 +21,7 @@ class Checkpointer:
   `directory` must be one path all hosts share (a gs:// bucket on Cloud TPU, a shared filesystem on GPU
   clusters); URLs are kept as given."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int | None = 2):
     self.directory = directory if "://" in directory else os.path.abspath(directory)   # gs://... kept
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
@@ -69,3 +71,60 @@ def common_step(checkpointers: Sequence[Checkpointer]) -> int | None:
   """The newest step every one of `checkpointers` has saved (runs resumed together), or None."""
   steps = set.intersection(*(set(c.manager.all_steps()) for c in checkpointers)) if checkpointers else set()
   return max(steps) if steps else None
+
+
+def _split_tree(x: Any, arrays: dict[str, np.ndarray]) -> Any:
+  """A JSON skeleton of a nested result (dicts with str keys, lists, tuples, scalars, strings, None) whose arrays
+  are moved into `arrays` under generated names."""
+  if isinstance(x, dict):
+    return {"__dict__": [[k, _split_tree(v, arrays)] for k, v in x.items()]}
+  if isinstance(x, (list, tuple)):
+    return {"__list__": [_split_tree(v, arrays) for v in x], "tuple": isinstance(x, tuple)}
+  if isinstance(x, (np.ndarray, jax.Array)):
+    name = f"a{len(arrays)}"
+    arrays[name] = np.asarray(x)
+    return {"__array__": name}
+  if isinstance(x, np.generic):
+    return x.item()
+  if x is None or isinstance(x, (str, int, float, bool)):
+    return x
+  raise TypeError(f"cannot checkpoint a {type(x).__name__} in a stage result")
+
+
+def _join_tree(x: Any, arrays: dict[str, Any]) -> Any:
+  if isinstance(x, dict) and "__dict__" in x:
+    return {k: _join_tree(v, arrays) for k, v in x["__dict__"]}
+  if isinstance(x, dict) and "__list__" in x:
+    items = [_join_tree(v, arrays) for v in x["__list__"]]
+    return tuple(items) if x["tuple"] else items
+  if isinstance(x, dict) and "__array__" in x:
+    return np.asarray(arrays[x["__array__"]])
+  return x
+
+
+def cached_stage(ckpt: Checkpointer, step: int, name: str, fn: Callable[[], Any], timing: dict | None = None) -> Any:
+  """`fn()`'s result, computed once and kept as checkpoint `step` of `ckpt`; a rerun restores it instead.
+
+  For studies that do not train but run in expensive stages (the layer sweep): each stage's result (nested dicts /
+  lists of numpy or jax arrays, scalars and strings) is saved as an orbax checkpoint, its arrays as the "state"
+  item and the rest as JSON "meta", so a stopped run resumes at the first unfinished stage and a run directory
+  holding stages is config-checked on rerun (train.rundir.Workdir). `ckpt` must keep every step
+  (max_to_keep=None). The entries `fn` adds to `timing` are saved with it and restored, and restored stages are
+  listed in timing["resumed"]. Arrays come back as numpy arrays, tuples as tuples.
+
+  Raises:
+    TypeError: the result holds a value of another type (e.g. a custom object).
+  """
+  timing = {} if timing is None else timing
+  if step in ckpt.manager.all_steps():
+    arrays, meta = ckpt.restore(step)
+    timing.update(meta["timing"])
+    timing.setdefault("resumed", []).append(name)
+    return _join_tree(meta["tree"], arrays)
+  before = dict(timing)
+  out = fn()
+  arrays: dict[str, np.ndarray] = {"_": np.zeros(())}
+  tree = _split_tree(out, arrays)
+  added = {k: v for k, v in timing.items() if k not in before or before[k] != v}
+  ckpt.save(step, arrays, {"stage": name, "tree": tree, "timing": added})
+  return out
