@@ -1,7 +1,7 @@
 """Sweep speed, side by side in one run on the same probes and the same steered cell.
 
     python -m benchmarks.sweep                  # rho-eval's full default sets: factual 206, sycophancy 150, bias 390,
-                                                # refusal 150 (about 40 min on the 2-core CPU, most of it rho-eval's)
+                                                # refusal 150 (20 min on the 2-core CPU)
     python -m benchmarks.sweep --n-probes 16    # a smoke run on the first 16 probes of each set
 
 Needs the bench extra (`pip install -e '.[bench]'`: torch==2.13.0 and rho-eval 2.6.0 with its dependencies; rho-eval
@@ -120,8 +120,9 @@ def run_gravlab_rho(params, cfg, tok, probes: dict, layer: int, v: np.ndarray, a
   return rho, secs
 
 
-def run_gravlab_margins(params, cfg, tasks, layer: int, dirs: np.ndarray, alpha: float) -> dict:
-  """(3): the exact test's program on `tasks` (one layer, one alpha, dirs `[M, D]` shared by the tasks).
+def run_gravlab_margins(params, cfg, tasks, layer: int, dirs: np.ndarray, alpha: float, memory_gib: float) -> dict:
+  """(3): the exact test's program on `tasks` (one layer, one alpha, dirs `[M, D]` shared by the tasks), vmapping
+  as many configurations at once as `memory_gib` allows (probes.steering.chunk_size, as the sweep does).
 
   Returns {"scores": per task `[M, n_probes]`, "prefix_s", "compile_s", "run_s", "configs": M}."""
   import jax
@@ -134,7 +135,8 @@ def run_gravlab_margins(params, cfg, tasks, layer: int, dirs: np.ndarray, alpha:
   out["prefix_s"] = time.perf_counter() - t0
   arrays = [t.arrays() for t in tasks]
   directions = jnp.asarray(dirs, jnp.float32)[None]
-  program = steering.sweep_program(cfg, tasks, [layer], [alpha], dirs.shape[0], dirs.shape[0], per_probe=True)
+  chunk = steering.chunk_size(cfg, tasks, memory_gib, dirs.shape[0])          # as steering_sweep sizes it
+  program = steering.sweep_program(cfg, tasks, [layer], [alpha], dirs.shape[0], chunk, per_probe=True)
   t0 = time.perf_counter()
   compiled = program.lower(params, arrays, directions, starts).compile()
   out["compile_s"] = time.perf_counter() - t0
@@ -264,6 +266,7 @@ def main():
   ap.add_argument("--norm", type=float, default=2.0, help="||v|| of the steering direction")
   ap.add_argument("--cell-controls", type=int, default=4, help="controls beside the vector in (3)'s cell")
   ap.add_argument("--buckets", type=int, default=3)
+  ap.add_argument("--memory-gib", type=float, default=3.0, help="working memory of (3)'s vmapped chunk (sweep default)")
   ap.add_argument("--batch", type=int, default=16, help="rows per forward in (2) and (5)")
   ap.add_argument("--torch-batch", type=int, default=16)
   ap.add_argument("--screen-directions", type=int, default=1000)
@@ -277,7 +280,7 @@ def main():
         f"({sum(t.n_tokens for t in tasks)} padded) in {len(tasks)} buckets; steering at resid_post[{args.layer}], "
         f"alpha {args.alpha}, ||v|| {args.norm}")
   rate = matmul_rate(cfg)
-  m = run_gravlab_margins(params, cfg, tasks, args.layer, dirs, args.alpha)
+  m = run_gravlab_margins(params, cfg, tasks, args.layer, dirs, args.alpha, args.memory_gib)
   per_cfg = m["run_s"] / m["configs"]
   torch_scores, t_torch = run_torch_margins(model, tasks, args.layer, args.alpha * dirs[0], args.torch_batch)
   diff = max(float(np.abs(a - s[0]).max()) for a, s in zip(torch_scores, m["scores"]))
@@ -286,7 +289,8 @@ def main():
   r_rho, r_secs = ({}, {}) if args.skip_rho_eval else run_rho_eval_own(model, tok, probes, args.layer, dirs[0],
                                                                          args.alpha)
   flops = config_flops(cfg, tasks, args.layer)
-  report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs, flops)
+  report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs, flops,
+         config_flops(cfg, tasks, -1))
   full = full_preset_flops(tok, cfg)
   achieved = flops / per_cfg
   h100 = H100_TF32_TFLOPS * 1e12 * H100_UTILISATION
@@ -297,7 +301,8 @@ def main():
         f"TF32 dense peak: {(full['exact'] + full['screen']) / h100 / 60:.1f} min (a model, not a measurement)")
 
 
-def report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs, flops):
+def report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_screen, r_rho, r_secs, flops,
+           flops_all_layers):
   """Print the comparison table and the targets."""
   print(f"\nmachine: {os.cpu_count()} CPU threads; dense float32 matmul (jax.numpy, model shapes): "
         f"{rate / 1e9:.0f} GFLOP/s")
@@ -323,10 +328,12 @@ def report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_scree
   print("\ntargets:")
   if r_secs:
     print(f"  (3) vs rho-eval's own code (1): {t1 / per_cfg:.1f}x (target >= 8x); {t1 / cold:.1f}x counting the "
-          f"prefix pass and compilation over a {m['configs']}-configuration cell")
+          f"prefix pass and compilation over a {m['configs']}-configuration cell. Different work: (1) generates 5 "
+          "tokens per bias / sycophancy probe, (3) reads one position; (2) vs (1) below is like for like")
     print(f"  (2) vs (1), same scores and readouts: {t1 / t2:.1f}x")
   print(f"  (3) vs batched PyTorch (4): {t_torch / per_cfg:.2f}x (target >= 1.5x); {t_torch / cold:.2f}x counting "
-        "the prefix pass and compilation")
+        f"the prefix pass and compilation; (4) runs all layers where (3) runs those after layer {args.layer}, so per "
+        f"matmul FLOP (3) is {t_torch / per_cfg * flops / flops_all_layers:.2f}x (4)")
   print(f"  screen (5) < 5 configurations of (3): {'yes' if t_screen < 5 * per_cfg else 'no'} "
         f"({t_screen:.1f} s vs {5 * per_cfg:.1f} s)")
   print(f"  (3) FLOP/s >= 50% of the matmul rate: {'yes' if flops / per_cfg >= 0.5 * rate else 'no'}")

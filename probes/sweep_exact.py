@@ -55,7 +55,10 @@ def exact_directions(key: jax.Array, vec: jax.Array, acts: jax.Array, pos: jax.A
 
 def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], slope0: dict[str, np.ndarray] | None,
               resid_norm: np.ndarray, timing: dict, mesh=None, cache=None) -> dict[str, Any]:
-  """The exact test (module docstring); records timing["exact_s"].
+  """The exact test (module docstring); records timing["exact_layer_<l>_s"] (each layer's program: its unsteered
+  prefix pass, compilation and configurations), timing["exact_s"] (those, plus building the directions and
+  buckets and the statistics; on a resumed run the restored layers' times are those of the run that computed
+  them), "exact_configs" and "exact_tokens_per_config".
 
   Args:
     model: probes.sweep.Model. config: SweepConfig (exact_layers, exact_alphas, exact_controls, exact_buckets,
@@ -77,22 +80,15 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
   Raises:
     ValueError: an exact layer out of range.
   """
+  t_pre = time.time()
   layers, alphas = [int(l) for l in config.exact_layers], [float(a) for a in config.exact_alphas]
   if any(not 0 <= l < model.cfg.n_layers for l in layers):
     raise ValueError(f"exact_layers {layers} out of range for {model.cfg.n_layers} layers")
   names = list(probes)
-  key = jax.random.PRNGKey(config.seed + 29)
-  dirs, slices, tasks, owner = [], {}, [], []
-  for t, (b, k) in enumerate(zip(names, jax.random.split(key, len(names)))):
-    v = vectors[b]
-    d, slices = exact_directions(k, v["vec"], v["acts"], v["pos"], v["neg"], layers, dict(config.exact_controls))
-    for idx, task in tasks_lib.length_buckets(b, model.tok, probes[b], config.max_tokens[b], config.exact_buckets):
-      dirs.append(d)
-      tasks.append(task)
-      owner.append((t, idx))
-  dirs = jnp.stack(dirs, axis=1)                                                   # [L', tasks, M, D]
+  dirs, slices, tasks, owner = _bucketed(model, config, vectors, probes, layers)
   n_cfg = len(layers) * len(alphas) * dirs.shape[2]
   cache = cache or (lambda k, name, fn: fn())
+  t_pre = time.time() - t_pre
   with tqdm(total=n_cfg, desc="exact test", unit="config") as bar:
     def one_layer(i: int, l: int) -> dict:
       ts = time.time()
@@ -100,7 +96,10 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
                                   memory_gib=config.memory_gib, progress=bar.update, per_probe=True, mesh=mesh)
       timing[f"exact_layer_{l}_s"] = time.time() - ts
       return r
-    per_layer = [cache(i, f"exact layer {l}", functools.partial(one_layer, i, l)) for i, l in enumerate(layers)]
+    per_layer = []
+    for i, l in enumerate(layers):
+      per_layer.append(cache(i, f"exact layer {l}", functools.partial(one_layer, i, l)))
+      bar.update(len(alphas) * dirs.shape[2] * (i + 1) - bar.n)          # a restored layer ran no program
   t_layers = sum(timing[f"exact_layer_{l}_s"] for l in layers)
   res = {"baseline": per_layer[0]["baseline"],
          "scores": [np.concatenate(x, axis=0) for x in zip(*(r["scores"] for r in per_layer))]}
@@ -118,7 +117,7 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
                                           slope0=s0)
   vnorm = np.stack([np.linalg.norm(np.asarray(vectors[b]["vec"])[layers], axis=-1) for b in names])   # [T, L']
   alpha_rel = np.asarray(alphas)[None, None, :] * (vnorm / np.asarray(resid_norm)[layers])[..., None]
-  timing["exact_s"] = t_layers + time.time() - t_post
+  timing["exact_s"] = t_pre + t_layers + time.time() - t_post
   timing["exact_configs"] = n_cfg
   timing["exact_tokens_per_config"] = sum(t.n_tokens for t in tasks)
   primary = tests.get(PRIMARY)
@@ -126,6 +125,21 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
           "controls_per_cell": {k: slices[k].stop - slices[k].start for k in KINDS}, "primary": PRIMARY,
           "alpha_rel": alpha_rel, "vector_norm": vnorm, "base": base, "steered": steered, "tests": tests,
           "kill_zones": primary["kill_zones"] if primary else []}
+
+
+def _bucketed(model, config, vectors: dict[str, dict], probes: dict[str, list], layers: list[int]):
+  """Each behavior's directions (exact_directions) and its probes' length buckets as tasks: (directions
+  `[L', tasks, M, D]`, {kind: slice}, tasks, owner: per task (behavior index, its probe indices))."""
+  key = jax.random.PRNGKey(config.seed + 29)
+  dirs, slices, tasks, owner = [], {}, [], []
+  for t, (b, k) in enumerate(zip(probes, jax.random.split(key, len(probes)))):
+    v = vectors[b]
+    d, slices = exact_directions(k, v["vec"], v["acts"], v["pos"], v["neg"], layers, dict(config.exact_controls))
+    for idx, task in tasks_lib.length_buckets(b, model.tok, probes[b], config.max_tokens[b], config.exact_buckets):
+      dirs.append(d)
+      tasks.append(task)
+      owner.append((t, idx))
+  return jnp.stack(dirs, axis=1), slices, tasks, owner
 
 
 def _unbucket(res: dict, owner: list[tuple[int, np.ndarray]], sizes: list[int]) -> tuple[list, list]:

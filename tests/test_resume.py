@@ -197,3 +197,15 @@ def test_cached_stage_computes_once_and_restores_the_same_tree(tmp_path):
   assert out["e"][0].dtype == np.int32 and float(out["e"][1]) == 7.0
   with pytest.raises(TypeError, match="cannot checkpoint a object"):
     checkpoint.cached_stage(ck, 3, "bad", lambda: {"x": object()})
+  with pytest.raises(TypeError, match="cannot checkpoint a <U1 array"):
+    checkpoint.cached_stage(ck, 3, "bad", lambda: {"x": np.array(["a"])})
+  assert checkpoint.cached_stage(ck, 2, "two", lambda: calls.append(2)) == [np.ones(1)]      # restored, not rerun
+  with pytest.raises(ValueError, match="checkpoint 2 holds stage 'two', not 'screen'"):
+    checkpoint.cached_stage(ck, 2, "screen", lambda: None)
+  empty = {"e": np.zeros((0, 3), np.float32), "n": np.arange(3)}
+  checkpoint.cached_stage(ck, 4, "empty", lambda: empty)
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=None)
+  back = checkpoint.cached_stage(ck, 4, "empty", lambda: None)
+  assert back["e"].shape == (0, 3) and back["e"].dtype == np.float32 and list(back["n"]) == [0, 1, 2]
+  assert calls == [1]

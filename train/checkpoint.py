@@ -81,8 +81,13 @@ def _split_tree(x: Any, arrays: dict[str, np.ndarray]) -> Any:
   if isinstance(x, (list, tuple)):
     return {"__list__": [_split_tree(v, arrays) for v in x], "tuple": isinstance(x, tuple)}
   if isinstance(x, (np.ndarray, jax.Array)):
+    a = np.asarray(x)
+    if a.dtype.kind not in "biuf":
+      raise TypeError(f"cannot checkpoint a {a.dtype} array in a stage result (numbers only)")
+    if a.size == 0:                                    # orbax refuses empty arrays: keep the shape in the JSON
+      return {"__empty__": list(a.shape), "dtype": a.dtype.str}
     name = f"a{len(arrays)}"
-    arrays[name] = np.asarray(x)
+    arrays[name] = a
     return {"__array__": name}
   if isinstance(x, np.generic):
     return x.item()
@@ -99,6 +104,8 @@ def _join_tree(x: Any, arrays: dict[str, Any]) -> Any:
     return tuple(items) if x["tuple"] else items
   if isinstance(x, dict) and "__array__" in x:
     return np.asarray(arrays[x["__array__"]])
+  if isinstance(x, dict) and "__empty__" in x:
+    return np.zeros(x["__empty__"], np.dtype(x["dtype"]))
   return x
 
 
@@ -110,13 +117,19 @@ def cached_stage(ckpt: Checkpointer, step: int, name: str, fn: Callable[[], Any]
   item and the rest as JSON "meta", so a stopped run resumes at the first unfinished stage and a run directory
   holding stages is config-checked on rerun (train.rundir.Workdir). `ckpt` must keep every step
   (max_to_keep=None). The entries `fn` adds to `timing` are saved with it and restored, and restored stages are
-  listed in timing["resumed"]. Arrays come back as numpy arrays, tuples as tuples.
+  listed in timing["resumed"]. Arrays come back as numpy arrays, tuples as tuples. The config check covers the
+  config, not the code: results saved by an older version of a stage are restored as they are.
 
   Raises:
-    TypeError: the result holds a value of another type (e.g. a custom object).
+    TypeError: the result holds a value of another type (a custom object, a string or object array), raised
+      before anything is saved.
+    ValueError: checkpoint `step` holds another stage than `name` (a workdir of a different pipeline).
   """
   timing = {} if timing is None else timing
   if step in ckpt.manager.all_steps():
+    if ckpt.restore_meta(step).get("stage") != name:
+      raise ValueError(f"{ckpt.directory}: checkpoint {step} holds stage {ckpt.restore_meta(step).get('stage')!r}, "
+                       f"not {name!r}; use a new --workdir")
     arrays, meta = ckpt.restore(step)
     timing.update(meta["timing"])
     timing.setdefault("resumed", []).append(name)

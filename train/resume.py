@@ -19,6 +19,7 @@ from typing import Any, Iterable
 NEUTRAL_LEAVES = frozenset({
     "progress", "log_every", "save_every", "max_to_keep", "checkpoint_dir", "eval_every",
     "distributed", "coordinator_address", "num_processes", "process_id", "capture_batch_size",
+    "memory_gib", "fsdp", "tensor",           # vmap chunk and mesh shape: the same numbers up to float rounding
 })
 FREE_LEAVES = frozenset({"stop_after", "resume"})
 NEUTRAL_SECTIONS = frozenset({"export"})
