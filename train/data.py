@@ -80,6 +80,20 @@ def read_utf8(path: str, error: type[ValueError] = DatasetError) -> str:
   return text[1:] if text.startswith("\ufeff") else text
 
 
+def jsonl_records(path: str, error: type[ValueError] = DatasetError) -> list[tuple[int, Any]]:
+  """(line number, parsed value) of every non-blank line of a UTF-8 JSONL file. Raises `error` naming the file
+  and line for invalid UTF-8 or JSON."""
+  out = []
+  for n, line in enumerate(read_utf8(path, error).split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      out.append((n, json.loads(line)))
+    except json.JSONDecodeError as e:
+      raise error(f"{path}:{n}: invalid JSON ({e.msg})") from e
+  return out
+
+
 def read_jsonl(path: str) -> list[Example]:
   """Read `{"prompt","response"}` / `{"messages"}` records, one JSON object a line (blank lines skipped).
 
@@ -89,15 +103,7 @@ def read_jsonl(path: str) -> list[Example]:
   """
   if not os.path.isfile(path):
     raise DatasetError(f"{path}: dataset file not found")
-  out = []
-  for n, line in enumerate(read_utf8(path).split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DatasetError(f"{path}:{n}: invalid JSON ({e.msg})") from e
-    out.append(_parse_record(rec, f"{path}:{n}"))
+  out = [_parse_record(rec, f"{path}:{n}") for n, rec in jsonl_records(path)]
   if not out:
     raise DatasetError(f"{path}: dataset is empty")
   return out

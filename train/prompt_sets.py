@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import unicodedata
@@ -78,13 +77,7 @@ def donotanswer_prompts(root: str | None = None) -> list[tuple[str, str]]:
   out = []
   for name in sorted(f for f in os.listdir(folder) if f.endswith(".jsonl")):
     path = os.path.join(folder, name)
-    for n, line in enumerate(data_lib.read_utf8(path, PromptSetError).splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise PromptSetError(f"{path}:{n}: not valid JSON: {e.msg}") from e
+    for n, rec in data_lib.jsonl_records(path, PromptSetError):
       if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
         raise PromptSetError(f"{path}:{n}: expected an object with a non-empty string 'prompt'")
       out.append((name[:-len(".jsonl")], rec["prompt"].strip()))
