@@ -33,11 +33,16 @@ PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4":
                "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
 
 
+def layer_matmul_params(cfg) -> int:
+  """Matmul parameters of one decoder layer: Q, K, V, O projections and the gated MLP's three matrices."""
+  q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  return cfg.d_model * (2 * q + 2 * kv) + 3 * cfg.d_model * cfg.d_ff
+
+
 def model_flops(cfg, tokens: int, seq: int, mode: str) -> float:
   """Model FLOPs of one training step on `tokens` tokens of length-`seq` sequences (module docstring)."""
-  q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-  per_layer = cfg.d_model * (2 * q + 2 * kv) + 3 * cfg.d_model * cfg.d_ff
-  n = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+  q = cfg.n_heads * cfg.head_dim
+  n = cfg.n_layers * layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
   fwd = 2 * n * tokens + 4 * cfg.n_layers * seq * q * tokens
   return fwd * (3 if mode == "full" else 2)
 

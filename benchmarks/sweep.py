@@ -43,19 +43,22 @@ import time
 
 import numpy as np
 
+from benchmarks.mfu import layer_matmul_params
+from configs.sweep import get_config
+
 BEHAVIORS = ("factual", "sycophancy", "bias", "refusal")
 # The H100 estimate of the :full preset: SXM TF32 dense peak (data sheet) and an assumed achieved share of it; JAX
 # runs float32 matmuls on TF32 tensor cores by default. Replace with benchmarks/mfu.py's measured sweep throughput.
 H100_TF32_TFLOPS, H100_UTILISATION = 494.7, 0.3
-MAX_TOKENS = {"factual": 256, "refusal": 256, "toxicity": 256, "bias": 512, "sycophancy": 512}   # configs/sweep.py
+MAX_TOKENS = dict(get_config("smollm2").max_tokens)          # the sweep's token caps per behavior
 
 
 def config_flops(cfg, tasks, layer: int) -> float:
   """Matmul FLOPs of one suffix configuration steered at `layer` on padded `tasks`: layers layer+1 .. L-1 (QKV, O,
   gated MLP; attention scores and values over the full S x S) and the LM head (every position for sequence
   readouts, the last for choice readouts)."""
-  q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-  per_token = 2 * (cfg.d_model * (2 * q + 2 * kv) + 3 * cfg.d_model * cfg.d_ff)
+  q = cfg.n_heads * cfg.head_dim
+  per_token = 2 * layer_matmul_params(cfg)
   total = 0.0
   for t in tasks:
     B, S = t.tokens.shape
@@ -204,10 +207,10 @@ def run_screen(params, cfg, tok, probes: dict, n_dirs: int, batch: int) -> float
   import jax
   from probes import screen, sweep_screen, tasks as tasks_lib
   t0 = time.perf_counter()
+  d = jax.random.normal(jax.random.PRNGKey(1), (cfg.n_layers, n_dirs, cfg.d_model))      # shared by the behaviors
   for b, ps in probes.items():
     t = tasks_lib.build_task(b, tok, ps, MAX_TOKENS[b])
     g = sweep_screen.probe_gradients(params, cfg, t, batch)
-    d = jax.random.normal(jax.random.PRNGKey(1), (cfg.n_layers, n_dirs, cfg.d_model))
     jax.block_until_ready(screen.directional_derivatives(g, d))
   return time.perf_counter() - t0
 
@@ -216,7 +219,6 @@ def full_preset_flops(tok, cfg, preset: str = "full") -> dict:
   """Matmul FLOPs of configs/sweep.py:`preset`'s screen and exact test on `cfg`, from its real probes and buckets:
   the exact test = every (layer, alpha, direction) configuration (config_flops) + one prefix forward per layer;
   the screen = 3 forwards of every scored probe (forward + activation-gradient backward, counted as 2 forwards)."""
-  from configs.sweep import get_config
   from probes import tasks as tasks_lib
   from probes.sweep import split_probes
   from probes.sweep_config import SweepConfig

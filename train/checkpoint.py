@@ -127,10 +127,10 @@ def cached_stage(ckpt: Checkpointer, step: int, name: str, fn: Callable[[], Any]
   """
   timing = {} if timing is None else timing
   if step in ckpt.manager.all_steps():
-    if ckpt.restore_meta(step).get("stage") != name:
-      raise ValueError(f"{ckpt.directory}: checkpoint {step} holds stage {ckpt.restore_meta(step).get('stage')!r}, "
-                       f"not {name!r}; use a new --workdir")
     arrays, meta = ckpt.restore(step)
+    if meta.get("stage") != name:
+      raise ValueError(f"{ckpt.directory}: checkpoint {step} holds stage {meta.get('stage')!r}, not {name!r}; "
+                       "use a new --workdir")
     timing.update(meta["timing"])
     timing.setdefault("resumed", []).append(name)
     return _join_tree(meta["tree"], arrays)

@@ -104,12 +104,11 @@ def _shingles(texts: Sequence[str]) -> sparse.csr_matrix:
 
 def similarity(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
   """`[len(a), len(b)]` Jaccard similarity of character 4-gram sets of the normalised texts (module docstring)."""
-  x = _shingles(list(a) + list(b))
-  inter = (x @ x.T).toarray()
-  size = np.asarray(x.sum(axis=1)).ravel()
-  union = size[:, None] + size[None, :] - inter
-  sim = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-  return sim[:len(a), len(a):]
+  x = _shingles(list(a) + list(b))                      # one vocabulary for both sides
+  xa, xb = x[:len(a)], x[len(a):]
+  inter = (xa @ xb.T).toarray()
+  union = np.asarray(xa.sum(axis=1)) + np.asarray(xb.sum(axis=1)).T - inter
+  return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def dedup(texts: Sequence[str], threshold: float = NEAR_DUPLICATE) -> list[int]:
