@@ -171,7 +171,7 @@ def main() -> None:
   n_cfg = len(layers) * len(alphas) * m
   chunk = steering.chunk_size(cfg, tasks, args.sweep_memory_gib, len(alphas) * m)
   program = steering.sweep_program(cfg, tasks, layers, alphas, m, chunk, mesh=mesh)
-  t_sweep = _median_time(lambda: jax.block_until_ready(program(params, arrays, dirs, starts)),
+  t_sweep = _median_time(lambda: jax.block_until_ready(program(params, arrays, dirs, starts, np.asarray(layers, np.int32))),
                          max(1, args.repeats // 2))
   print(f"steering sweep (suffix method, vmap chunk {chunk}): layers {layers} x {len(alphas)} alphas x {m} "
         f"directions = {n_cfg} configurations of {B} x {S} tokens: {t_sweep:.2f} s, "

@@ -141,10 +141,11 @@ def run_gravlab_margins(params, cfg, tasks, layer: int, dirs: np.ndarray, alpha:
   chunk = steering.chunk_size(cfg, tasks, memory_gib, dirs.shape[0])          # as steering_sweep sizes it
   program = steering.sweep_program(cfg, tasks, [layer], [alpha], dirs.shape[0], chunk, per_probe=True)
   t0 = time.perf_counter()
-  compiled = program.lower(params, arrays, directions, starts).compile()
+  ids = np.asarray([layer], np.int32)
+  compiled = program.lower(params, arrays, directions, starts, ids).compile()
   out["compile_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  res = jax.block_until_ready(compiled(params, arrays, directions, starts))
+  res = jax.block_until_ready(compiled(params, arrays, directions, starts, ids))
   out["run_s"] = time.perf_counter() - t0
   out["scores"] = [np.asarray(r)[0] for r in res]
   return out

@@ -25,6 +25,7 @@ sweep is one program over the mesh; `sweep_program(...).lower(ShapeDtypeStructs)
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from typing import Any, Sequence
@@ -36,7 +37,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models import sharding as sh, transformer as T
 from models.config import ModelConfig
-from models.generate import generate
 from models.interventions import resid_add_at
 from probes import margins, tasks as tasks_lib
 
@@ -147,9 +147,10 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
     per_probe: score each task by its per-probe continuous scores (`score`); the program then returns a tuple
       with one `[..., n_probes_t]` array per task in place of the `[..., n_tasks]` array.
   Returns:
-    suffix: `program(params, arrays, directions, starts) -> [L', A * M, n_tasks]` with arrays = `[t.arrays()]`,
-      directions `[L', M, D]` (shared by the tasks) or `[L', n_tasks, M, D]` (each task its own), starts = per
-      task resid_post `[L', B, S, D]` of the swept layers;
+    suffix: `program(params, arrays, directions, starts, layer_ids) -> [L', A * M, n_tasks]` with arrays =
+      `[t.arrays()]`, directions `[L', M, D]` (shared by the tasks) or `[L', n_tasks, M, D]` (each task its own),
+      starts = per task resid_post `[L', B, S, D]` of the swept layers, layer_ids `[L']` int32 those layers (an
+      argument, so one compilation serves any L' layers; `layers` only fixes L');
     full: `program(params, arrays, directions) -> [n_chunks, chunk, n_tasks]` (row-major (layer, alpha,
       direction), the last chunk padded by wrapping).
     `program.lower(*jax.ShapeDtypeStruct args).compile()` compiles it without weights.
@@ -175,7 +176,7 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
     return jax.jit(program)
   shardings = sweep_shardings(mesh, cfg, tasks)
   ins = tuple(shardings[k] for k in (("params", "arrays", "directions") if method == "full"
-                                     else ("params", "arrays", "directions", "starts")))
+                                     else ("params", "arrays", "directions", "starts", "directions")))
   return jax.jit(_with_mesh(mesh, program), in_shardings=ins, out_shardings=shardings["out"])
 
 
@@ -220,12 +221,13 @@ def _full_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: 
 
 
 def _suffix_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk: int, tick, per_probe: bool):
-  """method="suffix": `program(params, arrays, directions, starts) -> [L', A * M, n_tasks]` (see sweep_program)."""
+  """method="suffix": `program(params, arrays, directions, starts, layer_ids) -> [L', A * M, n_tasks]` (see
+  sweep_program); `layers` is unused (the layer indices are the argument layer_ids)."""
   A = len(alphas_a)
   ai = np.repeat(np.arange(A), M)
   di = np.tile(np.arange(M), A)
 
-  def program(params, arrays, directions, starts):
+  def program(params, arrays, directions, starts, layer_ids):
     per_task = directions.ndim == 4                       # [L', T, M, D]: each task its own directions
 
     def per_layer(x):
@@ -243,7 +245,7 @@ def _suffix_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk
       s = jax.lax.map(one, (jnp.asarray(ai), jnp.asarray(di)), batch_size=chunk)
       tick(jnp.asarray(A * M, jnp.int32), s)
       return s
-    return jax.lax.map(per_layer, (jnp.asarray(layers), directions, starts))
+    return jax.lax.map(per_layer, (jnp.asarray(layer_ids, jnp.int32), directions, starts))
   return program
 
 
@@ -260,8 +262,13 @@ def sweep_shardings(mesh, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]) -> 
 
 def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], directions: jax.Array,
                    layers: Sequence[int], alphas: Sequence[float], *, method: str = "suffix",
-                   memory_gib: float = 4.0, progress=None, mesh=None, per_probe: bool = False) -> dict[str, Any]:
+                   memory_gib: float = 4.0, progress=None, mesh=None, per_probe: bool = False,
+                   prefix=None) -> dict[str, Any]:
   """Score every task under every (layer, alpha, direction) steering configuration, as one jitted program.
+
+  The compiled program is kept (`_program_for`, a few most recent): a later call with the same model, task
+  shapes, alphas, number of layers and directions runs it again without compiling, whatever its layers (they are
+  an argument of the suffix program).
 
   Args:
     params, cfg: the model.
@@ -276,9 +283,13 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
     mesh: optional `(data, fsdp, tensor)` mesh: weights are placed by the sharding plan and the baseline pass and
       the program run on it (`sweep_program`); None = as before, on the default device.
     per_probe: score per probe (probes.margins.probe_scores) instead of rho-eval's scalar per task.
+    prefix: the "prefix" of an earlier call on the same tasks, params and per_probe (the unsteered pass: its
+      scores and every task's resid_post `[L, B, S, D]`), so that a sweep split into several calls (the exact
+      test's one call per layer) runs the unsteered pass once; None = run it.
   Returns:
-    dict: "baseline" `[n_tasks]` unsteered scores; "scores" `[L', A, M, n_tasks]` float32 numpy; "chunk" (int).
-    With per_probe, "baseline" is a list of `[n_probes_t]` and "scores" a list of `[L', A, M, n_probes_t]`.
+    dict: "baseline" `[n_tasks]` unsteered scores; "scores" `[L', A, M, n_tasks]` float32 numpy; "chunk" (int);
+    "prefix" (the unsteered pass, for `prefix=`). With per_probe, "baseline" is a list of `[n_probes_t]` and
+    "scores" a list of `[L', A, M, n_probes_t]`.
   Raises:
     ValueError: unknown method or a layer out of range.
   """
@@ -297,101 +308,49 @@ def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], di
   if mesh is not None:
     shardings = sweep_shardings(mesh, cfg, tasks)
     params = jax.device_put(params, shardings["params"])
-  with ctx:
-    baseline, resids = baseline_pass(params, cfg, tasks, per_probe)
+  if prefix is None:
+    with ctx:
+      prefix = baseline_pass(params, cfg, tasks, per_probe)
+  baseline, resids = prefix
   n_cfg = Lp * A * M if method == "full" else A * M
   chunk = chunk_size(cfg, tasks, memory_gib, n_cfg)
-  program = sweep_program(cfg, tasks, layers, alphas, M, chunk, method=method, mesh=mesh, progress=progress,
-                          per_probe=per_probe)
+  program, sink = _program_for(cfg, tasks, layers, alphas, M, chunk, method, mesh, per_probe)
+  sink[0] = progress
   if method == "full":
     out = program(params, arrays, directions)
   else:
     starts = [r[jnp.asarray(layers)] for r in resids]                     # per task [L', B, S, D]
     if mesh is not None:
       starts = jax.device_put(starts, shardings["starts"])
-    out = program(params, arrays, directions, starts)
+    out = program(params, arrays, directions, starts, np.asarray(layers, np.int32))
+  sink[0] = None
 
   def grid(x):                                          # [n_chunks, chunk, ...] or [L', A * M, ...] -> [L', A, M, ...]
     x = np.asarray(x)
     return x.reshape((-1,) + x.shape[2:])[:Lp * A * M].reshape((Lp, A, M) + x.shape[2:])
   if per_probe:
-    return {"baseline": [np.asarray(b) for b in baseline], "scores": [grid(x) for x in out], "chunk": chunk}
-  return {"baseline": np.asarray(baseline), "scores": grid(out), "chunk": chunk}
+    return {"baseline": [np.asarray(b) for b in baseline], "scores": [grid(x) for x in out], "chunk": chunk,
+            "prefix": prefix}
+  return {"baseline": np.asarray(baseline), "scores": grid(out), "chunk": chunk, "prefix": prefix}
 
 
-# ---- Steered generation (rho-eval's generation readout of bias / sycophancy under steering)
-
-def gen_bytes_per_config(cfg: ModelConfig, task: tasks_lib.GenTask, max_new_tokens: int,
-                         dtype_bytes: int = 4) -> int:
-  """Rough peak working memory of one steered generation of `task` (bytes): the prefill's residual, block and
-  attention temporaries B*S*(8 D + 3 F) + 2 B*H*S*S, plus the KV cache 2 L*B*(S+N)*KV*hd."""
-  B, S = task.tokens.shape
-  kv = 2 * cfg.n_layers * B * (S + max_new_tokens) * cfg.n_kv_heads * cfg.head_dim
-  return (B * S * (8 * cfg.d_model + 3 * cfg.d_ff) + 2 * B * cfg.n_heads * S * S + kv) * dtype_bytes
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_KEEP_PROGRAMS = 4
 
 
-def grid_configs(directions: jax.Array, layers: Sequence[int], alphas: Sequence[float]) -> tuple[np.ndarray,
-                                                                                                 jax.Array]:
-  """Flatten a sweep grid into per-configuration (layer, added vector), row-major over (layer, alpha, direction).
-
-  Args:
-    directions: `[L', M, D]` (from `sweep_directions`). layers: the L' layer indices. alphas: the A coefficients.
-  Returns:
-    (`[L' * A * M]` int32 layer per configuration, `[L' * A * M, D]` float32 alpha * direction); reshape scores to
-    `[L', A, M]` to undo the flattening.
-  """
-  directions = jnp.asarray(directions, jnp.float32)
-  li, ai, di = (x.ravel() for x in np.meshgrid(np.arange(len(layers)), np.arange(len(alphas)),
-                                               np.arange(directions.shape[1]), indexing="ij"))
-  vecs = jnp.asarray(alphas, jnp.float32)[ai][:, None] * directions[li, di]
-  return np.asarray(layers, np.int32)[li], vecs
-
-
-def steered_generations(params, cfg: ModelConfig, task: tasks_lib.GenTask, layers: Sequence[int],
-                        vectors: jax.Array, *, max_new_tokens: int = tasks_lib.GEN_TOKENS,
-                        eos_ids: Sequence[int] = (), pad_id: int = 0, memory_gib: float = 4.0,
-                        progress=None) -> np.ndarray:
-  """Greedy generations of one task's prompts under C steering configurations, as one jitted program.
-
-  Configuration c adds `vectors[c]` to the residual stream at the output of layer `layers[c]` at every position,
-  prompt and generated tokens alike (rho-eval `SteeringHook` stays registered during `model.generate`), via
-  `models.generate.generate(interventions=Interventions(resid_add=onehot(l)[:, None, None, None] * v))`,
-  `lax.map`ped over the configurations in vmapped chunks sized by `memory_gib`. A zero vector is the unsteered
-  model exactly (h + 0 = h). Decoding is greedy, `max_new_tokens` steps (rho-eval: 5), stopping rows at
-  `eos_ids` (later slots hold `pad_id`).
-
-  Args:
-    params, cfg: the model.
-    task: prompts (probes.tasks.GenTask).
-    layers: `[C]` steered layer per configuration (0-based).
-    vectors: `[C, D]` float, the added vector (alpha already applied).
-    progress: optional callable(n) called from inside the program as chunks finish.
-  Returns:
-    `[C, B, max_new_tokens]` int32 numpy generated ids.
-  Raises:
-    ValueError: a layer out of range, or layers / vectors of different lengths.
-  """
-  layers = np.asarray([int(l) for l in layers], np.int32)
-  vectors = jnp.asarray(vectors, jnp.float32)
-  if vectors.ndim != 2 or vectors.shape[0] != len(layers) or vectors.shape[1] != cfg.d_model:
-    raise ValueError(f"vectors {vectors.shape} must be [{len(layers)}, {cfg.d_model}] (one per layer)")
-  if np.any((layers < 0) | (layers >= cfg.n_layers)):
-    raise ValueError(f"layers {layers.tolist()} out of range for {cfg.n_layers} layers")
-  per = gen_bytes_per_config(cfg, task, max_new_tokens)
-  chunk = int(max(1, min(len(layers), math.floor(memory_gib * 2 ** 30 / per))))
-  eos = tuple(sorted(int(e) for e in eos_ids))
-  tokens, mask = jnp.asarray(task.tokens), jnp.asarray(task.mask)
-
-  @jax.jit
-  def program(params, layers, vectors):
-    def one(x):
-      l, v = x
-      iv = resid_add_at(cfg.n_layers, l, v)
-      out = generate(params, cfg, tokens, mask, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=int(pad_id),
-                     interventions=iv)
-      if progress is not None:
-        jax.debug.callback(lambda l: progress(int(np.size(l))), l)   # once per row, or per chunk with [chunk]
-      return out
-    return jax.lax.map(one, (layers, vectors), batch_size=chunk)
-
-  return np.asarray(program(params, jnp.asarray(layers), vectors))
+def _program_for(cfg: ModelConfig, tasks, layers: list[int], alphas, M: int, chunk: int, method: str, mesh,
+                 per_probe: bool):
+  """The jitted `sweep_program` for these static choices, built once and kept (the `_KEEP_PROGRAMS` most recent),
+  with its progress sink: a one-element list whose callable (or None) the program's progress ticks call."""
+  key = (cfg, tuple((t.behavior, t.tokens.shape) for t in tasks),
+         len(layers) if method == "suffix" else tuple(layers), tuple(float(a) for a in alphas), M, chunk, method,
+         mesh, per_probe)
+  if key not in _PROGRAMS:
+    sink = [None]
+    program = sweep_program(cfg, tasks, layers, alphas, M, chunk, method=method, mesh=mesh, per_probe=per_probe,
+                            progress=lambda n: sink[0] is not None and sink[0](n))
+    _PROGRAMS[key] = (program, sink)
+    while len(_PROGRAMS) > _KEEP_PROGRAMS:
+      _PROGRAMS.popitem(last=False)
+  _PROGRAMS.move_to_end(key)
+  return _PROGRAMS[key]

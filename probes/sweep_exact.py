@@ -55,10 +55,10 @@ def exact_directions(key: jax.Array, vec: jax.Array, acts: jax.Array, pos: jax.A
 
 def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], slope0: dict[str, np.ndarray] | None,
               resid_norm: np.ndarray, timing: dict, mesh=None, cache=None) -> dict[str, Any]:
-  """The exact test (module docstring); records timing["exact_layer_<l>_s"] (each layer's program: its unsteered
-  prefix pass, compilation and configurations), timing["exact_s"] (those, plus building the directions and
-  buckets and the statistics; on a resumed run the restored layers' times are those of the run that computed
-  them), "exact_configs" and "exact_tokens_per_config".
+  """The exact test (module docstring); records timing["exact_layer_<l>_s"] (each layer's program; the first layer
+  computed also pays the unsteered prefix pass and the compilation, which later layers reuse), timing["exact_s"]
+  (those, plus building the directions and buckets and the statistics; on a resumed run the restored layers' times
+  are those of the run that computed them), "exact_configs" and "exact_tokens_per_config".
 
   Args:
     model: probes.sweep.Model. config: SweepConfig (exact_layers, exact_alphas, exact_controls, exact_buckets,
@@ -71,8 +71,8 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
       None. resid_norm: `[L]` mean last-token residual norm at resid_post[l]. mesh: optional (data, fsdp, tensor)
       mesh for the program (probes.steering.steering_sweep).
     cache: optional callable(k, name, fn) -> fn() or its saved result (train.checkpoint.cached_stage): the k-th
-      exact layer's program result, so a stopped run resumes layer by layer. Each layer is one compiled program
-      over its alphas x directions, after its own unsteered prefix pass.
+      exact layer's program result, so a stopped run resumes layer by layer. Every layer runs the same compiled
+      program over its alphas x directions (the layer index is its argument) on one unsteered prefix pass.
   Returns:
     {"behaviors", "layers", "alphas", "n_probes" `[T]`, "controls_per_cell" {kind: K}, "primary": PRIMARY,
     "alpha_rel" `[T, L', A]`, "base" / "steered" (per-probe scores, per behavior `[N]` / `[L', A, N]`),
@@ -89,11 +89,14 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
   n_cfg = len(layers) * len(alphas) * dirs.shape[2]
   cache = cache or (lambda k, name, fn: fn())
   t_pre = time.time() - t_pre
+  prefix = {}                                         # the unsteered pass, run once for every layer computed
   with tqdm(total=n_cfg, desc="exact test", unit="config") as bar:
     def one_layer(i: int, l: int) -> dict:
       ts = time.time()
       r = steering.steering_sweep(model.params, model.cfg, tasks, dirs[i:i + 1], [l], alphas, method=config.method,
-                                  memory_gib=config.memory_gib, progress=bar.update, per_probe=True, mesh=mesh)
+                                  memory_gib=config.memory_gib, progress=bar.update, per_probe=True, mesh=mesh,
+                                  prefix=prefix.get("pass"))
+      prefix["pass"] = r.pop("prefix")
       timing[f"exact_layer_{l}_s"] = time.time() - ts
       return r
     per_layer = []

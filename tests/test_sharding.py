@@ -154,7 +154,8 @@ def _worker_compile_8b(name, fsdp, tensor, expected):
   starts_sh = steering.sweep_shardings(mesh, cfg, tasks)["starts"]
   starts = [jax.ShapeDtypeStruct((2, 8, 32, D), jnp.bfloat16, sharding=s) for s in starts_sh]
   t0 = time.time()
-  sweep = prog.lower(frozen, arrays, jax.ShapeDtypeStruct((2, 2, D), jnp.float32), starts).compile()
+  sweep = prog.lower(frozen, arrays, jax.ShapeDtypeStruct((2, 2, D), jnp.float32), starts,
+                     jax.ShapeDtypeStruct((2,), jnp.int32)).compile()
   t_sweep = time.time() - t0
   sw_in = sweep.input_shardings[0]
   return {"step_frozen": check(fr_in, ndim), "sweep_params": check(sw_in[0], ndim), "lora": lora_ok,
