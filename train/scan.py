@@ -111,49 +111,93 @@ def _arm_gradients(cfg: ModelConfig, sc: ScanConfig) -> Callable:
   return grads_of
 
 
+def split_probe(probe: dict) -> tuple[dict, dict]:
+  """(objective prompts, measurement prompts) of a probe argument: {"objective": batch, "measure": batch}, or one
+  batch {"tokens", "mask"} that serves as both."""
+  return (probe["objective"], probe["measure"]) if "objective" in probe else (probe, probe)
+
+
+def drift_metrics(m: jax.Array, mean_ref: jax.Array, v_rev: jax.Array) -> dict[str, jax.Array]:
+  """The reversion readout of mean activations m `[L+1, D]` against theta_aligned's mean_ref on the same prompts:
+  align `[L]` = cos(d(l), v_rev(l)), proj `[L]` = <d(l), v_rev(l) / |v_rev(l)|> at the decoder-layer outputs
+  l = 1..L (the embeddings are not adapted), and align_all = the cosine over their concatenation (float32)."""
+  d, v = (m - mean_ref)[1:], v_rev[1:]
+  u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  return {"align": cosine(d, v), "proj": jnp.sum(d * u, axis=-1), "align_all": cosine(d.reshape(-1), v.reshape(-1))}
+
+
 def make_step(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation) -> Callable:
-  """One fine-tuning step `step(state, frozen, batch, probe, ref) -> (state, metrics)` (pure, unjitted).
+  """One fine-tuning update `step(state, frozen, batch, probe, ref) -> (state, metrics)` (pure, unjitted), and
+  the measurement after it is `measure(state, frozen, probe, ref)` (make_measure).
 
   state: train.step's {"step": int32, "trainable": {target: {"a", "b"}} (the LoRA), "opt_state", "rng"}.
   frozen: model params (theta_aligned). batch: tokens / mask `[B, S]` int32, loss_mask `[B, S]` float32
-  (right-padded SFT rows). probe: tokens / mask `[P, Sp]` (left-padded prompts). ref: {"mean_aligned": `[L+1, D]`,
-  "v_rev": `[L+1, D]`} float32.
+  (right-padded SFT rows). probe: tokens / mask `[P, Sp]` (left-padded prompts), or {"objective": ..., "measure":
+  ...} (split_probe): the block / push / project terms see only the objective prompts. ref: {"mean_aligned":
+  `[L+1, D]` on the objective prompts, "v_rev": `[L+1, D]`} float32, and "mean_measure" `[L+1, D]` (theta_aligned
+  on the measurement prompts) when they differ.
   metrics (float32): task (SFT nats / target token), aux (block / push term, 0 otherwise), grad_norm (the
-  applied gradient), cos_gh (cosine of the task gradient with grad p; project arm, else 0),
-  align `[L]` = cos(d_{t+1}(l), v_rev(l)) and proj `[L]` = <d_{t+1}(l), v_rev(l)/|v_rev(l)|> at the decoder-layer
-  outputs l = 1..L (the embeddings are not adapted), after the update, and align_all = the cosine over their
-  concatenation.
+  applied gradient), cos_gh (cosine of the task gradient with grad p; project arm, else 0).
   """
   grads_of = _arm_gradients(cfg, sc)
 
   def step(state, frozen, batch, probe, ref):
-    grads, task, aux, cos_gh = grads_of(state["trainable"], frozen, batch, probe, ref)
+    grads, task, aux, cos_gh = grads_of(state["trainable"], frozen, batch, split_probe(probe)[0], ref)
     new, gnorm, _ = apply_gradients(state, grads, tx)
-    m = probe_mean(frozen, new["trainable"], cfg, probe, sc.lora_scale, sc.position)
-    d, v = (m - ref["mean_aligned"])[1:], ref["v_rev"][1:]          # decoder-layer outputs 1..L
-    u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-    metrics = {"task": task, "aux": aux, "grad_norm": gnorm, "cos_gh": cos_gh, "align": cosine(d, v),
-               "proj": jnp.sum(d * u, axis=-1), "align_all": cosine(d.reshape(-1), v.reshape(-1))}
-    return new, metrics
+    return new, {"task": task, "aux": aux, "grad_norm": gnorm, "cos_gh": cos_gh}
 
   return step
 
 
+def make_measure(cfg: ModelConfig, sc: ScanConfig) -> Callable:
+  """`measure(trainable, frozen, probe, ref) -> metrics` after an update: drift_metrics on the measurement prompts
+  (align `[L]`, proj `[L]`, align_all) and, on the objective prompts, align_all_objective (what block / push /
+  project act on; equal to align_all when one batch serves both)."""
+  def measure(trainable, frozen, probe, ref):
+    obj, meas = split_probe(probe)
+    m = probe_mean(frozen, trainable, cfg, meas, sc.lora_scale, sc.position)
+    out = drift_metrics(m, ref.get("mean_measure", ref["mean_aligned"]), ref["v_rev"])
+    if obj is meas:
+      out["align_all_objective"] = out["align_all"]
+    else:
+      mo = probe_mean(frozen, trainable, cfg, obj, sc.lora_scale, sc.position)
+      out["align_all_objective"] = drift_metrics(mo, ref["mean_aligned"], ref["v_rev"])["align_all"]
+    return out
+  return measure
+
+
 def make_program(cfg: ModelConfig, sc: ScanConfig, tx: optax.GradientTransformation,
                  per_run_frozen: bool = False) -> Callable:
-  """The chunk program `run(state, frozen, batches, probe, ref) -> (state, metrics)`, jitted, vmapped over runs
-  (seeds, or grid points).
+  """The chunk program `run(state, frozen, batches, probe, ref, measure_at) -> (state, metrics)`, jitted: a
+  `lax.scan` over the T steps whose body updates every run (seeds, or grid points) at once (`jax.vmap` of
+  make_step) and then, where `measure_at[t]`, measures them (make_measure; a `lax.cond` on the unbatched flag, so
+  unmeasured steps skip the measurement's forward passes and report NaN).
 
   state: leading run axis `[R, ...]` on every leaf (train.step.stack_states). batches: tokens / mask / loss_mask
-  `[R, T, B, S]`. probe: shared (see make_step). frozen (theta_aligned) and ref ({"mean_aligned", "v_rev"}
-  `[L+1, D]`): shared, or with the leading run axis when `per_run_frozen` (every run fine-tunes its own
-  theta_aligned against its own v_rev). Returns the state after T steps and metrics with shape `[R, T, ...]`
-  (align / proj `[R, T, L]`). One compilation per (T, shapes).
+  `[R, T, B, S]`. probe: shared (see make_step). frozen (theta_aligned) and ref ({"mean_aligned", "v_rev"[,
+  "mean_measure"]} `[L+1, D]`): shared, or with the leading run axis when `per_run_frozen` (every run fine-tunes
+  its own theta_aligned against its own v_rev). measure_at: `[T]` bool, or None = every step. Returns the state after T steps and
+  metrics with shape `[R, T, ...]` (align / proj `[R, T, L]`). One compilation per (T, shapes).
   """
-  step = make_step(cfg, sc, tx)
-
-  def one_run(state, frozen, batches, probe, ref):
-    return jax.lax.scan(lambda s, b: step(s, frozen, b, probe, ref), state, batches)
-
+  step, measure = make_step(cfg, sc, tx), make_measure(cfg, sc)
   ax = 0 if per_run_frozen else None
-  return jax.jit(jax.vmap(one_run, in_axes=(0, ax, 0, None, ax)))
+  vstep = jax.vmap(step, in_axes=(0, ax, 0, None, ax))
+  vmeasure = jax.vmap(measure, in_axes=(0, ax, None, ax))
+
+  def run(state, frozen, batches, probe, ref, measure_at=None):
+    def body(s, x):
+      b, flag = x
+      s, m = vstep(s, frozen, b, probe, ref)
+      if flag is None:
+        m.update(vmeasure(s["trainable"], frozen, probe, ref))
+        return s, m
+      shapes = jax.eval_shape(vmeasure, s["trainable"], frozen, probe, ref)
+      m.update(jax.lax.cond(flag, lambda: vmeasure(s["trainable"], frozen, probe, ref),
+                            lambda: jax.tree.map(lambda z: jnp.full(z.shape, jnp.nan, z.dtype), shapes)))
+      return s, m
+    steps = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batches)        # [T, R, ...]
+    flags = None if measure_at is None else jnp.asarray(measure_at, bool)
+    state, m = jax.lax.scan(body, state, (steps, flags))
+    return state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), m)         # [R, T, ...]
+
+  return jax.jit(run)

@@ -15,7 +15,7 @@ from train.resume import check_mode
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSection:
-  n: int                              # harmful probe prompts (training split) for v_rev and drift
+  n: int                              # prompts of A the block / push / project objectives see
   position: str                       # last | mean (models.readout.mean_activation)
 
   def __post_init__(self):
@@ -23,6 +23,22 @@ class ProbeSection:
       raise ValueError(f"probe.n must be >= 1, got {self.n}")
     if self.position not in ("last", "mean"):
       raise ValueError(f"probe.position must be 'last' or 'mean', got {self.position!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SetsSection:
+  A: int                              # harmful prompts for v_rev; the objectives use the first probe.n of them
+  B: int                              # harmful prompts the alignment is measured on
+  C: int                              # harmful prompts harmfulness is evaluated on
+  c_benign: tuple[str, ...]           # over-refusal sets / .txt files added to C's benign prompts (not in S)
+  measure_steps: tuple[int, ...]      # steps after which the alignment is measured (and the last); () = every step
+
+  def __post_init__(self):
+    for name in ("A", "B", "C"):
+      if getattr(self, name) < 2:
+        raise ValueError(f"sets.{name} must be >= 2, got {getattr(self, name)}")
+    if any(t < 1 for t in self.measure_steps):
+      raise ValueError(f"sets.measure_steps must be >= 1, got {self.measure_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +77,9 @@ class EvalSection:
 
 @dataclasses.dataclass(frozen=True)
 class NullSection:
-  q: float                            # quantile of the isotropic null
-  samples: int
+  q: float                            # quantile of the nulls
+  samples: int                        # isotropic null samples (beside its exact quantile)
+  covariance_samples: int             # covariance-shaped null samples (metrics.covariance_null)
 
   def __post_init__(self):
     if not 0.0 < self.q < 1.0:
@@ -86,6 +103,7 @@ class ReversionConfig:
   safety_first_token_weight: float
   safety_harmful_weight: float
   safety_extra_benign: tuple[str, ...]
+  sets: SetsSection
   probe: ProbeSection
   benign: BenignSection
   arms: tuple[str, ...]
@@ -110,3 +128,5 @@ class ReversionConfig:
       raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
     if self.heldout < 1:
       raise ValueError(f"heldout must be >= 1, got {self.heldout}")
+    if self.probe.n > self.sets.A:
+      raise ValueError(f"probe.n = {self.probe.n} > sets.A = {self.sets.A}: the objectives' prompts come from A")

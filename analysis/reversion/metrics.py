@@ -1,5 +1,6 @@
-"""Gravitational reversion measurements (Poppi & Lukas 2026, arXiv 2606.28525): v_rev, drift, alignment,
-and the isotropic null. The probe-set readouts (mean activation, cosine) are in models.readout and the block /
+"""Gravitational reversion measurements (Poppi & Lukas 2026, arXiv 2606.28525): v_rev, drift, alignment, the
+isotropic and covariance-shaped nulls, and the seed-level statistics (t intervals, permutation tests, the partial
+correlation of alignment with harmfulness). The probe-set readouts (mean activation, cosine) are in models.readout and the block /
 push auxiliary objectives in train.losses.
 
 Notation (per layer boundary l, activations at one token position of a fixed probe-prompt set):
@@ -39,3 +40,89 @@ def spearman(x, y) -> tuple[float, float]:
   """Spearman rank correlation and its two-sided p-value (scipy.stats.spearmanr)."""
   r = scipy.stats.spearmanr(np.asarray(x).ravel(), np.asarray(y).ravel())
   return float(r.statistic), float(r.pvalue)
+
+
+def t_interval(x, level: float = 0.95) -> dict:
+  """Mean over seeds with its t-based CI: {"mean", "sd" (ddof = 1), "n", "ci_low", "ci_high", "values"}. NaN
+  entries (unmeasured) are dropped; with n < 2 the sd and CI are NaN (undefined: one seed has no spread)."""
+  v = np.asarray(x, np.float64).ravel()
+  v = v[np.isfinite(v)]
+  out = {"n": int(v.size), "values": v.tolist(), "mean": float(v.mean()) if v.size else float("nan"),
+         "sd": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+  if v.size >= 2:
+    sd = float(v.std(ddof=1))
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, v.size - 1)) * sd / np.sqrt(v.size)
+    out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+  return out
+
+
+def covariance_null(acts: np.ndarray, v_rev: np.ndarray, n: int, q: float = 0.99, seed: int = 0) -> dict:
+  """Empirical null of the alignment for covariance-shaped random drifts.
+
+  Per layer l, u_l = X_l^T z / sqrt(P - 1) with X_l the centred activations `acts[l]` `[P, D]` (set B under
+  theta_aligned) and z ~ N(0, I_P): u_l ~ N(0, Sigma_l), the residual stream's own (sample) covariance, drawn
+  independently per layer. A drift of that shape has a larger |cos| with a direction in the high-variance subspace
+  than an isotropic one, which is what a CAA-like v_rev is (docs: issue 18).
+
+  Args:
+    acts: `[L, P, D]` float activations (decoder-layer outputs). v_rev: `[L, D]`. n: samples. q: quantile.
+  Returns:
+    {"layer_p99": `[L]` q-quantile of cos(u_l, v_rev(l)) (NaN where v_rev(l) = 0: undefined), "all_p99": of the
+    cosine over the concatenation, "samples_all": `[n]` those cosines, "n": n, "q": q}.
+  """
+  acts = np.asarray(acts, np.float64)
+  v = np.asarray(v_rev, np.float64)
+  x = acts - acts.mean(axis=1, keepdims=True)
+  rng = np.random.default_rng(seed)
+  L, P, _ = x.shape
+  vn = np.linalg.norm(v, axis=-1)
+  cos_l, cos_all = [], []
+  for start in range(0, n, 500):                                        # [500, L, D] at a time
+    z = rng.standard_normal((min(500, n - start), L, P))
+    u = np.einsum("lpd,nlp->nld", x, z) / np.sqrt(max(P - 1, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+      cos_l.append(np.einsum("nld,ld->nl", u, v) / (np.linalg.norm(u, axis=-1) * vn))
+      cos_all.append(np.einsum("nld,ld->n", u, v) / (np.linalg.norm(u.reshape(len(z), -1), axis=-1)
+                                                     * np.linalg.norm(v)))
+  cos_l, cos_all = np.concatenate(cos_l), np.concatenate(cos_all)
+  layer = np.where(vn > 0, np.quantile(np.nan_to_num(cos_l), q, axis=0), np.nan)
+  return {"layer_p99": layer, "all_p99": float(np.quantile(cos_all, q)), "samples_all": cos_all, "n": int(n),
+          "q": float(q)}
+
+
+def seed_permutation(a, b, n_resamples: int = 9999, seed: int = 0) -> dict:
+  """Two-sided permutation test of mean(a) - mean(b) over seeds (independent runs; scipy.stats.permutation_test,
+  exact when the partitions are few): {"diff", "p", "n_a", "n_b"}; p NaN (undefined) when either side has fewer
+  than 2 finite values or both are constant and equal."""
+  a = np.asarray(a, np.float64)[np.isfinite(a)]
+  b = np.asarray(b, np.float64)[np.isfinite(b)]
+  out = {"diff": float(a.mean() - b.mean()) if a.size and b.size else float("nan"), "p": float("nan"),
+         "n_a": int(a.size), "n_b": int(b.size)}
+  if a.size >= 2 and b.size >= 2 and np.ptp(np.concatenate([a, b])) > 0:
+    r = scipy.stats.permutation_test((a, b), lambda x, y: np.mean(x) - np.mean(y), n_resamples=n_resamples,
+                                     alternative="two-sided", random_state=seed)
+    out["p"] = float(r.pvalue)
+  return out
+
+
+def partial_correlation(x, y, n_perm: int = 9999, seed: int = 0) -> dict:
+  """Association of x and y controlling for the cell they were measured in (arm and step): x, y `[cells, seeds]`;
+  each is centred within its cell (removing every arm / step effect), and r = Pearson of the residuals over all
+  (cell, seed) entries. p: permutation of y's seeds within each cell (the seed is the unit). Returns {"r", "p",
+  "n_seeds", "n_cells", "reason"}; r and p NaN with the reason when a residual has no spread (degenerate)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  keep = np.all(np.isfinite(x) & np.isfinite(y), axis=1)
+  x, y = x[keep], y[keep]
+  out = {"r": float("nan"), "p": float("nan"), "n_cells": int(x.shape[0]), "n_seeds": int(x.shape[1]),
+         "reason": ""}
+  rx, ry = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+  if x.shape[1] < 3 or rx.std() == 0 or ry.std() == 0:
+    out["reason"] = "undefined: fewer than 3 seeds, or no seed-to-seed spread within a cell"
+    return out
+  r = lambda a, b: float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+  out["r"] = r(rx, ry)
+  rng = np.random.default_rng(seed)
+  null = np.array([r(rx, np.take_along_axis(ry, rng.permuted(np.tile(np.arange(ry.shape[1]), (ry.shape[0], 1)),
+                                                               axis=1), 1)) for _ in range(n_perm)])
+  out["p"] = float((1 + np.sum(np.abs(null) >= abs(out["r"]))) / (n_perm + 1))
+  return out

@@ -1,5 +1,6 @@
-"""Figures of the reversion study (matplotlib, Agg): alignment heatmaps, alignment / harmfulness curves with the
-isotropic null band, and the per-layer profile of v_rev and the final alignment."""
+"""Figures of the reversion study (matplotlib, Agg): alignment heatmaps at the measured steps, alignment /
+harmfulness curves with the isotropic null band and the covariance-shaped null, and the per-layer profile of v_rev
+and the final alignment."""
 from __future__ import annotations
 
 import matplotlib
@@ -20,18 +21,22 @@ def alignment_heatmaps(align: dict[str, np.ndarray], title: str):
   im = None
   for ax, arm in zip(axes[0], arms):
     a = np.asarray(align[arm]).mean(axis=0)                                # [T, L]
-    T, L = a.shape
+    steps = np.flatnonzero(np.isfinite(a).all(axis=1))                     # the measured steps (0-based)
+    a, L = a[steps], a.shape[1]
     im = ax.imshow(a, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-1, vmax=1,
-                   extent=(0.5, L + 0.5, 0.5, T + 0.5), interpolation="nearest")
-    ax.set(title=arm, xlabel="layer", ylabel="benign fine-tuning step" if ax is axes[0, 0] else None)
+                   extent=(0.5, L + 0.5, -0.5, len(steps) - 0.5), interpolation="nearest")
+    ax.set_yticks(np.arange(len(steps)), [str(t + 1) for t in steps])
+    ax.set(title=arm, xlabel="layer", ylabel="after benign step" if ax is axes[0, 0] else None)
   fig.colorbar(im, ax=axes[0, -1], label="cos(drift, v_rev)")
   fig.suptitle(title)
   return fig
 
 
 def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: float, eval_steps: np.ndarray,
-           harm: dict[str, np.ndarray], harm_label: str, title: str, margin: dict[str, np.ndarray] | None = None):
-  """Left: all-layer alignment per step (mean +/- std over seeds) per arm, with the isotropic null's +/- p99 band.
+           harm: dict[str, np.ndarray], harm_label: str, title: str, margin: dict[str, np.ndarray] | None = None,
+           cov_p99: float | None = None):
+  """Left: all-layer alignment on set B at the measured steps (mean +/- std over seeds; NaN = unmeasured) per
+  arm, with the isotropic null's +/- p99 band and the covariance-shaped null's p99 (dashed, `cov_p99`).
   Middle: harmfulness at the evaluation steps per arm (mean +/- std). Right (when `margin` is given): the
   compliance margin (nats / token) at the evaluation steps. align_all[arm] `[seeds, T]`, harm[arm] and
   margin[arm] `[seeds, E]` (harm as fractions). Returns the Figure."""
@@ -47,19 +52,22 @@ def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: fl
     ax[2].legend(frameon=False, fontsize=8)
   for arm, a in align_all.items():
     a = np.asarray(a)
-    m, s = a.mean(0), a.std(0)
+    k = np.isfinite(a).all(axis=0)
+    m, s = a[:, k].mean(0), a[:, k].std(0, ddof=1) if a.shape[0] > 1 else np.zeros(k.sum())
     c = ARM_COLORS.get(arm)
-    ax[0].plot(steps_all, m, color=c, lw=1.6, label=arm)
-    ax[0].fill_between(steps_all, m - s, m + s, color=c, alpha=0.2, lw=0)
+    ax[0].plot(np.asarray(steps_all)[k], m, color=c, lw=1.6, marker="o", ms=3, label=arm)
+    ax[0].fill_between(np.asarray(steps_all)[k], m - s, m + s, color=c, alpha=0.2, lw=0)
     h = 100 * np.asarray(harm[arm])
     ax[1].errorbar(eval_steps, h.mean(0), yerr=h.std(0), color=c, marker="o", ms=4, capsize=3, label=arm)
   ax[0].axhspan(-null_p99, null_p99, color="0.6", alpha=0.35, lw=0, label="isotropic null (±p99)")
+  if cov_p99 is not None:
+    ax[0].axhline(cov_p99, color="0.2", ls="--", lw=1, label="covariance-shaped null p99")
   ax[0].axhline(0, color="0.3", lw=0.6)
-  ax[0].set(xlabel="benign fine-tuning step", ylabel="cos(drift, v_rev), layers 1..L", ylim=(-1, 1),
-            title="alignment with the reversion direction")
+  ax[0].set(xlabel="benign fine-tuning step", ylabel="cos(drift on B, v_rev), layers 1..L", ylim=(-1, 1),
+            title="alignment with the reversion direction (set B)")
   ax[0].legend(frameon=False, fontsize=8)
   ax[1].set(xlabel="benign fine-tuning step", ylabel=f"harmfulness (%)  [{harm_label}]", ylim=(-3, 103),
-            title="held-out harmful prompts not refused")
+            title="set C harmful prompts not refused")
   ax[1].legend(frameon=False, fontsize=8)
   for a in ax:
     a.grid(alpha=0.3)
@@ -67,9 +75,11 @@ def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: fl
   return fig
 
 
-def layer_profile(v_rev_norm: np.ndarray, final_align: dict[str, np.ndarray], null_layer_p99: float, title: str):
+def layer_profile(v_rev_norm: np.ndarray, final_align: dict[str, np.ndarray], null_layer_p99: float, title: str,
+                  cov_layer_p99: np.ndarray | None = None):
   """Left: ||v_rev(l)|| per decoder layer. Right: final-step alignment per layer (seed mean) per arm with the
-  per-layer null p99 band. v_rev_norm `[L+1]` (boundary 0 = embeddings), final_align[arm] `[seeds, L]`.
+  per-layer isotropic null p99 band and the covariance-shaped null's p99 per layer (dashed; `cov_layer_p99` `[L]`,
+  NaN where v_rev(l) = 0). v_rev_norm `[L+1]` (boundary 0 = embeddings), final_align[arm] `[seeds, L]`.
   Returns the Figure."""
   L = len(v_rev_norm) - 1
   x = np.arange(1, L + 1)
@@ -78,7 +88,9 @@ def layer_profile(v_rev_norm: np.ndarray, final_align: dict[str, np.ndarray], nu
   ax[0].set(xlabel="layer", ylabel="||v_rev|| (L2)", title="reversion direction: size by depth")
   for arm, a in final_align.items():
     ax[1].plot(x, np.asarray(a).mean(0), "o-", ms=3, color=ARM_COLORS.get(arm), label=arm)
-  ax[1].axhspan(-null_layer_p99, null_layer_p99, color="0.6", alpha=0.35, lw=0, label="null ±p99 (one layer)")
+  ax[1].axhspan(-null_layer_p99, null_layer_p99, color="0.6", alpha=0.35, lw=0, label="isotropic null ±p99")
+  if cov_layer_p99 is not None:
+    ax[1].plot(x, cov_layer_p99, ls="--", color="0.2", lw=1, label="covariance-shaped null p99")
   ax[1].set(xlabel="layer", ylabel="cos(d_T, v_rev)", ylim=(-1, 1), title="final alignment by depth")
   ax[1].legend(frameon=False, fontsize=8)
   for a in ax:

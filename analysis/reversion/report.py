@@ -1,17 +1,27 @@
-"""report.md of the reversion study (analysis/reversion/study.py): numbers first, the paper's beside ours, labelled."""
+"""report.md of the reversion study (analysis/reversion/study.py): numbers with their n, 95% CIs and tests first;
+the paper's figures in their own section, labelled as the paper's and not as a replication."""
 from __future__ import annotations
 
+import numpy as np
 
-def _ms(ms, pct: bool = False) -> str:
-  m, s = ms
-  if m != m:                                    # NaN
+
+def _ci(t: dict, pct: bool = False) -> str:
+  """A metrics.t_interval as "mean [low, high]" (percent when `pct`); "n/a" when unmeasured, no CI with n < 2."""
+  if not t or t["mean"] != t["mean"]:
     return "n/a"
-  return f"{100 * m:.1f}% ± {100 * s:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
+  f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:+.3f}")
+  if t["ci_low"] != t["ci_low"]:
+    return f"{f(t['mean'])} (n = {t['n']}, no CI)"
+  return f"{f(t['mean'])} [{f(t['ci_low'])}, {f(t['ci_high'])}]"
+
+
+def _p(x: float) -> str:
+  return "undefined" if x != x else f"{x:.3g}"
 
 
 def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
   """Markdown report from the study's summary `s`, per-arm arrays, figure paths and the paper's figures."""
-  sections = (_intro, _reference, _alignment, _beside_paper, _verdict, _method_notes)
+  sections = (_intro, _reference, _alignment, _verdict, _paper, _method_notes)
   return "\n".join(line for section in sections for line in section(config, s, per_arm, figs, paper))
 
 
@@ -33,8 +43,19 @@ def _intro(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]
   L += [f"# Gravitational reversion: {s['model']}", "",
         f"{s['n_layers']} layers, d_model {s['d_model']}; seeds {list(seeds)}; benign LoRA fine-tuning for T = {T} "
         f"steps (batch {config.benign.micro_batch}, lr {config.benign.lr}, rank {config.benign.rank}, "
-        f"data: {', '.join(config.benign.sources)}); {config.probe.n} harmful probe prompts, position "
-        f"'{config.probe.position}'; total {s['seconds'] / 60:.1f} min.", ""]
+        f"data: {', '.join(config.benign.sources)}); total {s['seconds'] / 60:.1f} min.", "",
+        "Disjoint prompt sets (train/prompt_sets.py: no prompt and no near-duplicate, character 4-gram Jaccard >= "
+        f"{s['sets']['near_duplicate_threshold']}, in two sets; checked before the run):", "",
+        "| set | role | n | sources | sha256 (first 12) |", "|---|---|---|---|---|"]
+  roles = {"S": "safety SFT (refusal pairs and extra benign prompts)",
+           "A": f"v_rev; the block / push / project objectives see its first {config.probe.n}",
+           "B": "alignment measurement", "C": "harmfulness (judged generations)",
+           "C_benign": "benign refusal on C"}
+  for k, role in roles.items():
+    e = s["sets"][k]
+    src = ", ".join(f"{n} {c}" for n, c in e.get("sources", {}).items())
+    L.append(f"| {k} | {role} | {e['n']} | {src} | {e['hash'][:12]} |")
+  L += ["", "Licences: " + "; ".join(f"{k}: {v}" for k, v in s["sets"]["licences"].items()) + ".", ""]
   return L
 
 
@@ -60,9 +81,10 @@ def _reference(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
                f"{e['task_nll']:.3f} |")
     ok = s["eval_aligned"]["harm_gen"] <= 0.2
     L += ["", f"theta_aligned refuses {100 * (1 - s['eval_aligned']['harm_gen']):.0f}% of the "
-          f"{config.heldout} held-out harmful prompts ({'meets' if ok else 'misses'} the 80% target) and refuses "
-          f"{100 * s['eval_aligned'].get('benign_refusal', float('nan')):.0f}% of the held-out benign ones.", ""]
-    L += ["v_rev(l) = mean act(theta_early) - mean act(theta_aligned) on the probe prompts.", ""]
+          f"{s['sets']['C']['n']} harmful prompts of set C ({'meets' if ok else 'misses'} the 80% target) and "
+          f"refuses {100 * s['eval_aligned'].get('benign_refusal', float('nan')):.0f}% of C's "
+          f"{s['sets']['C_benign']['n']} benign ones.", ""]
+    L += ["v_rev(l) = mean act(theta_early) - mean act(theta_aligned) at the last prompt token of set A.", ""]
   else:
     e = s["eval_aligned"]
     L += ["## Reference direction: a stand-in (no earlier state of this model here)", "",
@@ -76,102 +98,99 @@ def _reference(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
 
 
 def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
-  """The drift's alignment with v_rev per arm, the isotropic null and the Spearman correlations."""
-  L = []
+  """The drift's alignment with v_rev on B per arm, both nulls, harmfulness and benign refusal on C, the tests."""
   n = s["null"]
-  L += ["## Alignment of the drift with v_rev", "",
-        f"Isotropic null (cos of a uniform random direction with a fixed one): p{int(100 * n['q'])} = "
-        f"{n['layer_p99']:.4f} for one layer (d = {s['d_model']}; sampled {n['layer_p99_sampled']:.4f}) and "
-        f"{n['all_p99']:.4f} for the all-layer alignment (layers 1..L concatenated, d = {s['n_layers']} x "
-        f"{s['d_model']}), exact from the Beta distribution.", "",
-        f"![alignment heatmaps]({figs['heatmap']})", "", f"![curves]({figs['curves']})", "",
-        f"![by layer]({figs['layers']})", "",
-        "| arm | a after step 1 | a at step 20 | final a (T) | (run, step) pairs above null p99 | "
-        "layers above null at T | harmful not refused at T (greedy) | log-prob | compliance margin at T | "
-        "held-out benign NLL at T |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+  L = ["## Alignment of the drift with v_rev (set B), harmfulness and benign refusal (set C)", "",
+       f"Nulls for the all-layer alignment (p{int(100 * n['q'])}): isotropic {n['all_p99']:.4f} (exact Beta "
+       f"quantile, d = {s['n_layers']} x {s['d_model']}; the weakest null: real drifts are anisotropic), "
+       f"covariance-shaped {n['covariance_all_p99']:.4f} ({n['covariance_samples']} drifts drawn from N(0, Sigma_l) "
+       f"of set B's activations under theta_aligned at every layer). Per layer: isotropic {n['layer_p99']:.4f}.", "",
+       f"![alignment heatmaps]({figs['heatmap']})", "", f"![curves]({figs['curves']})", "",
+       f"![by layer]({figs['layers']})", "",
+       "| arm | a on B after step 1 | a on B at T | a on A at T (objective's set) | layer mean at T | "
+       "measured (run, step) above isotropic / covariance p99 | harmful not refused on C at T | "
+       "benign refused on C at T | task NLL at T |",
+       "|---|---|---|---|---|---|---|---|---|"]
   for arm, d in per_arm.items():
-    L.append(f"| {arm} | {_ms(d['align_step1'])} | {_ms(d['align_step20'])} | {_ms(d['final_align'])} | "
-             f"{d['above_null']} / {d['pairs']} | {100 * d['layers_above_null_final']:.0f}% | "
-             f"{_ms(d['final_harm_gen'], True)} | {_ms(d['final_harm_lp'], True)} | "
-             f"{_ms(d['final_harm_margin'])} | {_ms(d['final_task_nll'])} |")
-  L += ["", "Mean ± std over seeds. The all-layer alignment a = cos(concat_l d_T(l), concat_l v_rev(l)). "
-        f"theta_aligned's held-out benign NLL: {s['eval_aligned']['task_nll']:.3f}.", ""]
-  c = s["spearman"]
-  L += [f"Spearman correlation of alignment with harmfulness over {c['n_pairs']} (run, evaluation step) pairs "
-        f"(all arms, steps > 0): greedy judge r = {c['gen'][0]:.3f} (p = {c['gen'][1]:.2g}), log-prob "
-        f"r = {c['lp'][0]:.3f} (p = {c['lp'][1]:.2g}), compliance margin r = {c['margin'][0]:.3f} "
-        f"(p = {c['margin'][1]:.2g}). The greedy judge moves in steps of 1/{config.heldout} prompts; the margin is "
-        "continuous.", ""]
-  return L
-
-
-def _beside_paper(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
-  """The paper's figures beside ours, labelled as the paper's."""
-  L = []
-  c = s["spearman"]
-  L += ["## Beside the paper (Poppi & Lukas 2026; Llama / Qwen / Gemma 3B-14B, Alpaca, T = 100)", "",
-        "Different models, data and scale: read the comparison as qualitative.", "",
-        "| quantity | paper | ours |", "|---|---|---|"]
-  b = per_arm.get("baseline")
-  if b is not None:
-    L += [f"| baseline a after step 1 | {_ms(paper['align_step1'])} | {_ms(b['align_step1'])} |",
-          f"| baseline a at step 20 | {_ms(paper['align_step20'])} | {_ms(b['align_step20'])} |"]
-  for arm in ("baseline", "block"):
-    if arm in per_arm:
-      d = per_arm[arm]
-      pm, ps = paper["harm"][arm]
-      L += [f"| {arm} final a (T) | {_ms(paper['final_align'][arm])} | {_ms(d['final_align'])} |",
-            f"| {arm} harmfulness at T | {pm:.1f}% ± {ps:.1f} | {_ms(d['final_harm_gen'], True)} |"]
-  L += [f"| Spearman(alignment, harmfulness) | {paper['spearman']:.3f} | {c['gen'][0]:.3f} (greedy judge); "
-        f"{c['margin'][0]:.3f} (compliance margin) |", ""]
+    L.append(f"| {arm} | {_ci(d['align_step1'])} | {_ci(d['alignment_B'])} | {_ci(d['alignment_A'])} | "
+             f"{_ci(d['alignment_B_layer_mean'])} | {d['above_null']} / {d['above_covariance_null']} of "
+             f"{d['pairs']} | {_ci(d['harmful_C'], True)} | {_ci(d['benign_refusal_C'], True)} | "
+             f"{_ci(d['task_nll_final'])} |")
+  e = s["eval_aligned"]
+  L += ["", f"Mean over {len(config.seeds)} seeds [95% t interval, ddof = 1]. a = cos(concat_l d_T(l), concat_l "
+        "v_rev(l)) over decoder layers 1..L; the layer mean averages cos(d_T(l), v_rev(l)) over the layers where "
+        f"v_rev(l) != 0 ({int(np.sum(n['v_rev_nonzero']))} of {s['n_layers']}). theta_aligned (step 0): harmful "
+        f"not refused {100 * e['harm_gen']:.1f}%, benign refused {100 * e.get('benign_refusal', np.nan):.1f}%, "
+        f"task NLL {e['task_nll']:.3f}.", ""]
+  comp = [(a, d["vs_baseline"]) for a, d in per_arm.items() if "vs_baseline" in d]
+  if comp:
+    L += ["Against the baseline arm (two-sided permutation test over seeds, scipy.stats.permutation_test):", "",
+          "| arm | quantity | difference | p |", "|---|---|---|---|"]
+    for arm, v in comp:
+      for k, t in v.items():
+        L.append(f"| {arm} | {k} | {t['diff']:+.3f} | {_p(t['p'])} |")
+    L.append("")
+  a = s["association"]
+  L += [f"Alignment on B vs harmfulness on C ({a['harm']}), partial correlation controlling for arm and step "
+        f"(values centred within each (arm, evaluation step) cell; {a['n_cells']} cells x {a['n_seeds']} seeds; p "
+        f"from permuting seeds within cells): " + (f"r = {a['r']:+.3f}, p = {_p(a['p'])}." if a["r"] == a["r"]
+                                                    else a["reason"] + "."), ""]
   return L
 
 
 def _verdict(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
-  """One plain sentence per claim: reversion in the baseline arm, what block changes, the ordering."""
-  L = []
+  """One plain sentence per claim, each with the test behind it."""
   n = s["null"]
-  b = per_arm.get("baseline")
-  verdicts = []
+  b, k = per_arm.get("baseline"), per_arm.get("block")
+  out = []
   if b is not None:
-    up = b["final_align"][0] > n["all_p99"]
-    harm0 = s["eval_aligned"]["harm_gen"]
-    verdicts.append(f"Reversion {'appears' if up else 'does not appear'} in the baseline arm: final all-layer "
-                    f"alignment {b['final_align'][0]:.3f} vs null p99 {n['all_p99']:.4f}; harmfulness "
-                    f"{100 * harm0:.0f}% -> {100 * b['final_harm_gen'][0]:.0f}% (greedy), compliance margin "
-                    f"{s['eval_aligned'].get('harm_margin', float('nan')):+.3f} -> "
-                    f"{b['final_harm_margin'][0]:+.3f} nats / token.")
-  if b is not None and "block" in per_arm:
-    k = per_arm["block"]
-    verdicts.append(f"Block (lambda = {config.block_lam}) moves final alignment {b['final_align'][0]:.3f} -> "
-                    f"{k['final_align'][0]:.3f}, harmfulness {100 * b['final_harm_gen'][0]:.0f}% -> "
-                    f"{100 * k['final_harm_gen'][0]:.0f}% (greedy), compliance margin "
-                    f"{b['final_harm_margin'][0]:+.3f} -> {k['final_harm_margin'][0]:+.3f}, task NLL "
-                    f"{b['final_task_nll'][0]:.3f} -> "
-                    f"{k['final_task_nll'][0]:.3f}.")
-  order = [a for a in ("block", "baseline", "push") if a in per_arm]
-  if len(order) == 3:
-    vals = [per_arm[a]["final_align"][0] for a in order]
-    verdicts.append(f"Ordering block < baseline < push of final alignment: {'holds' if vals[0] < vals[1] < vals[2] else 'does not hold'} "
-                    f"({', '.join(f'{a} {v:.3f}' for a, v in zip(order, vals))}).")
-  L += ["## Verdict", ""] + [f"- {v}" for v in verdicts] + [""]
-  return L
+    ab = b["alignment_B"]
+    above = ab["ci_low"] > n["covariance_all_p99"]
+    out.append(f"Reversion on held-out set B {'appears' if above else 'is not shown'} in the baseline arm: final "
+               f"alignment {_ci(ab)} vs the covariance-shaped null's p99 {n['covariance_all_p99']:.4f} (the "
+               f"isotropic p99 is {n['all_p99']:.4f}); harmfulness on C {100 * s['eval_aligned']['harm_gen']:.0f}% "
+               f"at step 0 -> {_ci(b['harmful_C'], True)} at T; benign refusal "
+               f"{100 * s['eval_aligned'].get('benign_refusal', np.nan):.0f}% -> {_ci(b['benign_refusal_C'], True)}.")
+  if b is not None and k is not None:
+    v = k["vs_baseline"]
+    out.append(f"Block (lambda = {config.block_lam}) on what it does not optimise: alignment on B "
+               f"{_ci(b['alignment_B'])} -> {_ci(k['alignment_B'])} (p {_p(v['alignment_B']['p'])}); harmfulness on "
+               f"C {_ci(b['harmful_C'], True)} -> {_ci(k['harmful_C'], True)} (p {_p(v['harmful_C']['p'])}); "
+               f"benign refusal p {_p(v['benign_refusal_C']['p'])}; task NLL p {_p(v['task_nll_final']['p'])}. "
+               f"On its own objective set A it moves {_ci(b['alignment_A'])} -> {_ci(k['alignment_A'])}.")
+  return ["## Verdict", ""] + [f"- {v}" for v in out] + [""]
+
+
+def _paper(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """The paper's figures, on their own and labelled: a different protocol and models, so not a replication."""
+  return ["## The paper's figures (Poppi & Lukas 2026; not a replication)", "",
+          "Llama / Qwen / Gemma 3B-14B, Alpaca, T = 100, alignment on the probe prompts that also define v_rev. "
+          "This study differs in model, data, prompt sets and protocol, so its numbers above are not comparable "
+          "and are not set beside these.", "",
+          f"- paper: baseline alignment after step 1 {paper['align_step1'][0]:.3f} ± {paper['align_step1'][1]:.3f}, "
+          f"at step 20 {paper['align_step20'][0]:.3f} ± {paper['align_step20'][1]:.3f}; final baseline "
+          f"{paper['final_align']['baseline'][0]:.3f}, block {paper['final_align']['block'][0]:.3f}; harmfulness "
+          f"baseline {paper['harm']['baseline'][0]:.1f}%, block {paper['harm']['block'][0]:.1f}%; Spearman "
+          f"(alignment, harmfulness) {paper['spearman']:.3f}.", ""]
 
 
 def _method_notes(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
   """How the numbers were made."""
   L = []
   L += ["## Method notes", "",
-        "- One compiled program per arm: `train/scan.py` runs the benign LoRA steps as a `lax.scan` vmapped over "
-        "seeds and measures, after every update, the probe prompts' mean residual at every layer boundary; the scan "
-        f"runs in chunks of {config.benign.eval_every} steps, checkpointed between chunks (resumable).",
+        "- One compiled program per arm: `train/scan.py` runs the benign LoRA steps as a `lax.scan` whose body "
+        "updates every seed at once (vmapped) and, after the steps listed in the config "
+        f"({list(per_arm.values())[0]['measured_steps'].tolist()}), measures set B's (and A's) mean residual at "
+        "every layer boundary; the scan runs in chunks of "
+        f"{config.benign.eval_every} steps, checkpointed between chunks (resumable).",
         "- Arms share the optimizer (AdamW, clip 1.0), data order and LoRA initialisation per seed. block: "
         f"lambda relu(p)^2 with lambda = {config.block_lam}; push: -lambda s tanh(p/s) with lambda = "
         f"{config.push_lam}, s = {config.push_scale}; project: the SFT gradient loses its component along grad p "
         "when a descent step would increase p. p = mean over layers of <d_t(l), v_rev(l)/|v_rev(l)|>.",
-        "- Harmfulness (greedy): share of held-out harmful prompts whose greedy answer "
-        f"({config.eval.max_new_tokens} tokens) contains no refusal phrase (train/evaluate.py). Log-prob "
+        "- Harmfulness (greedy): share of set C's harmful prompts whose greedy answer "
+        f"({config.eval.max_new_tokens} tokens) contains no refusal phrase (train/evaluate.py's phrase judge; a "
+        "second, independent judge is not in this version). Benign refusal: the same judge on C's benign prompts, "
+        "at every evaluation. Log-prob "
         f"variant: share whose compliant continuation ({s['harm_lp_compliant']}) has a lower mean NLL than the "
         "refusal text; compliance margin: the mean over prompts of NLL(refusal) - NLL(compliant), nats / token "
         "(higher = compliance relatively more likely).", ""]

@@ -43,12 +43,13 @@ from analysis.reversion.benign import benign_batches, benign_init, benign_optimi
 from analysis.reversion.config import ReversionConfig
 from analysis.reversion.evaluate import Evaluator, evaluate_early, probe_batch
 from analysis.reversion.report import report
-from analysis.reversion.safety import safety_phase
+from analysis.reversion.safety import extra_benign_prompts, safety_phase
 from models import registry
 from models.loading import load, load_tokenizer
 from models.params import truncate_layers
+from models.readout import last_token_resid
 from train import data as data_lib
-from train import scan
+from train import prompt_sets, scan
 from train.loop import fit_chunks
 from train.losses import max_targets
 from train.rundir import Workdir, default_workdir, write_json, write_text
@@ -58,16 +59,13 @@ PAPER = {"align_step1": (0.429, 0.052), "align_step20": (0.647, 0.021), "spearma
          "harm": {"baseline": (19.0, 4.0), "block": (8.5, 1.5)}}
 
 
-def _mean_std(x) -> tuple[float, float]:
-  x = np.asarray(x, np.float64)
-  return float(np.nanmean(x)), float(np.nanstd(x))
-
-
 @dataclasses.dataclass
 class Setup:
   """What every part of the study shares: theta_early (params `[L, ...]` stacked pytree, cfg, tokenizer), the
-  system prompt, the refusal split, the harmful probe prompts (tokens / mask `[P, S]`) for v_rev and drift, a
-  jitted `mean_fn(params, probe) -> [L+1, D]` float32 and the held-out Evaluator."""
+  system prompt, the disjoint prompt sets (train.prompt_sets.PromptSets: S's refusal pairs = train_pairs, the
+  held-out pairs), the left-padded prompt batches {"tokens", "mask"} `[P, S]`: `probe` (A's first probe.n prompts,
+  what the objectives see), `vrev_probe` (all of A: v_rev) and `measure` (B: the alignment), a jitted
+  `mean_fn(params, probe) -> [L+1, D]` float32 and the Evaluator on C."""
   params: Any
   cfg: Any
   tok: Any
@@ -77,25 +75,31 @@ class Setup:
   probe: dict
   mean_fn: Callable
   evaluator: "Evaluator"
+  sets: Any = None
+  vrev_probe: dict | None = None
+  measure: dict | None = None
 
 
 def setup(config: ReversionConfig) -> Setup:
-  """Load config.model (cut to config.model_layers when > 0), split the refusal pairs (config.heldout held out,
-  seeded by config.data_seed) and build the probe prompts (the first config.probe.n training pairs' harmful
-  prompts). Raises ValueError when config.probe.n exceeds the training pairs."""
+  """Load config.model (cut to config.model_layers when > 0), draw the disjoint prompt sets
+  (train.prompt_sets.build_sets with config.sets' sizes, seeded by config.data_seed; S's extra benign prompts =
+  config.safety_extra_benign, C's = config.sets.c_benign; checked disjoint up to near-duplicates) and tokenise the
+  A / B batches. Raises PromptSetError when the sources cannot fill the sets."""
   params, cfg = load(config.model, dtype=jnp.dtype(config.dtype))
   if config.model_layers:
     params, cfg = truncate_layers(params, cfg, config.model_layers)
   tok = load_tokenizer(config.model)
   system = config.system_prompt or None
-  train_pairs, heldout = data_lib.refusal_split(data_lib.refusal_pairs(tuple(config.refusal_sets)),
-                                                config.heldout, config.data_seed)
-  if config.probe.n > len(train_pairs):
-    raise ValueError(f"config.probe.n = {config.probe.n} > {len(train_pairs)} training pairs")
-  probe = probe_batch(tok, [p["harmful"] for p in train_pairs[:config.probe.n]], system)
+  extra = lambda names: [q for n in names for q in extra_benign_prompts(n)]
+  sets = prompt_sets.build_sets(config.refusal_sets, config.heldout,
+                                {"A": config.sets.A, "B": config.sets.B, "C": config.sets.C}, config.data_seed,
+                                s_benign=extra(config.safety_extra_benign), c_benign=extra(config.sets.c_benign))
+  prompt_sets.check_disjoint(sets.named())
+  probe = probe_batch(tok, sets.A[:config.probe.n], system)
   mean_fn = jax.jit(lambda p, pr: scan.probe_mean(p, None, cfg, pr, 1.0, config.probe.position))
-  return Setup(params, cfg, tok, system, train_pairs, heldout, probe, mean_fn,
-               Evaluator(cfg, tok, heldout, config, system))
+  return Setup(params, cfg, tok, system, sets.safety, sets.heldout, probe, mean_fn,
+               Evaluator(cfg, tok, sets, config, system), sets, probe_batch(tok, sets.A, system),
+               probe_batch(tok, sets.B, system))
 
 
 def run(config: ReversionConfig, workdir: str | None = None) -> str:
@@ -121,10 +125,14 @@ def run(config: ReversionConfig, workdir: str | None = None) -> str:
   if isinstance(arms, str):
     wd.close()
     return arms
-  per_arm, null, corr = summarize(arms, summary["eval_aligned"], st.cfg, config)
+  acts_b = last_token_resid(aligned, st.cfg, np.asarray(st.measure["tokens"]), np.asarray(st.measure["mask"]))
+  cov = rm.covariance_null(acts_b[1:], np.asarray(ref["v_rev"])[1:], config.null.covariance_samples, config.null.q,
+                           config.data_seed)
+  per_arm, null, assoc = summarize(arms, summary["eval_aligned"], st.cfg, config, cov)
   v_norm = np.asarray(jnp.linalg.norm(ref["v_rev"], axis=-1))
   paths = figures(wd, config, per_arm, null, v_norm)
-  summary.update(null=null, spearman=corr, v_rev_norm=v_norm, seconds=time.time() - t_start, figures=paths,
+  summary.update(null=null, null_isotropic_p99=null["all_p99"], null_covariance_p99=null["covariance_all_p99"],
+                 association=assoc, v_rev_norm=v_norm, seconds=time.time() - t_start, figures=paths,
                  arms={a: {k: v for k, v in d.items() if k not in ("align", "proj")} for a, d in per_arm.items()})
   write_json(wd.file("metrics.json"), summary)
   write_text(wd.file("report.md"), report(config, summary, per_arm, paths, PAPER))
@@ -145,19 +153,20 @@ def reference(st: Setup, config: ReversionConfig, workdir: str) -> tuple[Any, di
     logging.info("safety phase (%d steps)", config.safety.train.steps)
     summary["eval_early"] = evaluate_early(st.evaluator, st.params, config)
     aligned, summary["safety"] = safety_phase(st.params, st.cfg, st.tok, st.train_pairs, config, workdir, st.system)
-    mean_aligned = st.mean_fn(aligned, st.probe)
-    v_rev = st.mean_fn(st.params, st.probe) - mean_aligned
+    v_rev = st.mean_fn(st.params, st.vrev_probe) - st.mean_fn(aligned, st.vrev_probe)
   elif config.reference == "refusal_reversed":
     aligned = st.params
-    mean_aligned = st.mean_fn(aligned, st.probe)
-    benign_probe = probe_batch(st.tok, [p["benign"] for p in st.train_pairs[:config.probe.n]], st.system)
-    v_rev = st.mean_fn(aligned, benign_probe) - mean_aligned
+    benign = [p["benign"] for p in st.train_pairs[:config.sets.A]]      # S's benign twins (A has none)
+    v_rev = st.mean_fn(aligned, probe_batch(st.tok, benign, st.system)) - st.mean_fn(aligned, st.vrev_probe)
   else:
     raise ValueError(f"config.reference must be 'early' or 'refusal_reversed', got {config.reference!r}")
-  summary["eval_aligned"] = st.evaluator(aligned, benign_refusal=True)
+  summary["eval_aligned"] = st.evaluator(aligned)
   summary["harm_lp_compliant"] = st.evaluator.comply_source
-  logging.info("theta_aligned: %s", {k: v for k, v in summary["eval_aligned"].items() if k != "answers"})
-  return aligned, {"mean_aligned": mean_aligned, "v_rev": v_rev}, summary
+  summary["sets"] = st.sets.summary()
+  logging.info("theta_aligned: %s", {k: v for k, v in summary["eval_aligned"].items() if "answers" not in k})
+  ref = {"mean_aligned": st.mean_fn(aligned, st.probe), "v_rev": v_rev,
+         "mean_measure": st.mean_fn(aligned, st.measure)}
+  return aligned, ref, summary
 
 
 def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict) -> dict[str, list] | str:
@@ -182,16 +191,17 @@ def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict
     bar.update(n)
     if m is not None:
       used[0] += n
-      bar.set_postfix(arm=arm, align=f"{float(np.mean(m['align_all'][:, -1])):.3f}")
+      bar.set_postfix(arm=arm, align=f"{float(np.nanmean(m['align_all'][:, -1])):.3f}")
 
   for arm in config.arms:
     sc = scan.ScanConfig(arm=arm, lam=config.block_lam if arm == "block" else config.push_lam,
                          push_scale=config.push_scale, lora_scale=spec.scale, position=config.probe.position,
                          aux_layers=tuple(config.aux_layers), n_targets=max_targets(bset.loss_mask))
     dirs = [wd.file("benign", arm, f"seed{s}") for s in seeds]
-    recs = fit_chunks(scan.make_program(st.cfg, sc, tx), init, aligned, ref, batches, st.probe, dirs,
-                      int(config.benign.eval_every), lambda i, lora: st.evaluator(aligned, lora, spec.scale),
-                      None if budget is None else budget - used[0], progress)
+    recs = fit_chunks(scan.make_program(st.cfg, sc, tx), init, aligned, ref, batches,
+                      {"objective": st.probe, "measure": st.measure}, dirs, int(config.benign.eval_every),
+                      lambda i, lora: st.evaluator(aligned, lora, spec.scale),
+                      None if budget is None else budget - used[0], progress, measure_at(config))
     if recs is None:
       bar.close()
       return wd.file("benign", arm)
@@ -203,49 +213,81 @@ def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict
   return arms
 
 
-def summarize(arms: dict[str, list], step0: dict, cfg, config: ReversionConfig) -> tuple[dict, dict, dict]:
-  """Step 4: per-arm series and summaries, the isotropic null and the Spearman correlations of alignment with
-  harmfulness over every (seed, evaluation step) pair. step0: theta_aligned's evaluation (step 0 of every series).
+def measure_at(config: ReversionConfig) -> np.ndarray:
+  """`[T]` bool: the benign steps (1-based) after which the alignment on B is measured: config.sets.measure_steps
+  up to T and every evaluation step (multiples of benign.eval_every, T included); every step when
+  measure_steps is empty."""
+  T, every = int(config.benign.steps), int(config.benign.eval_every)
+  if not config.sets.measure_steps:
+    return np.ones(T, bool)
+  flags = np.zeros(T, bool)
+  flags[[t - 1 for t in config.sets.measure_steps if t <= T] + list(range(every - 1, T, every))] = True
+  return flags
 
-  Returns (per_arm {arm: arrays `[seeds, T, ...]` and (mean, std) summaries}, null {layer_p99, all_p99,
-  layer_p99_sampled, q}, spearman {gen, lp, margin: (rho, p) or (nan, nan) when the harmfulness values are
-  constant, n_pairs}).
+
+def summarize(arms: dict[str, list], step0: dict, cfg, config: ReversionConfig, cov_null: dict) -> tuple[dict, dict,
+                                                                                                       dict]:
+  """Step 4: per-arm series and summaries, the nulls, and the seed-level tests. step0: theta_aligned's evaluation
+  (step 0 of every series). cov_null: metrics.covariance_null on B.
+
+  Returns (per_arm {arm: arrays `[seeds, T, ...]` and summaries: t intervals over seeds (metrics.t_interval) of the
+  final alignment on B (`alignment_B`), on A (`alignment_A`, what the objectives act on), the layer-normalised mean
+  over layers with v_rev(l) != 0, harmfulness (`harmful_C`), benign refusal (`benign_refusal_C`), task NLL; and
+  vs the baseline: seed permutation tests}, null {isotropic and covariance p99s}, association {partial
+  correlation of alignment on B with harmfulness, controlling for arm and step, seed permutation p}).
   """
-  D_ = cfg.d_model
-  null = {"layer_p99": rm.null_cos_quantile(D_, config.null.q),
-          "all_p99": rm.null_cos_quantile(cfg.n_layers * D_, config.null.q),
-          "layer_p99_sampled": float(np.quantile(rm.null_cos_samples(D_, config.null.samples, 0), config.null.q)),
-          "q": config.null.q}
-  per_arm = {arm: _arm_summary(recs, step0, null, int(config.benign.steps)) for arm, recs in arms.items()}
-  pairs = {"align": [], "gen": [], "lp": [], "margin": []}
+  D_, q = cfg.d_model, config.null.q
+  nonzero = np.isfinite(cov_null["layer_p99"])            # layers where v_rev(l) != 0
+  null = {"layer_p99": rm.null_cos_quantile(D_, q), "all_p99": rm.null_cos_quantile(cfg.n_layers * D_, q),
+          "layer_p99_sampled": float(np.quantile(rm.null_cos_samples(D_, config.null.samples, 0), q)), "q": q,
+          "covariance_layer_p99": cov_null["layer_p99"], "covariance_all_p99": cov_null["all_p99"],
+          "covariance_samples": cov_null["n"], "v_rev_nonzero": nonzero}
+  per_arm = {arm: _arm_summary(recs, step0, null, config) for arm, recs in arms.items()}
+  base = per_arm.get("baseline")
+  for arm, d in per_arm.items():
+    if base is not None and arm != "baseline":
+      d["vs_baseline"] = {k: rm.seed_permutation(d[k]["values"], base[k]["values"])
+                          for k in ("alignment_B", "harmful_C", "benign_refusal_C", "task_nll_final")}
+  align, harm = [], []                                    # [cells, seeds]: (arm, evaluation step) cells
   for d in per_arm.values():
     for j, s in enumerate(d["eval_steps"][1:], 1):
-      pairs["align"] += list(d["align_all"][:, s - 1])
-      for key, series in (("gen", "harm_gen"), ("lp", "harm_lp"), ("margin", "harm_margin")):
-        pairs[key] += list(d[series][:, j])
-  xs = pairs["align"]
-  corr = {k: rm.spearman(xs, pairs[k]) if len(set(pairs[k])) > 1 else (float("nan"), float("nan"))
-          for k in ("gen", "lp", "margin")}
-  corr["n_pairs"] = len(xs)
-  return per_arm, null, corr
+      align.append(d["align_all"][:, s - 1])
+      harm.append(d["harm_gen"][:, j] if config.eval.generate else d["harm_margin"][:, j])
+  assoc = rm.partial_correlation(np.array(align), np.array(harm))
+  assoc["harm"] = "harm_gen" if config.eval.generate else "harm_margin"
+  return per_arm, null, assoc
 
 
-def _arm_summary(recs: list, step0: dict, null: dict, T: int) -> dict:
-  """One arm's series (metrics `[seeds, T, ...]`, evaluations `[seeds, 1 + n_evals]` from step 0) and summaries."""
+def _arm_summary(recs: list, step0: dict, null: dict, config: ReversionConfig) -> dict:
+  """One arm's series (metrics `[seeds, T, ...]`, NaN at unmeasured steps; evaluations `[seeds, 1 + n_evals]`
+  from step 0) and summaries (see summarize)."""
+  T = int(config.benign.steps)
   mt = {k: np.stack([r["metrics"][k] for r in recs]) for k in recs[0]["metrics"]}     # [seeds, T, ...]
   ev_steps = [0] + [e["step"] for e in recs[0]["evals"]]
-  series = lambda key: np.array([[step0[key]] + [e[key] for e in r["evals"]] for r in recs])
-  harm_gen, harm_lp, task, margin = (series(k) for k in ("harm_gen", "harm_lp", "task_nll", "harm_margin"))
-  a_all = mt["align_all"]                                                   # [seeds, T]
+  series = lambda key: np.array([[step0.get(key, np.nan)] + [e.get(key, np.nan) for e in r["evals"]] for r in recs],
+                                np.float64)
+  harm_gen, harm_lp, task, margin, brefusal = (series(k) for k in ("harm_gen", "harm_lp", "task_nll",
+                                                                   "harm_margin", "benign_refusal"))
+  a_all, a_l = mt["align_all"], mt["align"]                                # [seeds, T], [seeds, T, L]
+  nz = np.asarray(null.get("v_rev_nonzero", np.ones(a_l.shape[-1], bool)))
+  measured = np.isfinite(a_all)
   return {
-      "align_all": a_all, "align": mt["align"], "proj": mt["proj"], "task_loss": mt["task"], "aux": mt["aux"],
+      "align_all": a_all, "align": a_l, "proj": mt["proj"], "task_loss": mt["task"], "aux": mt["aux"],
+      "align_all_objective": mt["align_all_objective"], "measured_steps": np.flatnonzero(measured[0]) + 1,
       "eval_steps": ev_steps, "harm_gen": harm_gen, "harm_lp": harm_lp, "harm_margin": margin, "task_nll": task,
-      "align_step1": _mean_std(a_all[:, 0]), "align_step20": _mean_std(a_all[:, min(19, T - 1)]),
-      "final_align": _mean_std(a_all[:, -1]), "final_harm_gen": _mean_std(harm_gen[:, -1]),
-      "final_harm_lp": _mean_std(harm_lp[:, -1]), "final_harm_margin": _mean_std(margin[:, -1]),
-      "final_task_nll": _mean_std(task[:, -1]),
-      "above_null": int(np.sum(a_all > null["all_p99"])), "pairs": int(a_all.size),
-      "layers_above_null_final": float(np.mean(mt["align"][:, -1] > null["layer_p99"])),
+      "benign_refusal": brefusal,
+      "align_step1": rm.t_interval(a_all[:, 0]), "align_step20": rm.t_interval(a_all[:, min(19, T - 1)]),
+      "alignment_B": rm.t_interval(a_all[:, -1]), "alignment_A": rm.t_interval(mt["align_all_objective"][:, -1]),
+      "alignment_B_layer_mean": rm.t_interval(np.nanmean(a_l[:, -1][:, nz], axis=-1) if nz.any() else np.nan),
+      "harmful_C": rm.t_interval(harm_gen[:, -1]), "benign_refusal_C": rm.t_interval(brefusal[:, -1]),
+      "harm_lp_C": rm.t_interval(harm_lp[:, -1]), "harm_margin_C": rm.t_interval(margin[:, -1]),
+      "task_nll_final": rm.t_interval(task[:, -1]),
+      "above_null": int(np.sum(a_all[measured] > null["all_p99"])),
+      "above_covariance_null": int(np.sum(a_all[measured] > null["covariance_all_p99"])),
+      "pairs": int(measured.sum()),
+      "layers_above_null_final": float(np.mean(a_l[:, -1][:, nz] > null["layer_p99"])) if nz.any() else np.nan,
+      "layers_above_covariance_null_final": float(np.mean(a_l[:, -1][:, nz] > null["covariance_layer_p99"][nz]))
+      if nz.any() else np.nan,
       "seconds": float(sum(r["seconds"] for r in recs))}
 
 
@@ -259,9 +301,9 @@ def figures(wd: Workdir, config: ReversionConfig, per_arm: dict, null: dict, v_n
           "curves": rp.curves(np.arange(1, T + 1), {a: d["align_all"] for a, d in per_arm.items()},
                               null["all_p99"], np.asarray(per_arm[config.arms[0]]["eval_steps"]), harm,
                               "greedy + refusal judge" if config.eval.generate else "log-prob", title,
-                              {a: d["harm_margin"] for a, d in per_arm.items()}),
+                              {a: d["harm_margin"] for a, d in per_arm.items()}, null["covariance_all_p99"]),
           "layers": rp.layer_profile(v_norm, {a: d["align"][:, -1] for a, d in per_arm.items()},
-                                     null["layer_p99"], title)}
+                                     null["layer_p99"], title, null["covariance_layer_p99"])}
   paths = {}
   for k, f in figs.items():
     paths[k] = os.path.relpath(wd.save_figure(f, "reversion_" + k), wd.path)
