@@ -1,7 +1,7 @@
 """Config for `python -m analysis.reversion`: gravitational reversion (Poppi & Lukas 2026) on real weights.
 
-Usage: --config=configs/reversion.py:smollm2 (the full protocol: 3 seeds, T = 100, four arms), :smollm2_fast (the
-`make run` size: 2 seeds, T = 20 (the paper's "by step 20" point), baseline and block), :qwen
+Usage: --config=configs/reversion.py:smollm2 (the full protocol: 5 seeds, T = 100, four arms and the control),
+:smollm2_fast (the `make run` size: 5 seeds, T = 20 (the paper's "by step 20" point), baseline, block, control), :qwen
 (Qwen2.5-Coder-0.5B-Instruct, already aligned, with a stand-in reference direction), :quick (SmolLM2 cut to 2
 decoder layers, a few steps; for tests).
 Override any field: --config.benign.steps=60 --config.arms="('baseline','block')".
@@ -23,10 +23,10 @@ def _full() -> ml_collections.ConfigDict:
   c.resume = "check"                     # check | force (train.resume)
   c.model_layers = 0                     # > 0: keep only the first n decoder layers (a tiny real model, tests)
   c.dtype = "float32"
-  c.seeds = (0, 1, 2)
-  c.data_seed = 0                        # the held-out split of the refusal pairs
+  c.seeds = (0, 1, 2, 3, 4)
+  c.data_seed = 0                        # the held-out split of the refusal pairs and the draw of A, B, C
   c.refusal_sets = ("harmful_benign_50", "expanded_100")
-  c.heldout = 40                         # refusal pairs held out: harmfulness and task-cost evaluation
+  c.heldout = 40                         # refusal pairs kept out of S: A / B / C candidates, C's benign twins, task cost
   c.system_prompt = ""                   # "" = the chat template's default system prompt
 
   # theta_early -> theta_aligned. "early": theta_early = the loaded model, theta_aligned = it + a safety LoRA
@@ -84,7 +84,9 @@ def _full() -> ml_collections.ConfigDict:
   c.benign.targets = "q,k,v,o,gate,up,down"
   c.benign.eval_every = 25              # scan chunk length: harmfulness eval + checkpoint
 
-  c.arms = ("baseline", "block", "push", "project")
+  # control: the baseline's benign fine-tuning from theta_X = theta_early + a style LoRA (answers in capitals) of
+  # the safety LoRA's size, measured along its own v_X: the null for "any last adapter gets undone".
+  c.arms = ("baseline", "block", "push", "project", "control")
   c.block_lam = 1.0                      # weight of lam * relu(p)^2
   c.push_lam = 1.0                       # weight of -lam * s * tanh(p / s)
   c.push_scale = 1.0
@@ -93,7 +95,9 @@ def _full() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = True                 # greedy generation + refusal-phrase judge (train/evaluate.py)
   c.eval.max_new_tokens = 64            # long enough to tell a refusal from disclaimered compliance
-  c.eval.batch = 40                      # rows per generation / NLL call (40 = the held-out pairs: one call)
+  c.eval.benign_new_tokens = 32         # benign prompts: a refusal, when there is one, is the first sentence
+  c.eval.log_prob = True                 # + the log-prob harmfulness and compliance margin (NLLs, no generation)
+  c.eval.batch = 40                      # rows per generation / NLL call
 
   c.null = ml_collections.ConfigDict()
   c.null.q = 0.99
@@ -123,9 +127,10 @@ def _fast(c: ml_collections.ConfigDict) -> None:
   c.seeds = (0, 1, 2, 3, 4)
   c.probe.n = 8
   c.benign.steps = 20
-  c.benign.eval_every = 10
-  c.sets.measure_steps = (1, 2, 5, 10, 20)
-  c.arms = ("baseline", "block")
+  c.benign.eval_every = 20               # C evaluated at T only: 2 arms x 5 seeds x 209 generations of 64 tokens
+  c.sets.measure_steps = (1, 5, 20)
+  c.eval.log_prob = False                # the greedy judge only: 14 s x 10 evaluations saved
+  c.arms = ("baseline", "block", "control")
 
 
 def _qwen(c: ml_collections.ConfigDict) -> None:
@@ -133,6 +138,7 @@ def _qwen(c: ml_collections.ConfigDict) -> None:
   c.model = MODELS["qwen"]
   c.reference = "refusal_reversed"
   c.safety.model = c.model
+  c.arms = ("baseline", "block", "push", "project")   # no control: there is no theta_early to adapt
 
 
 def _quick(c: ml_collections.ConfigDict) -> None:
@@ -153,7 +159,8 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   c.benign.steps = 4
   c.benign.micro_batch = 2
   c.benign.eval_every = 2
-  c.arms = ("baseline", "block")
+  c.arms = ("baseline", "block", "control")
   c.eval.max_new_tokens = 8
+  c.eval.benign_new_tokens = 8
   c.eval.batch = 8
   c.progress = False

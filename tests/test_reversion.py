@@ -179,11 +179,14 @@ def test_bad_arm_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_quick_study_resumes_mid_run(tmp_path):
+def test_quick_study_resumes_mid_run(tmp_path, monkeypatch):
   from analysis.reversion import study as reversion
   from analysis.reversion.config import ReversionConfig
   from configs.reversion import get_config
   from train.typed_config import from_configdict
+  built = []
+  make_program = scan.make_program
+  monkeypatch.setattr(scan, "make_program", lambda *a, **k: built.append(a[1].arm) or make_program(*a, **k))
   cd = get_config("quick")
   cd.eval.generate = False
   cd.stop_after = 2                                 # stop (checkpointed) after 2 benign steps of the first arm
@@ -195,8 +198,17 @@ def test_quick_study_resumes_mid_run(tmp_path):
   c = dataclasses.replace(c, stop_after=-1)
   report = reversion.run(c, str(tmp_path / "r"))
   resumed = json.loads((tmp_path / "r" / "metrics.json").read_text())
+  del built[:]
   reversion.run(c, str(tmp_path / "fresh"))
+  assert c.arms == ("baseline", "block", "control") and built == ["baseline", "block"]   # control reuses baseline's
   fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+  assert set(fresh["sets"]) >= {"S", "A", "B", "C", "C_benign"} and fresh["sets"]["B"]["n"] == c.sets.B
+  assert fresh["null_covariance_p99"] > fresh["null_isotropic_p99"]
+  ctrl = fresh["control_adapter"]
+  np.testing.assert_allclose(ctrl["safety_minus_control"]["mean"], np.asarray(fresh["arms"]["baseline"]["align_all"])[
+      :, -1].mean() - np.asarray(ctrl["align_all"])[:, -1].mean(), rtol=1e-6)
+  for arm in ("baseline", "block"):
+    assert {"alignment_B", "harmful_C", "benign_refusal_C"} <= set(fresh["arms"][arm])
   for arm in c.arms:
     np.testing.assert_allclose(resumed["arms"][arm]["align_all"], fresh["arms"][arm]["align_all"], rtol=1e-4,
                                atol=1e-5)
@@ -224,13 +236,20 @@ def test_every_preset_converts_and_bad_overrides_name_the_field():
   from analysis.reversion.config import ReversionConfig
   from configs.reversion import get_config
   from train.typed_config import ConfigError, from_configdict
+  from analysis.reversion.study import measure_at
   for preset in ("smollm2", "smollm2_fast", "qwen", "quick"):
     c = from_configdict(ReversionConfig, get_config(preset))
     assert c.benign.steps % c.benign.eval_every == 0 and c.safety.model == c.model
+    assert measure_at(c)[-1] and measure_at(c)[c.benign.eval_every - 1]      # T and every evaluation measured
+  full = from_configdict(ReversionConfig, get_config("smollm2"))
+  assert (np.flatnonzero(measure_at(full)) + 1).tolist() == [1, 2, 5, 10, 20, 25, 50, 75, 100]
+  assert measure_at(dataclasses.replace(full, sets=dataclasses.replace(full.sets, measure_steps=()))).all()
   for field, value, message in (("benign.lr", -1e-4, "benign.lr must be in (0, 1]"),
                                 ("benign.lr", 5.0, "benign.lr must be in (0, 1]"),
                                 ("benign.eval_every", 3, "benign.eval_every = 3 must divide benign.steps = 4"),
                                 ("arms", ("baseline", "blok"), "arms must be a non-empty subset"),
+                                ("arms", ("block", "control"), "the control arm needs the baseline arm"),
+                                ("probe.n", 7, "probe.n = 7 > sets.A = 6"),
                                 ("probe.position", "first", "probe.position must be 'last' or 'mean'"),
                                 ("safety.train.lr", float("nan"), "train.lr must be in (0, 1]")):
     cd = get_config("quick")

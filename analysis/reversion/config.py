@@ -71,7 +71,9 @@ class BenignSection:
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
   generate: bool                      # greedy generation + refusal-phrase judge
-  max_new_tokens: int
+  max_new_tokens: int                 # harmful prompts of C
+  benign_new_tokens: int              # benign prompts of C (benign refusal)
+  log_prob: bool                      # also the log-prob harmfulness and compliance margin at every evaluation
   batch: int
 
 
@@ -121,9 +123,11 @@ class ReversionConfig:
     check_mode(self.resume)
     if self.reference not in ("early", "refusal_reversed"):
       raise ValueError(f"reference must be 'early' or 'refusal_reversed', got {self.reference!r}")
-    bad = [a for a in self.arms if a not in ARMS]
+    bad = [a for a in self.arms if a not in ARMS + ("control",)]
     if bad or not self.arms:
-      raise ValueError(f"arms must be a non-empty subset of {ARMS}, got {self.arms}")
+      raise ValueError(f"arms must be a non-empty subset of {ARMS + ('control',)}, got {self.arms}")
+    if "control" in self.arms and ("baseline" not in self.arms or self.reference != "early"):
+      raise ValueError("the control arm needs the baseline arm and reference 'early' (it is the baseline's null)")
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
     if self.heldout < 1:

@@ -57,10 +57,11 @@ class Evaluator:
     return {"harm_lp": float(np.mean(nll_c < nll_r)), "harm_margin": float(np.mean(nll_r - nll_c))}
 
   def __call__(self, params, lora=None, scale: float = 1.0, benign_refusal: bool = True,
-               log_prob: bool = True) -> dict:
+               log_prob: bool | None = None) -> dict:
     """{"harm_gen", "harm_lp", "harm_margin", "task_nll", "benign_refusal", "answers"[, "benign_answers"]}:
     fractions and nats / token (harm_lp and harm_margin NaN when not `log_prob`, benign_refusal NaN when not
-    `benign_refusal` or without generation)."""
+    `benign_refusal` or without generation). log_prob None = config.eval.log_prob."""
+    log_prob = self.config.eval.log_prob if log_prob is None else log_prob
     out = (self.harm_lp(params, lora, scale) if log_prob
            else {"harm_lp": float("nan"), "harm_margin": float("nan")})
     out["task_nll"] = float(np.nanmean(self._nll(params, self.task_set, lora, scale)))
@@ -72,6 +73,7 @@ class Evaluator:
       out["answers"] = ans
       out["benign_refusal"] = float("nan")
       if benign_refusal and self.benign:
+        gen["max_new_tokens"] = self.config.eval.benign_new_tokens     # a refusal of a benign prompt comes first
         out["benign_answers"] = E.generate_answers(adapted, self.cfg, self.tok, self.benign, **gen)
         out["benign_refusal"] = E.refusal_rate(out["benign_answers"])
     else:
@@ -88,8 +90,9 @@ def probe_batch(tok, prompts, system: str | None) -> dict:
 def evaluate_early(ev: "Evaluator", params, config) -> dict:
   """Evaluator(theta_early) with held-out benign refusal; with generation on, the log-prob variant is then scored
   against theta_early's own greedy answers (and `ev` keeps them for every later call)."""
-  out = ev(params, benign_refusal=True, log_prob=not config.eval.generate)
+  out = ev(params, benign_refusal=True, log_prob=False)
   if config.eval.generate:
     ev.use_compliant(out["answers"], "theta_early's greedy answers")
-    out.update(ev.harm_lp(params))
+    if config.eval.log_prob:
+      out.update(ev.harm_lp(params))
   return out

@@ -56,6 +56,17 @@ def t_interval(x, level: float = 0.95) -> dict:
   return out
 
 
+def paired_difference(a, b, level: float = 0.95) -> dict:
+  """Per-seed paired difference a - b (runs that share data order and initialisation): t_interval of the
+  differences plus the paired t-test's two-sided p (scipy.stats.ttest_1samp against 0; NaN, undefined, with fewer
+  than 2 pairs or no spread)."""
+  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+  d = (a - b)[np.isfinite(a - b)]
+  out = t_interval(d, level)
+  out["p"] = float(scipy.stats.ttest_1samp(d, 0.0).pvalue) if d.size >= 2 and np.ptp(d) > 0 else float("nan")
+  return out
+
+
 def covariance_null(acts: np.ndarray, v_rev: np.ndarray, n: int, q: float = 0.99, seed: int = 0) -> dict:
   """Empirical null of the alignment for covariance-shaped random drifts.
 

@@ -130,6 +130,14 @@ def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
       for k, t in v.items():
         L.append(f"| {arm} | {k} | {t['diff']:+.3f} | {_p(t['p'])} |")
     L.append("")
+  c = s.get("control_adapter")
+  if c:
+    d = c["safety_minus_control"]
+    L += [f"Control adapter (theta_X = theta_early + a LoRA of the safety LoRA's rank, depth and steps that "
+          f"teaches a style, answers in capital letters, not refusal; the same benign fine-tuning from theta_X; "
+          f"its alignment is with its own v_X = mean act(theta_early) - mean act(theta_X) on A): final alignment "
+          f"on B {_ci(c['alignment_B'])}; safety minus control, paired by seed: {_ci(d)} (paired t-test p "
+          f"{_p(d['p'])}).", ""]
   a = s["association"]
   L += [f"Alignment on B vs harmfulness on C ({a['harm']}), partial correlation controlling for arm and step "
         f"(values centred within each (arm, evaluation step) cell; {a['n_cells']} cells x {a['n_seeds']} seeds; p "
@@ -158,6 +166,14 @@ def _verdict(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[st
                f"C {_ci(b['harmful_C'], True)} -> {_ci(k['harmful_C'], True)} (p {_p(v['harmful_C']['p'])}); "
                f"benign refusal p {_p(v['benign_refusal_C']['p'])}; task NLL p {_p(v['task_nll_final']['p'])}. "
                f"On its own objective set A it moves {_ci(b['alignment_A'])} -> {_ci(k['alignment_A'])}.")
+  c = s.get("control_adapter")
+  if c:
+    d = c["safety_minus_control"]
+    specific = d["ci_low"] > 0
+    out.append(f"Control adapter: a style adapter of the same size is undone "
+               f"{'less' if specific else 'as much or more'} by the same benign fine-tuning (final alignment "
+               f"{_ci(c['alignment_B'])} with its own direction); safety minus control {_ci(d)} (p {_p(d['p'])}), "
+               f"so the reversion {'is' if specific else 'is not shown to be'} specific to the safety adapter.")
   return ["## Verdict", ""] + [f"- {v}" for v in out] + [""]
 
 
@@ -189,8 +205,8 @@ def _method_notes(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> li
         "when a descent step would increase p. p = mean over layers of <d_t(l), v_rev(l)/|v_rev(l)|>.",
         "- Harmfulness (greedy): share of set C's harmful prompts whose greedy answer "
         f"({config.eval.max_new_tokens} tokens) contains no refusal phrase (train/evaluate.py's phrase judge; a "
-        "second, independent judge is not in this version). Benign refusal: the same judge on C's benign prompts, "
-        "at every evaluation. Log-prob "
+        "second, independent judge is not in this version). Benign refusal: the same judge on C's benign prompts "
+        f"({config.eval.benign_new_tokens} tokens), at every evaluation. Log-prob "
         f"variant: share whose compliant continuation ({s['harm_lp_compliant']}) has a lower mean NLL than the "
         "refusal text; compliance margin: the mean over prompts of NLL(refusal) - NLL(compliant), nats / token "
         "(higher = compliance relatively more likely).", ""]

