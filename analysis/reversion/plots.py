@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ARM_COLORS = {"baseline": "C0", "block": "C2", "push": "C3", "project": "C4"}
+ARM_COLORS = {"baseline": "C0", "block": "C2", "push": "C3", "project": "C4", "control": "C7"}
 
 
 def alignment_heatmaps(align: dict[str, np.ndarray], title: str):

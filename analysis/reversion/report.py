@@ -76,9 +76,10 @@ def _reference(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
           "|---|---|---|---|---|---|"]
     for name, key in (("theta_early", "eval_early"), ("theta_aligned", "eval_aligned")):
       e = s[key]
-      L.append(f"| {name} | {100 * e['harm_gen']:.1f}% | {100 * e['harm_lp']:.1f}% | "
-               f"{e.get('harm_margin', float('nan')):+.3f} | {100 * e.get('benign_refusal', float('nan')):.1f}% | "
-               f"{e['task_nll']:.3f} |")
+      pct = lambda v: "n/a" if v != v else f"{100 * v:.1f}%"
+      mg = e.get("harm_margin", float("nan"))
+      L.append(f"| {name} | {pct(e['harm_gen'])} | {pct(e['harm_lp'])} | {'n/a' if mg != mg else f'{mg:+.3f}'} | "
+               f"{pct(e.get('benign_refusal', float('nan')))} | {e['task_nll']:.3f} |")
     ok = s["eval_aligned"]["harm_gen"] <= 0.2
     L += ["", f"theta_aligned refuses {100 * (1 - s['eval_aligned']['harm_gen']):.0f}% of the "
           f"{s['sets']['C']['n']} harmful prompts of set C ({'meets' if ok else 'misses'} the 80% target) and "
@@ -169,11 +170,14 @@ def _verdict(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[st
   c = s.get("control_adapter")
   if c:
     d = c["safety_minus_control"]
-    specific = d["ci_low"] > 0
-    out.append(f"Control adapter: a style adapter of the same size is undone "
-               f"{'less' if specific else 'as much or more'} by the same benign fine-tuning (final alignment "
-               f"{_ci(c['alignment_B'])} with its own direction); safety minus control {_ci(d)} (p {_p(d['p'])}), "
-               f"so the reversion {'is' if specific else 'is not shown to be'} specific to the safety adapter.")
+    more = d["ci_low"] > 0
+    out.append(f"Control adapter: the same benign fine-tuning also drifts a same-size style adapter back along its "
+               f"own direction v_X (final alignment {_ci(c['alignment_B'])}), so part of the reversion is what "
+               f"happens to any last adapter; the safety adapter's drift is "
+               f"{'more' if more else 'not shown to be more'} aligned (safety minus control {_ci(d)}, paired "
+               f"t-test p {_p(d['p'])}). The two cosines are with different directions (v_rev, v_X: different "
+               "norms and depth profiles), so this difference compares how consistently each adapter is undone; it "
+               "is not a null the safety arm had to beat by construction.")
   return ["## Verdict", ""] + [f"- {v}" for v in out] + [""]
 
 
@@ -196,8 +200,8 @@ def _method_notes(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> li
   L += ["## Method notes", "",
         "- One compiled program per arm: `train/scan.py` runs the benign LoRA steps as a `lax.scan` whose body "
         "updates every seed at once (vmapped) and, after the steps listed in the config "
-        f"({list(per_arm.values())[0]['measured_steps'].tolist()}), measures set B's (and A's) mean residual at "
-        "every layer boundary; the scan runs in chunks of "
+        f"({np.asarray(list(per_arm.values())[0]['measured_steps']).tolist()}), measures set B's (and A's) mean "
+        "residual at every layer boundary; the scan runs in chunks of "
         f"{config.benign.eval_every} steps, checkpointed between chunks (resumable).",
         "- Arms share the optimizer (AdamW, clip 1.0), data order and LoRA initialisation per seed. block: "
         f"lambda relu(p)^2 with lambda = {config.block_lam}; push: -lambda s tanh(p/s) with lambda = "

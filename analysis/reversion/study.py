@@ -346,7 +346,8 @@ def figures(wd: Workdir, config: ReversionConfig, per_arm: dict, null: dict, v_n
           "curves": rp.curves(np.arange(1, T + 1), {a: d["align_all"] for a, d in per_arm.items()},
                               null["all_p99"], np.asarray(per_arm[config.arms[0]]["eval_steps"]), harm,
                               "greedy + refusal judge" if config.eval.generate else "log-prob", title,
-                              {a: d["harm_margin"] for a, d in per_arm.items()}, null["covariance_all_p99"]),
+                              {a: d["harm_margin"] for a, d in per_arm.items()} if config.eval.log_prob else None,
+                              null["covariance_all_p99"]),
           "layers": rp.layer_profile(v_norm, {a: d["align"][:, -1] for a, d in per_arm.items()},
                                      null["layer_p99"], title, null["covariance_layer_p99"])}
   paths = {}
