@@ -176,7 +176,7 @@ def sweep_program(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], layers: Seq
     return jax.jit(program)
   shardings = sweep_shardings(mesh, cfg, tasks)
   ins = tuple(shardings[k] for k in (("params", "arrays", "directions") if method == "full"
-                                     else ("params", "arrays", "directions", "starts", "directions")))
+                                     else ("params", "arrays", "directions", "starts", "layer_ids")))
   return jax.jit(_with_mesh(mesh, program), in_shardings=ins, out_shardings=shardings["out"])
 
 
@@ -252,12 +252,13 @@ def _suffix_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk
 def sweep_shardings(mesh, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task]) -> dict[str, Any]:
   """The sweep program's shardings on `mesh` (see `sweep_program`): {"params": tree of NamedSharding (models.sharding
   plan), "arrays": replicated (prefix), "directions": replicated, "starts": per task, batch split over (data, fsdp)
-  where data x fsdp divides B, "out": replicated}."""
+  where data x fsdp divides B, "layer_ids": replicated, "out": replicated}."""
   rep = NamedSharding(mesh, P())
   nb = mesh.shape["data"] * mesh.shape["fsdp"]
   starts = [NamedSharding(mesh, P(None, sh.BATCH_AXES, None, None)) if t.tokens.shape[0] % nb == 0 else rep
             for t in tasks]
-  return {"params": sh.param_shardings(mesh, cfg), "arrays": rep, "directions": rep, "starts": starts, "out": rep}
+  return {"params": sh.param_shardings(mesh, cfg), "arrays": rep, "directions": rep, "starts": starts,
+          "layer_ids": rep, "out": rep}
 
 
 def steering_sweep(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], directions: jax.Array,

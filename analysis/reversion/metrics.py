@@ -1,7 +1,7 @@
 """Gravitational reversion measurements (Poppi & Lukas 2026, arXiv 2606.28525): v_rev, drift, alignment, the
 isotropic and covariance-shaped nulls, and the seed-level statistics (t intervals, permutation tests, the partial
-correlation of alignment with harmfulness). The probe-set readouts (mean activation, cosine) are in models.readout and the block /
-push auxiliary objectives in train.losses.
+correlation of alignment with harmfulness). The probe-set readouts (mean activation, cosine) are in
+models.readout and the block / push auxiliary objectives in train.losses.
 
 Notation (per layer boundary l, activations at one token position of a fixed probe-prompt set):
   v_rev(l)  = mean act(theta_early) - mean act(theta_aligned)           the reversion direction
@@ -34,12 +34,6 @@ def null_cos_samples(d: int, n: int, seed: int = 0) -> np.ndarray:
   """n samples of cos(u, e_1) with u uniform on S^{d-1} (normalised Gaussians), float64 `[n]`."""
   g = np.random.default_rng(seed).standard_normal((n, d))
   return g[:, 0] / np.linalg.norm(g, axis=1)
-
-
-def spearman(x, y) -> tuple[float, float]:
-  """Spearman rank correlation and its two-sided p-value (scipy.stats.spearmanr)."""
-  r = scipy.stats.spearmanr(np.asarray(x).ravel(), np.asarray(y).ravel())
-  return float(r.statistic), float(r.pvalue)
 
 
 def t_interval(x, level: float = 0.95) -> dict:
