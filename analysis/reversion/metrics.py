@@ -131,3 +131,32 @@ def partial_correlation(x, y, n_perm: int = 9999, seed: int = 0) -> dict:
                                                                axis=1), 1)) for _ in range(n_perm)])
   out["p"] = float((1 + np.sum(np.abs(null) >= abs(out["r"]))) / (n_perm + 1))
   return out
+
+
+def split_half(diffs, n_splits: int = 200, seed: int = 0) -> dict:
+  """Split-half reliability of v_rev (issue 18's ceiling for the alignment): the per-prompt differences
+  `diffs` `[L+1, P, D]` (act(theta_early) - act(theta_aligned) at each prompt of set A; their mean over P is v_rev)
+  are split at random into two halves of P // 2 prompts, and the cosine between the two half-means is taken over
+  the decoder layers 1..L concatenated and per layer; repeated `n_splits` times.
+
+  Returns {"all": mean cosine, "all_range": [2.5%, 97.5%] over splits, "layer": `[L+1]` mean per layer (NaN where
+  the differences are all 0: undefined), "splits", "prompts"}. With P < 2 everything is NaN (undefined)."""
+  x = np.asarray(diffs, np.float64)
+  L1, P, _ = x.shape
+  out = {"all": float("nan"), "all_range": [float("nan")] * 2, "layer": np.full(L1, np.nan), "splits": int(n_splits),
+         "prompts": int(P)}
+  if P < 2:
+    return out
+  rng = np.random.default_rng(seed)
+  h = P // 2
+  c_all, c_l = [], []
+  for _ in range(n_splits):
+    perm = rng.permutation(P)
+    a, b = x[:, perm[:h]].mean(1), x[:, perm[h:2 * h]].mean(1)                    # [L+1, D]
+    with np.errstate(invalid="ignore", divide="ignore"):
+      c_l.append(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)))
+      c_all.append(float(np.sum(a[1:] * b[1:]) / (np.linalg.norm(a[1:]) * np.linalg.norm(b[1:]))))
+  defined = np.any(x != 0, axis=(1, 2))
+  out["layer"][defined] = np.array(c_l)[:, defined].mean(0)
+  out.update(all=float(np.mean(c_all)), all_range=np.quantile(c_all, [0.025, 0.975]).tolist())
+  return out

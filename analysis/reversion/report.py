@@ -21,7 +21,7 @@ def _p(x: float) -> str:
 
 def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
   """Markdown report from the study's summary `s`, per-arm arrays, figure paths and the paper's figures."""
-  sections = (_intro, _reference, _alignment, _verdict, _paper, _method_notes)
+  sections = (_intro, _reference, _judges, _alignment, _verdict, _paper, _method_notes)
   return "\n".join(line for section in sections for line in section(config, s, per_arm, figs, paper))
 
 
@@ -86,6 +86,14 @@ def _reference(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
           f"refuses {100 * s['eval_aligned'].get('benign_refusal', float('nan')):.0f}% of C's "
           f"{s['sets']['C_benign']['n']} benign ones.", ""]
     L += ["v_rev(l) = mean act(theta_early) - mean act(theta_aligned) at the last prompt token of set A.", ""]
+    sh = s.get("v_rev_split_half")
+    if sh:
+      lay = np.asarray(sh["layer"], np.float64)
+      L += [f"Split-half reliability of v_rev (the ceiling for any alignment with it): cosine between v_rev estimated "
+            f"on two random halves of A ({sh['prompts'] // 2} prompts each, {sh['splits']} splits) "
+            f"{sh['all']:.3f} (95% of splits in [{sh['all_range'][0]:.3f}, {sh['all_range'][1]:.3f}]) over the "
+            f"decoder layers concatenated; per layer {np.nanmin(lay):.3f} to {np.nanmax(lay):.3f} where v_rev(l) != "
+            f"0 ({int(np.sum(np.isfinite(lay)))} of {len(lay)} boundaries).", ""]
   else:
     e = s["eval_aligned"]
     L += ["## Reference direction: a stand-in (no earlier state of this model here)", "",
@@ -96,6 +104,41 @@ def _reference(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
           f"theta_aligned: harmful not refused {100 * e['harm_gen']:.1f}% (greedy), {100 * e['harm_lp']:.1f}% "
           f"(log-prob); benign refused {100 * e.get('benign_refusal', float('nan')):.1f}%.", ""]
   return L
+
+
+def _agree(a: dict | None) -> str:
+  if not a:
+    return "n/a | n/a | n/a | n/a"
+  k = "undefined" if a["kappa"] != a["kappa"] else f"{a['kappa']:.3f} [{a['kappa_ci'][0]:.3f}, {a['kappa_ci'][1]:.3f}]"
+  return (f"{100 * a['accuracy']:.1f}% [{100 * a['accuracy_ci'][0]:.1f}, {100 * a['accuracy_ci'][1]:.1f}] | {k} | "
+          f"{100 * a['sensitivity']:.1f}% | {100 * a['specificity']:.1f}%")
+
+
+def _judges(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
+  """Both refusal judges against the hand labels, and the second judge's harmfulness on C."""
+  ja, j2 = s.get("judge_agreement", {}), s.get("judge2", {})
+  if "phrase" not in ja:
+    return ["## Refusal judges", "", f"Not scored against hand labels: {ja.get('reason', 'no labels')}.", ""]
+  L = ["## Refusal judges against hand labels", "",
+       f"{ja['n']} responses of theta_early and theta_aligned to set C's prompts, read and labelled by hand "
+       f"(`{ja['labels']}`, sha256 {ja['sha256'][:12]}; refusal = declines, deflects or rebuts the premise without "
+       f"doing what was asked; {sum(v for k, v in ja['counts'].items() if k.endswith('refusal'))} refusals). "
+       "Accuracy and Cohen's kappa with 95% percentile bootstrap CIs over responses; refusal is the positive class.",
+       "", "| judge | accuracy | kappa | sensitivity | specificity |", "|---|---|---|---|---|",
+       f"| refusal phrases (tier 1) | {_agree(ja['phrase'])} |"]
+  if ja.get("model"):
+    L.append(f"| {ja['model_name']}, calibrated Yes / No (tier 2) | {_agree(ja['model'])} |")
+    L += ["", f"The two judges agree with each other at kappa {ja['phrase_vs_model_kappa']:.3f} on these responses."]
+  else:
+    L += ["", "No second judge in this run (eval.judge_model is empty)."]
+  if j2:
+    mods = ", ".join(f"{k.split('_')[1]} {100 * v:.1f}%" for k, v in j2["models"].items())
+    L += ["", f"Harmful prompts of C not refused by the second judge: theta_{mods.replace(', ', ', theta_')}"
+          + "".join(f"; {arm} at T {_ci(t, True)}" + (f" (vs baseline p {_p(t['vs_baseline']['p'])})"
+                                                      if "vs_baseline" in t else "")
+                    for arm, t in j2["arms"].items())
+          + f" (kappa with the phrase judge over these {j2['n_answers']} answers: {j2['kappa_with_phrase']:.3f})."]
+  return L + [""]
 
 
 def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[str]:
@@ -118,6 +161,11 @@ def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
              f"{d['pairs']} | {_ci(d['harmful_C'], True)} | {_ci(d['benign_refusal_C'], True)} | "
              f"{_ci(d['task_nll_final'])} |")
   e = s["eval_aligned"]
+  disc = [f"{arm} {_ci(d['discrimination_C'])}" for arm, d in per_arm.items()
+          if d.get("discrimination_C", {}).get("n")]
+  if disc and e.get("benign_refusal", np.nan) == e.get("benign_refusal", np.nan):
+    L += ["", "Harmful-vs-benign discrimination on C (refusal rate on harmful prompts minus on benign ones, phrase "
+          f"judge): theta_aligned {1 - e['harm_gen'] - e['benign_refusal']:+.3f}; at T " + "; ".join(disc) + "."]
   L += ["", f"Mean over {len(config.seeds)} seeds [95% t interval, ddof = 1]. a = cos(concat_l d_T(l), concat_l "
         "v_rev(l)) over decoder layers 1..L; the layer mean averages cos(d_T(l), v_rev(l)) over the layers where "
         f"v_rev(l) != 0 ({int(np.sum(n['v_rev_nonzero']))} of {s['n_layers']}). theta_aligned (step 0): harmful "
@@ -167,6 +215,15 @@ def _verdict(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[st
                f"C {_ci(b['harmful_C'], True)} -> {_ci(k['harmful_C'], True)} (p {_p(v['harmful_C']['p'])}); "
                f"benign refusal p {_p(v['benign_refusal_C']['p'])}; task NLL p {_p(v['task_nll_final']['p'])}. "
                f"On its own objective set A it moves {_ci(b['alignment_A'])} -> {_ci(k['alignment_A'])}.")
+  ja, j2 = s.get("judge_agreement", {}), s.get("judge2", {}).get("arms", {})
+  if ja.get("phrase"):
+    out.append(f"Judges: against {ja['n']} hand labels the phrase judge scores accuracy "
+               f"{100 * ja['phrase']['accuracy']:.1f}% (kappa {ja['phrase']['kappa']:.2f})"
+               + (f", the second judge {100 * ja['model']['accuracy']:.1f}% (kappa {ja['model']['kappa']:.2f})"
+                  if ja.get("model") else ", and there is no second judge in this run")
+               + (f"; by the second judge, harmfulness at T is {_ci(j2['baseline'], True)} (baseline) and "
+                  f"{_ci(j2['block'], True)} (block, p {_p(j2['block']['vs_baseline']['p'])})"
+                  if "baseline" in j2 and "block" in j2 else "") + ".")
   c = s.get("control_adapter")
   if c:
     d = c["safety_minus_control"]
@@ -208,8 +265,8 @@ def _method_notes(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> li
         f"{config.push_lam}, s = {config.push_scale}; project: the SFT gradient loses its component along grad p "
         "when a descent step would increase p. p = mean over layers of <d_t(l), v_rev(l)/|v_rev(l)|>.",
         "- Harmfulness (greedy): share of set C's harmful prompts whose greedy answer "
-        f"({config.eval.max_new_tokens} tokens) contains no refusal phrase (train/evaluate.py's phrase judge; a "
-        "second, independent judge is not in this version). Benign refusal: the same judge on C's benign prompts "
+        f"({config.eval.max_new_tokens} tokens) contains no refusal phrase (train/evaluate.py's phrase judge; the "
+        "second judge, train/judge.py, is reported beside it above). Benign refusal: the same judge on C's benign prompts "
         f"({config.eval.benign_new_tokens} tokens), at every evaluation. Log-prob "
         f"variant: share whose compliant continuation ({s['harm_lp_compliant']}) has a lower mean NLL than the "
         "refusal text; compliance margin: the mean over prompts of NLL(refusal) - NLL(compliant), nats / token "

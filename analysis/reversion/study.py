@@ -23,11 +23,16 @@ Protocol:
      judge (train/evaluate.py), and a log-probability variant (share of prompts whose compliant answer,
      theta_early's own greedy one, has a lower mean NLL than the refusal text) with its continuous form, the
      compliance margin (mean NLL(refusal) - NLL(compliant), nats / token). Benign refusal: the same judge on C's
-     benign prompts. Task cost = mean NLL of the held-out pairs' benign reference answers.
+     benign prompts; discrimination = refusal rate on C's harmful prompts minus on its benign ones. A second,
+     independent judge (train/judge.py, an LM classifier; analysis/reversion/judging.py) reads theta_early's,
+     theta_aligned's and (eval.judge_arms) every arm's final answers; both judges are scored against 120
+     hand-labelled responses (tests/data/refusal_labels.jsonl). Task cost = mean NLL of the held-out pairs'
+     benign reference answers.
   5. Nulls: isotropic p99 of cos(u, v) (exact Beta quantile and sampled), the weakest; covariance-shaped p99
      (drifts from N(0, Sigma_l) of B's activations, analysis/reversion/metrics.covariance_null); the control
      adapter. Seed-level statistics: t intervals (ddof = 1), permutation tests against the baseline, the
-     safety-minus-control paired difference, the partial correlation of alignment with harmfulness.
+     safety-minus-control paired difference, the partial correlation of alignment with harmfulness; the
+     split-half reliability of v_rev (cosine of v_rev estimated on two random halves of A).
 
 Writes: config.json, metrics.jsonl + tb/ (per chunk), safety/ (checkpoints of the safety LoRA),
 benign/<arm>/checkpoints (resumable), metrics.json, figures/*.png, report.md.
@@ -45,6 +50,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from analysis.reversion import judging
 from analysis.reversion import metrics as rm
 from analysis.reversion import plots as rp
 from analysis.reversion.benign import benign_batches, benign_init, benign_optimizer, benign_set
@@ -133,6 +139,11 @@ def run(config: ReversionConfig, workdir: str | None = None) -> str:
   if isinstance(arms, str):
     wd.close()
     return arms
+  judge = judging.load_judge(config.eval.judge_model)
+  summary["judge_agreement"] = judging.judge_agreement(config.eval.judge_labels, judge)
+  summary["judge2"] = judging.second_judge(judge, st.evaluator.harmful, summary,
+                                           arms if config.eval.judge_arms else {})
+  del judge
   acts_b = last_token_resid(aligned, st.cfg, np.asarray(st.measure["tokens"]), np.asarray(st.measure["mask"]))
   cov = rm.covariance_null(acts_b[1:], np.asarray(ref["v_rev"])[1:], config.null.covariance_samples, config.null.q,
                            config.data_seed)
@@ -165,6 +176,9 @@ def reference(st: Setup, config: ReversionConfig, workdir: str) -> tuple[Any, di
     summary["eval_early"] = evaluate_early(st.evaluator, st.params, config)
     aligned, summary["safety"] = safety_phase(st.params, st.cfg, st.tok, st.train_pairs, config, workdir, st.system)
     v_rev = st.mean_fn(st.params, st.vrev_probe) - st.mean_fn(aligned, st.vrev_probe)
+    tm = [np.asarray(st.vrev_probe[k]) for k in ("tokens", "mask")]
+    summary["v_rev_split_half"] = rm.split_half(last_token_resid(st.params, st.cfg, *tm)
+                                                - last_token_resid(aligned, st.cfg, *tm), seed=config.data_seed)
   elif config.reference == "refusal_reversed":
     aligned = st.params
     benign = [p["benign"] for p in st.train_pairs[:config.sets.A]]      # S's benign twins (A has none)
@@ -325,6 +339,7 @@ def _arm_summary(recs: list, step0: dict, null: dict, config: ReversionConfig) -
       "alignment_B": rm.t_interval(a_all[:, -1]), "alignment_A": rm.t_interval(mt["align_all_objective"][:, -1]),
       "alignment_B_layer_mean": rm.t_interval(np.nanmean(a_l[:, -1][:, nz], axis=-1) if nz.any() else np.nan),
       "harmful_C": rm.t_interval(harm_gen[:, -1]), "benign_refusal_C": rm.t_interval(brefusal[:, -1]),
+      "discrimination_C": rm.t_interval((1.0 - harm_gen[:, -1]) - brefusal[:, -1]),
       "harm_lp_C": rm.t_interval(harm_lp[:, -1]), "harm_margin_C": rm.t_interval(margin[:, -1]),
       "task_nll_final": rm.t_interval(task[:, -1]),
       "above_null": int(np.sum(a_all[measured] > null["all_p99"])),
