@@ -88,6 +88,7 @@ def _full() -> ml_collections.ConfigDict:
   # the safety LoRA's size, measured along its own v_X: the null for "any last adapter gets undone".
   c.arms = ("baseline", "block", "push", "project", "control")
   c.block_lam = 1.0                      # weight of lam * relu(p)^2
+  c.block_lams = (0.3, 3.0)              # the lambda sweep: one more block arm ("block_lam0.3", ...) per value
   c.push_lam = 1.0                       # weight of -lam * s * tanh(p / s)
   c.push_scale = 1.0
   c.aux_layers = ()                      # residual boundaries (1..L) the block / push projection averages; () = all
@@ -140,6 +141,7 @@ def _fast(c: ml_collections.ConfigDict) -> None:
   c.sets.measure_steps = (1, 5, 20)
   c.eval.log_prob = False                # the greedy judge only: 14 s x 10 evaluations saved
   c.arms = ("baseline", "block", "control")
+  c.block_lams = ()                      # the lambda sweep is :smollm2's
   c.eval.judge_arms = False              # the second judge: the hand labels, theta_early and theta_aligned only
 
 
@@ -149,6 +151,7 @@ def _qwen(c: ml_collections.ConfigDict) -> None:
   c.reference = "refusal_reversed"
   c.safety.model = c.model
   c.arms = ("baseline", "block", "push", "project")   # no control: there is no theta_early to adapt
+  c.block_lams = ()
   c.eval.judge_model = ""                # the 0.5B judge would judge itself: phrase judge only
 
 
@@ -171,6 +174,7 @@ def _quick(c: ml_collections.ConfigDict) -> None:
   c.benign.micro_batch = 2
   c.benign.eval_every = 2
   c.arms = ("baseline", "block", "control")
+  c.block_lams = ()
   c.eval.max_new_tokens = 8
   c.eval.benign_new_tokens = 8
   c.eval.batch = 8

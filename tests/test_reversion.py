@@ -248,12 +248,16 @@ def test_every_preset_converts_and_bad_overrides_name_the_field():
   full = from_configdict(ReversionConfig, get_config("smollm2"))
   assert (np.flatnonzero(measure_at(full)) + 1).tolist() == [1, 2, 5, 10, 20, 25, 50, 75, 100]
   assert measure_at(dataclasses.replace(full, sets=dataclasses.replace(full.sets, measure_steps=()))).all()
+  assert full.all_arms[-2:] == ("block_lam0.3", "block_lam3")            # the lambda sweep's extra block arms
+  assert [full.arm_kind(a) for a in ("block_lam0.3", "block", "control", "push")] == [
+      ("block", 0.3), ("block", full.block_lam), ("baseline", full.push_lam), ("push", full.push_lam)]
   for field, value, message in (("benign.lr", -1e-4, "benign.lr must be in (0, 1]"),
                                 ("benign.lr", 5.0, "benign.lr must be in (0, 1]"),
                                 ("benign.eval_every", 3, "benign.eval_every = 3 must divide benign.steps = 4"),
                                 ("arms", ("baseline", "blok"), "arms must be a non-empty subset"),
                                 ("arms", ("block", "control"), "the control arm needs the baseline arm"),
                                 ("probe.n", 7, "probe.n = 7 > sets.A = 6"),
+                                ("block_lams", (1.0,), "block_lams must be positive, finite and differ"),
                                 ("probe.position", "first", "probe.position must be 'last' or 'mean'"),
                                 ("safety.train.lr", float("nan"), "train.lr must be in (0, 1]")):
     cd = get_config("quick")

@@ -121,6 +121,20 @@ class ReversionConfig:
   progress: bool
   stop_after: int                     # -1 = run to the end
   resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
+  block_lams: tuple[float, ...] = ()  # the lambda sweep: one more block arm, "block_lam<value>", per value
+
+  @property
+  def all_arms(self) -> tuple[str, ...]:
+    """`arms` plus one block arm per lambda of the sweep (`block_lam<lambda>`, e.g. "block_lam0.3")."""
+    return tuple(self.arms) + tuple(f"block_lam{lam:g}" for lam in self.block_lams)
+
+  def arm_kind(self, arm: str) -> tuple[str, float]:
+    """(train.scan arm, lambda) of an arm name: the control arm runs the baseline's program; "block_lam<x>" is
+    block with lambda x; block and push take block_lam / push_lam."""
+    if arm.startswith("block_lam"):
+      return "block", float(arm[len("block_lam"):])
+    kind = "baseline" if arm == "control" else arm
+    return kind, self.block_lam if kind == "block" else self.push_lam
 
   def __post_init__(self):
     check_mode(self.resume)
@@ -135,5 +149,8 @@ class ReversionConfig:
       raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
     if self.heldout < 1:
       raise ValueError(f"heldout must be >= 1, got {self.heldout}")
+    if any(not (math.isfinite(lam) and lam > 0) for lam in self.block_lams) or self.block_lam in self.block_lams:
+      raise ValueError(f"block_lams must be positive, finite and differ from block_lam = {self.block_lam}, got "
+                       f"{self.block_lams}")
     if self.probe.n > self.sets.A:
       raise ValueError(f"probe.n = {self.probe.n} > sets.A = {self.sets.A}: the objectives' prompts come from A")

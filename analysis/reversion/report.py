@@ -179,6 +179,16 @@ def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
       for k, t in v.items():
         L.append(f"| {arm} | {k} | {t['diff']:+.3f} | {_p(t['p'])} |")
     L.append("")
+  sweep = sorted((config.arm_kind(a)[1], a) for a in per_arm if config.arm_kind(a)[0] == "block")
+  if len(sweep) > 1 and "baseline" in per_arm:
+    L += ["Lambda sweep of the block arm (each against the baseline: permutation p of the difference):", "",
+          "| lambda | a on B at T | harmful not refused on C | benign refused on C | task NLL |", "|---|---|---|---|---|"]
+    for lam, a in sweep:
+      d, v = per_arm[a], per_arm[a]["vs_baseline"]
+      L.append(f"| {lam:g} | {_ci(d['alignment_B'])} (p {_p(v['alignment_B']['p'])}) | {_ci(d['harmful_C'], True)} "
+               f"(p {_p(v['harmful_C']['p'])}) | {_ci(d['benign_refusal_C'], True)} (p "
+               f"{_p(v['benign_refusal_C']['p'])}) | {_ci(d['task_nll_final'])} (p {_p(v['task_nll_final']['p'])}) |")
+    L.append("")
   c = s.get("control_adapter")
   if c:
     d = c["safety_minus_control"]

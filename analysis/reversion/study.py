@@ -222,7 +222,7 @@ def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict
   spec, tx = benign_optimizer(config, st.cfg)
   init = benign_init(spec, tx, st.cfg, seeds)
   arms = {}
-  bar = tqdm(total=T * len(config.arms), desc="benign fine-tuning", disable=not config.progress,
+  bar = tqdm(total=T * len(config.all_arms), desc="benign fine-tuning", disable=not config.progress,
              dynamic_ncols=True)
   budget = None if config.stop_after < 0 else int(config.stop_after)   # benign steps of this invocation
   used = [0]
@@ -234,9 +234,9 @@ def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict
       bar.set_postfix(arm=arm, align=f"{float(np.nanmean(m['align_all'][:, -1])):.3f}")
 
   programs = {}                                            # the control arm runs the baseline's compiled program
-  for arm in config.arms:
-    kind = "baseline" if arm == "control" else arm
-    sc = scan.ScanConfig(arm=kind, lam=config.block_lam if kind == "block" else config.push_lam,
+  for arm in config.all_arms:
+    kind, lam = config.arm_kind(arm)
+    sc = scan.ScanConfig(arm=kind, lam=lam,
                          push_scale=config.push_scale, lora_scale=spec.scale, position=config.probe.position,
                          aux_layers=tuple(config.aux_layers), n_targets=max_targets(bset.loss_mask))
     if sc not in programs:
