@@ -143,6 +143,19 @@ def test_faithfulness_of_the_whole_model_is_one(tiny_study):
                            {"k": 2, "attn_min": 0.2, "rep_min": 0.3})
   assert np.isclose(everything["faithfulness"], 1.0, atol=1e-5)
   assert np.isclose(everything["circuit_logit_diff"], everything["logit_diff"], atol=1e-5)
+  # normalised faithfulness: 1 for the full model and 0 for the empty circuit by construction (floor 0 so the tiny
+  # model's gap counts); the empty circuit's F(C) is the all-heads knockout itself.
+  nothing = ioi.analyze(params, cfg, d, 0, jax.random.key(0), {"k": 2, "attn_min": 0.2, "rep_min": 0.3})
+  F = lambda r: C.normalised_faithfulness(r["circuit_logit_diff"], r["logit_diff"], r["empty_logit_diff"], floor=0)
+  assert np.isclose(F(everything), 1.0, atol=1e-5) and np.isclose(F(nothing), 0.0, atol=1e-6)
+  assert np.isclose(nothing["circuit_logit_diff"], nothing["empty_logit_diff"], atol=1e-6)
+
+
+def test_normalised_faithfulness_closed_form_and_floor():
+  assert C.normalised_faithfulness(2.0, 3.0, 1.0) == 0.5                   # (2 - 1) / (3 - 1)
+  assert C.normalised_faithfulness(0.0, 3.0, 1.0) == -0.5                  # worse than the empty circuit
+  assert np.isnan(C.normalised_faithfulness(0.5, 0.02, -0.03))            # |F(M) - F(empty)| = 0.05 < floor 0.1
+  assert C.normalised_faithfulness(0.5, 0.02, -0.03, floor=0.01) == pytest.approx(0.53 / 0.05)
 
 
 def test_faithfulness_curve_at_top_k_is_the_circuit_faithfulness(tiny_study):

@@ -32,6 +32,21 @@ from models.transformer import (Interventions, KVCache, default_positions, forwa
                                 rms_norm)
 
 
+FAITHFULNESS_FLOOR = 0.1   # nats of mean logit difference: below it the full model does not do the task
+
+
+def normalised_faithfulness(f_circuit: float, f_full: float, f_empty: float,
+                            floor: float = FAITHFULNESS_FLOOR) -> float:
+  """Circuit faithfulness normalised between the empty circuit and the full model:
+  (F(C) - F(empty)) / (F(M) - F(empty)), with F the mean logit difference (nats) when every head outside C (for
+  F(empty): every head) is mean-ablated; 1 = the circuit does all the model does, 0 = no more than nothing.
+  (Wang et al. 2022 Sec. 4 compare F(C) with F(M) and F(empty) of the same knockout; the normalised form is
+  issue 19's.) Returns NaN, undefined, when |F(M) - F(empty)| < floor: the full model does not do the task, and
+  a ratio over that gap is noise."""
+  gap = float(f_full) - float(f_empty)
+  return float("nan") if abs(gap) < floor else (float(f_circuit) - float(f_empty)) / gap
+
+
 def logit_diff(logits_last: jax.Array, io: jax.Array, s: jax.Array) -> jax.Array:
   """logit(IO) - logit(S): logits_last `[N, V]`, io / s `[N]` int -> `[N]` float32."""
   pick = lambda ids: jnp.take_along_axis(logits_last, ids[:, None].astype(jnp.int32), axis=-1)[:, 0]

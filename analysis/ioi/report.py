@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from analysis.ioi import circuits as C
 from train.rundir import write_json, write_text
 
 
@@ -32,7 +33,7 @@ SCALARS = ("localisation_poison", "localisation_retrain", "recovery_corr_clean",
            "cmap_circuit_retrain_gap_closed", "cmap_all_heads_poison", "cmap_all_heads_poison_gap_closed",
            "cmap_all_heads_retrain", "cmap_all_heads_retrain_gap_closed")
 PHASE_SCALARS = ("logit_diff", "accuracy", "circuit_logit_diff", "faithfulness", "abc_logit_diff", "attribution_corr",
-                 "restoration_corr")
+                 "restoration_corr", "empty_logit_diff", "faithfulness_normalised")
 
 
 def write_outputs(wd, results: dict, cfg, config, wall_s: float) -> str:
@@ -164,10 +165,12 @@ class _Cells:
     self.head = "| " + " | ".join(f"seed {x}" for x in self.seeds) + " |"
 
   def pm(self, key, f="{:.3f}"):
+    if self.s[key][0] != self.s[key][0]:
+      return "undefined"
     return f"{f.format(self.s[key][0])} ± {f.format(self.s[key][1])}"
 
   def per_seed(self, get):
-    return " | ".join(f"{get(r):.3f}" for r in self.results.values())
+    return " | ".join("undefined" if get(r) != get(r) else f"{get(r):.3f}" for r in self.results.values())
 
   def ph(self, p, m):
     return self.per_seed(lambda r: r[p][m])
@@ -218,13 +221,18 @@ def _faithfulness(config, cfg, c: _Cells) -> list[str]:
             "every position (ABC means per template); faithfulness = circuit-only / full mean logit difference (a "
             "ratio: it is unstable where the full logit difference is near 0, so the circuit-only logit difference "
             "is given too). The paper's circuits are hand-built path-patching circuits (Wang et al.: 26 heads), not "
-            f"a top-{k}.", "",
-            "| phase | circuit-only logit diff | full logit diff | faithfulness | GPT-2 small faithfulness (paper) "
-            + c.head, "|---|---|---|---|---|" + "---|" * len(c.seeds)]
+            f"a top-{k}. Normalised faithfulness = (F(C) - F(empty)) / (F(M) - F(empty)), F(empty) = every head "
+            f"mean-ablated: 1 = the circuit does all the model does, 0 = no more than nothing; undefined where "
+            f"|F(M) - F(empty)| < {C.FAITHFULNESS_FLOOR} (the full model does not do the task).", "",
+            "| phase | circuit-only logit diff | full logit diff | empty-circuit logit diff | faithfulness | "
+            "normalised faithfulness | GPT-2 small faithfulness (paper) " + c.head,
+            "|---|---|---|---|---|---|---|" + "---|" * len(c.seeds)]
   for p in PHASES:
-    lines.append(f"| {p} | {c.pm(p + '/circuit_logit_diff')} | {c.pm(p + '/logit_diff')} | {c.pm(p + '/faithfulness')} | "
-                 f"{PAPER['faithfulness'][p]} | {c.ph(p, 'faithfulness')} |")
-  lines += ["", "Per-seed cells: faithfulness."]
+    lines.append(f"| {p} | {c.pm(p + '/circuit_logit_diff')} | {c.pm(p + '/logit_diff')} | "
+                 f"{c.pm(p + '/empty_logit_diff')} | {c.pm(p + '/faithfulness')} | "
+                 f"{c.pm(p + '/faithfulness_normalised')} | {PAPER['faithfulness'][p]} | "
+                 f"{c.ph(p, 'faithfulness_normalised')} |")
+  lines += ["", "Per-seed cells: normalised faithfulness."]
   ks = [m.removeprefix("base/faithfulness_k") for m in c.s if m.startswith("base/faithfulness_k")]
   if ks:
     lines += ["", "### Faithfulness by circuit size", "",

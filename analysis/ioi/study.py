@@ -140,6 +140,7 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
   n_t = len(BABA_TEMPLATES) + len(ABBA_TEMPLATES)
   z_mean = C.template_means(z_abc, jnp.asarray(d.template), n_t)
   kept = np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.asarray(1 - circuit), io, s))
+  empty = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.ones(circuit.shape), io, s)).mean())
   by_k = {}
   for kk in ks:
     kept_k = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean,
@@ -164,6 +165,8 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
           "restoration_corr": _corr(restoration, importance), "dla_heads": dla, "circuit": circuit,
           "circuit_logit_diff": float(kept.mean()),
           "faithfulness": float(kept.mean() / ld.mean()) if ld.mean() != 0 else float("nan"),
+          "empty_logit_diff": empty,
+          "faithfulness_normalised": C.normalised_faithfulness(float(kept.mean()), float(ld.mean()), empty),
           "attention": attention, "classes": {c: [list(lh) for lh in found[c]] for c in CLASSES}, **by_k}
 
 
