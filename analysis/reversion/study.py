@@ -176,9 +176,10 @@ def reference(st: Setup, config: ReversionConfig, workdir: str) -> tuple[Any, di
     summary["eval_early"] = evaluate_early(st.evaluator, st.params, config)
     aligned, summary["safety"] = safety_phase(st.params, st.cfg, st.tok, st.train_pairs, config, workdir, st.system)
     v_rev = st.mean_fn(st.params, st.vrev_probe) - st.mean_fn(aligned, st.vrev_probe)
-    tm = [np.asarray(st.vrev_probe[k]) for k in ("tokens", "mask")]
-    summary["v_rev_split_half"] = rm.split_half(last_token_resid(st.params, st.cfg, *tm)
-                                                - last_token_resid(aligned, st.cfg, *tm), seed=config.data_seed)
+    if config.probe.position == "last":                   # per-prompt differences at the token v_rev reads
+      tm = [np.asarray(st.vrev_probe[k]) for k in ("tokens", "mask")]
+      summary["v_rev_split_half"] = rm.split_half(last_token_resid(st.params, st.cfg, *tm)
+                                                  - last_token_resid(aligned, st.cfg, *tm), seed=config.data_seed)
   elif config.reference == "refusal_reversed":
     aligned = st.params
     benign = [p["benign"] for p in st.train_pairs[:config.sets.A]]      # S's benign twins (A has none)
