@@ -104,6 +104,18 @@ def pad_left(rows: Sequence[Sequence[int]], pad: int, multiple: int = 1) -> tupl
   return toks, mask
 
 
+def length_batches(rows: Sequence[Sequence[int]], batch: int, pad: int, multiple: int = 32):
+  """Yield (indices, tokens, mask) over token-id rows sorted longest first, in batches of exactly `batch` rows (the
+  last filled with copies of its final row), each left-padded by pad_left to a multiple of `multiple`: little
+  padding and few compiled shapes. `indices` are the positions in `rows` of the batch's real rows."""
+  order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+  for i in range(0, len(order), batch):
+    idx = order[i:i + batch]
+    chunk = [rows[j] for j in idx] + [rows[idx[-1]]] * (batch - len(idx))
+    toks, mask = pad_left(chunk, pad, multiple)
+    yield idx, toks, mask
+
+
 def decode_generated(tokenizer, new_tokens: np.ndarray, eos_ids: Sequence[int]) -> list[str]:
   """Decode `[B, N]` generated ids, cutting each row at its first EOS."""
   out = []

@@ -43,13 +43,8 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], *, max_new_
   """
   eos = tk.eos_ids(tokenizer, cfg)
   rows = [tokenizer.encode(tk.chat_prompt(tokenizer, p, system), add_special_tokens=False) for p in prompts]
-  order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
   out: list[str | None] = [None] * len(rows)
-  for i in range(0, len(order), batch):
-    idx = order[i:i + batch]
-    chunk = [rows[j] for j in idx]
-    chunk += [chunk[-1]] * (batch - len(idx))   # fixed batch shape
-    toks, mask = tk.pad_left(chunk, tk.pad_id(tokenizer), length_multiple)
+  for idx, toks, mask in tk.length_batches(rows, batch, tk.pad_id(tokenizer), length_multiple):
     new = generate(params, cfg, jnp.asarray(toks), jnp.asarray(mask), max_new_tokens=max_new_tokens,
                    eos_ids=eos, pad_id=tk.pad_id(tokenizer))
     for j, text in zip(idx, tk.decode_generated(tokenizer, np.asarray(new), eos)):

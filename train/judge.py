@@ -65,12 +65,8 @@ class ModelJudge:
       raise ValueError(f"judge: {len(prompts)} prompts but {len(responses)} responses")
     rows = [self.tok.encode(tk.chat_prompt(self.tok, JUDGE_QUESTION.format(prompt=p, response=r[:self.max_chars])),
                             add_special_tokens=False) for p, r in zip(prompts, responses)]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out = np.zeros(len(rows), np.float64)
-    for i in range(0, len(order), self.batch):
-      idx = order[i:i + self.batch]
-      chunk = [rows[j] for j in idx] + [rows[idx[-1]]] * (self.batch - len(idx))
-      toks, mask = tk.pad_left(chunk, tk.pad_id(self.tok), 32)
+    for idx, toks, mask in tk.length_batches(rows, self.batch, tk.pad_id(self.tok), 32):
       s = _yes_minus_no(self.params, jnp.asarray(toks), jnp.asarray(mask), cfg=self.cfg, yes=self.yes, no=self.no)
       out[idx] = np.asarray(s)[:len(idx)]
     return out
