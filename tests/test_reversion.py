@@ -251,13 +251,16 @@ def test_every_preset_converts_and_bad_overrides_name_the_field():
   assert full.all_arms[-2:] == ("block_lam0.3", "block_lam3")            # the lambda sweep's extra block arms
   assert [full.arm_kind(a) for a in ("block_lam0.3", "block", "control", "push")] == [
       ("block", 0.3), ("block", full.block_lam), ("baseline", full.push_lam), ("push", full.push_lam)]
+  precise = dataclasses.replace(full, block_lams=(0.123456789,))                # the name rounds, the value does not
+  assert precise.arm_kind(precise.all_arms[-1]) == ("block", 0.123456789)
   for field, value, message in (("benign.lr", -1e-4, "benign.lr must be in (0, 1]"),
                                 ("benign.lr", 5.0, "benign.lr must be in (0, 1]"),
                                 ("benign.eval_every", 3, "benign.eval_every = 3 must divide benign.steps = 4"),
                                 ("arms", ("baseline", "blok"), "arms must be a non-empty subset"),
                                 ("arms", ("block", "control"), "the control arm needs the baseline arm"),
                                 ("probe.n", 7, "probe.n = 7 > sets.A = 6"),
-                                ("block_lams", (1.0,), "block_lams must be positive, finite and differ"),
+                                ("block_lams", (1.0,), "block_lams must be positive, finite, distinct"),
+                                ("block_lams", (0.3, 0.3000001), "block_lams must be positive, finite, distinct"),
                                 ("probe.position", "first", "probe.position must be 'last' or 'mean'"),
                                 ("safety.train.lr", float("nan"), "train.lr must be in (0, 1]")):
     cd = get_config("quick")

@@ -131,8 +131,9 @@ class ReversionConfig:
   def arm_kind(self, arm: str) -> tuple[str, float]:
     """(train.scan arm, lambda) of an arm name: the control arm runs the baseline's program; "block_lam<x>" is
     block with lambda x; block and push take block_lam / push_lam."""
-    if arm.startswith("block_lam"):
-      return "block", float(arm[len("block_lam"):])
+    sweep = dict(zip(self.all_arms[len(self.arms):], self.block_lams))   # the configured value, not the name's
+    if arm in sweep:
+      return "block", sweep[arm]
     kind = "baseline" if arm == "control" else arm
     return kind, self.block_lam if kind == "block" else self.push_lam
 
@@ -149,8 +150,9 @@ class ReversionConfig:
       raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
     if self.heldout < 1:
       raise ValueError(f"heldout must be >= 1, got {self.heldout}")
-    if any(not (math.isfinite(lam) and lam > 0) for lam in self.block_lams) or self.block_lam in self.block_lams:
-      raise ValueError(f"block_lams must be positive, finite and differ from block_lam = {self.block_lam}, got "
-                       f"{self.block_lams}")
+    if (any(not (math.isfinite(lam) and lam > 0) for lam in self.block_lams) or self.block_lam in self.block_lams
+        or len(set(self.all_arms)) != len(self.all_arms)):
+      raise ValueError(f"block_lams must be positive, finite, distinct in their arm names and differ from "
+                       f"block_lam = {self.block_lam}, got {self.block_lams}")
     if self.probe.n > self.sets.A:
       raise ValueError(f"probe.n = {self.probe.n} > sets.A = {self.sets.A}: the objectives' prompts come from A")
