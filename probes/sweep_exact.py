@@ -95,7 +95,7 @@ def run_exact(model, config, vectors: dict[str, dict], probes: dict[str, list], 
       ts = time.time()
       r = steering.steering_sweep(model.params, model.cfg, tasks, dirs[i:i + 1], [l], alphas, method=config.method,
                                   memory_gib=config.memory_gib, progress=bar.update, per_probe=True, mesh=mesh,
-                                  prefix=prefix.get("pass"))
+                                  prefix=prefix.get("pass"), prefix_layers=layers)
       prefix["pass"] = r.pop("prefix")
       timing[f"exact_layer_{l}_s"] = time.time() - ts
       return r

@@ -95,13 +95,16 @@ def test_one_layer_calls_reuse_one_compilation_and_the_prefix(tiny, grid):
   ticks, prefix = [], None
   for i, l in enumerate(layers):
     res = steering.steering_sweep(params, cfg, tasks, dirs[i:i + 1], [l], alphas, memory_gib=0.0005,
-                                  progress=ticks.append, prefix=prefix)
+                                  progress=ticks.append, prefix=prefix, prefix_layers=layers)
     prefix = res["prefix"]
+    assert prefix[1][0].shape[0] == len(layers)              # the residuals of the swept layers only
     np.testing.assert_allclose(res["scores"][0], ref[i], atol=1e-5)
   assert len(steering._PROGRAMS) == 1
   (program, _), = steering._PROGRAMS.values()
   assert program._cache_size() == 1                        # compiled once, run for the three layers
   assert sum(ticks) == len(layers) * len(alphas) * 3       # progress reached the later calls' sink too
+  with pytest.raises(ValueError, match="not of every swept layer"):
+    steering.steering_sweep(params, cfg, tasks, dirs[:1], [layers[0]], alphas, prefix=res["prefix"][:2] + ([99],))
 
 
 
