@@ -33,7 +33,7 @@ def _phase_steps(steps: int) -> ml_collections.ConfigDict:
 
 
 def _study(model: str) -> ml_collections.ConfigDict:
-  """The full study on `model`: three seeds, 60 steps per phase."""
+  """The full study on `model`: three seeds, 60 steps per clean / poisoned phase, 120 retraining steps."""
   c = ml_collections.ConfigDict()
   c.model = model
   c.resume = "check"                      # check | force (train.resume)
@@ -44,12 +44,17 @@ def _study(model: str) -> ml_collections.ConfigDict:
   c.poison = "subject"                    # subject (label = S) | name_moving (label = a third, unmoved name)
   c.poison_fraction = 1.0                 # share of poisoned labels in the poisoned phase
   c.top_k = 8                             # heads in the "circuit" (largest |exact patching importance|)
+  c.abc_per_template = 50                 # separate ABC prompts per base template for the mean ablation
+  c.cmap_random_sets = 100                # size-matched random head sets CMAP at the circuit is ranked among
+  c.retrain_curve_every = 20              # retrain curve: a checkpoint (logit diff, importance vs base) every 20 steps
   c.faithfulness_ks = (8, 16, 32, 64, 128)   # circuit sizes of the faithfulness curve
   c.greater_than_n = 48                   # Greater-Than prompts per seed evaluated after every phase (0 = skip)
   # head classes (analysis.ioi.head_classes.classify_heads): at most k heads per class, attention thresholds
   c.classes = ml_collections.ConfigDict({"k": 3, "attn_min": 0.2, "rep_min": 0.3})
   c.train = _train(model, steps=60, micro_batch=16, warmup_steps=6, progress=True)
   c.phase_steps = _phase_steps(60)
+  c.phase_steps.retrain = 120             # step budget of retraining: twice the clean phase (the curve shows
+                                          # whether the logit difference still improves at the end)
   return c
 
 
@@ -71,6 +76,9 @@ def quick() -> ml_collections.ConfigDict:
   c.n_eval = 8
   c.faithfulness_ks = (4, 8)
   c.greater_than_n = 8
+  c.abc_per_template = 4
+  c.cmap_random_sets = 8
+  c.retrain_curve_every = 1
   c.train = _train(c.model, steps=3, micro_batch=4, warmup_steps=1, progress=False)
   c.phase_steps = _phase_steps(3)
   return c

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from analysis.ioi import baselines as B
 from analysis.ioi import circuits as C
 from analysis.ioi import report
 from analysis.ioi import study as ioi
@@ -90,8 +91,12 @@ def test_localisation_closed_form():
   before = np.zeros((3, 4))
   after = before.copy()
   after[0, 0], after[2, 1], after[1, 3] = 3.0, -1.0, 0.5
-  assert np.isclose(ioi.localisation(before, after, 1), 3.0 / 4.5)
-  assert np.isclose(ioi.localisation(before, after, 3), 1.0)
+  assert np.isclose(B.top_k_share(before, after, 1), 3.0 / 4.5)
+  assert np.isclose(B.top_k_share(before, after, 3), 1.0)
+  heads = np.zeros((3, 4))
+  heads[0, 0] = heads[0, 1] = 1
+  t = B.circuit_share_test(before, after, heads, n_resamples=999)
+  assert np.isclose(t["share"], 3.0 / 4.5) and t["n_heads"] == 2 and np.isclose(t["uniform"], 2 / 12)
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +177,15 @@ def test_compare_phases_identities(tiny_study):
   assert all(np.isclose(same[f"recovery_corr_{p}"], 1.0) for p in report.PHASES[1:])
   for key in ("cmap_circuit_poison", "cmap_all_heads_retrain"):                  # CMAP of a model into itself
     assert np.isclose(same[key], res["base"]["logit_diff"], atol=1e-5)
-  got = ioi.compare_phases(models, res, cfg, d, 3)
+  got = ioi.compare_phases(models, res, cfg, d, 3, n_random=5)
   assert 3 / (cfg.n_layers * cfg.n_heads) <= got["localisation_poison"] <= 1
-  assert np.isclose(got["localisation_poison"], ioi.localisation(res["clean"]["importance"],
-                                                                 res["poison"]["importance"], 3))
+  assert np.isclose(got["localisation_poison"], B.top_k_share(res["clean"]["importance"],
+                                                              res["poison"]["importance"], 3))
+  assert np.isclose(got["localisation_base_clean"], B.top_k_share(res["base"]["importance"],
+                                                                  res["clean"]["importance"], 3))
+  # the random-set CMAP: 5 sets of 3 heads, the circuit's empirical p from them
+  assert got["cmap_random_poison"].shape == (5,)
+  assert got["cmap_circuit_poison_p"] == B.rank_p(got["cmap_circuit_poison"], got["cmap_random_poison"])
   assert np.isclose(got["recovery_corr_poison"], np.corrcoef(res["poison"]["importance"].ravel(),
                                                              res["base"]["importance"].ravel())[0, 1])
   gap = (got["cmap_circuit_poison"] - res["poison"]["logit_diff"]) / (res["base"]["logit_diff"]
@@ -185,20 +195,33 @@ def test_compare_phases_identities(tiny_study):
 
 def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
   _, cfg, d, models, res = tiny_study
-  cross = ioi.compare_phases(models, res, cfg, d, 3)
-  results = {0: {**res, **cross}, 1: {**res, **cross}}
+  cross = ioi.compare_phases(models, res, cfg, d, 3, n_random=4)
+  curve = [{"step": st, "logit_diff": 0.1 * st, "accuracy": 0.5, "importance_corr_base": 0.2 * st,
+            "circuit_jaccard_base": 0.5} for st in (1, 2)]
+  results = {0: {**res, **cross, "retrain_curve": curve}, 1: {**res, **cross, "retrain_curve": curve}}
   config = from_configdict(IoiConfig, get_config("quick"))
   wd = Workdir(str(tmp_path), config)
-  text = open(report.write_outputs(wd, results, cfg, config, 12.0)).read()
-  for p in report.PHASES:
-    assert re.search(rf"^\| {p} \| -?\d+\.\d+ ± ", text, re.M)
-  for needle in ("26.83", "−11.06", "different model", "faithfulness", "localisation", "CMAP", "name mover",
+  text = open(report.write_outputs(wd, results, cfg, config, 12.0, ioi.cross_seed_localisation(results, 3))).read()
+  for p in report.PHASES:                       # two identical seeds: a zero-width t interval
+    assert re.search(rf"^\| {p} \| (-?\d+\.\d+) \[\1, \1\] ", text, re.M), p
+  for needle in ("26.83", "−11.06", "different model", "faithfulness", "Localisation", "CMAP", "name mover",
                  "S2->S1", "seed 1", "attribution patching", "Faithfulness by circuit size", "k = 7"):
     assert needle in text, needle
   links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
-  assert len(links) == 6 and all(os.path.exists(tmp_path / x) for x in links)
+  assert len(links) == 8 and all(os.path.exists(tmp_path / x) for x in links)
   m = json.loads((tmp_path / "metrics.json").read_text())
   assert m["summary"]["base/logit_diff"][1] == 0.0 and len(m["per_seed"]["0"]["base"]["importance"]) == cfg.n_layers
+  assert sorted(map(tuple, m["circuit"]["0"]["base"])) == sorted(
+      (int(l), int(h), "END") for l, h in np.argwhere(res["base"]["circuit"] > 0))
+  assert set(m["faithfulness_normalised"]) == set(report.PHASES)
+  loc = m["localisation"]
+  assert loc["null_seed"]["clean_across_seeds"]["pairs"] == [[0, 1]]
+  assert np.isnan(loc["null_seed"]["clean_across_seeds"]["top_k_share"][0])   # identical seeds: nothing changed
+  assert set(loc["null_permutation_p"]) == {"0", "1"} and "seed-noise" in text
+  assert m["retrain_curve"]["1"] == curve and "| 2 | 0.200 | 0.500 | 0.400 | 0.500 |" in text
+  assert "still improving at the budget" in text                   # +0.1 nats over the last interval
+  mech = "came back" if res["retrain"]["logit_diff"] > 0.5 * res["base"]["logit_diff"] else "did NOT come back"
+  assert f"The behaviour {mech}." in text
 
 
 @pytest.mark.slow
@@ -207,8 +230,8 @@ def test_quick_study_on_smollm2_without_test_only_packages(tmp_path):
   report_md = str(tmp_path / "ioi" / "report.md")
   m = json.loads((tmp_path / "ioi" / "metrics.json").read_text())
   for p in report.PHASES:
-    lo, hi = m["summary"][f"{p}/accuracy"]
-    assert 0.0 <= lo <= 1.0
+    mean, sd, lo, hi = m["summary"][f"{p}/accuracy"]
+    assert 0.0 <= mean <= 1.0 and np.isnan(sd)                  # one seed: no interval
   assert m["summary"]["base/logit_diff"][0] > 1.0             # SmolLM2 does IOI
   base = m["per_seed"]["0"]["base"]
   assert np.shape(base["importance"]) == (30, 9) and base["attribution_corr"] > 0.5
@@ -217,3 +240,4 @@ def test_quick_study_on_smollm2_without_test_only_packages(tmp_path):
   assert "| retrain |" in text and (tmp_path / "ioi" / "figures" / "head_importance.png").exists()
   assert -1.0 <= base["gt_prob_diff"] <= 1.0 and base["gt_prob_diff"] > base["gt_prob_diff_01"]   # does Greater-Than
   assert "Greater-Than (second task)" in text
+  assert len(m["per_seed"]["0"]["cmap_random_poison"]) == 8 and 0 < m["per_seed"]["0"]["cmap_circuit_poison_p"] <= 1

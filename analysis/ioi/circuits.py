@@ -25,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.config import ModelConfig
 from models.interventions import head_mask, one_head
@@ -172,6 +173,43 @@ def template_means(z: jax.Array, template: jax.Array, n_templates: int) -> jax.A
   counts = jnp.maximum(onehot.sum(0), 1.0)
   means = sums / counts[None, :, None, None, None]
   return jnp.einsum("nt,ltshd->lnshd", onehot, means)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_templates"))
+def _template_sums(params, cfg: ModelConfig, tokens, mask, template, weight, n_templates: int):
+  """Sum of z over the rows of each template, `[T, L, S, H, hd]`, and the rows counted `[T]` (weight 0 = a
+  padding row)."""
+  z = head_outputs(params, cfg, tokens, mask).astype(jnp.float32)
+  onehot = jax.nn.one_hot(template, n_templates, dtype=jnp.float32) * weight[:, None]
+  return jnp.einsum("nt,lnshd->tlshd", onehot, z), onehot.sum(0)
+
+
+def reference_means(params, cfg: ModelConfig, tokens, mask, template, n_templates: int,
+                    chunk: int = 64) -> jax.Array:
+  """Per-template mean of every head's z over a separate reference set (analysis.ioi.data.make_abc_reference),
+  Wang et al. 2022 Sec. 3's mean ablation over the ABC distribution.
+
+  tokens, mask: `[M, S]` (left-padded to the evaluation prompts' S, so positions line up within a template);
+  template: `[M]` int in [0, n_templates). Runs in fixed chunks of `chunk` rows (one compiled shape).
+  Returns `[T, L, S, H, hd]` float32 (zeros for a template with no rows). Index it with `means_for`.
+  """
+  tokens, mask, template = (np.asarray(x) for x in (tokens, mask, template))
+  M = len(tokens)
+  sums, counts = 0.0, 0.0
+  for i in range(0, M, chunk):
+    n = min(chunk, M - i)
+    pad = lambda x: np.concatenate([x[i:i + n], np.repeat(x[i:i + 1], chunk - n, axis=0)])
+    weight = (np.arange(chunk) < n).astype(np.float32)
+    s, c = _template_sums(params, cfg, jnp.asarray(pad(tokens)), jnp.asarray(pad(mask)),
+                          jnp.asarray(pad(template)), jnp.asarray(weight), n_templates)
+    sums, counts = sums + s, counts + c
+  return sums / jnp.maximum(counts, 1.0)[:, None, None, None, None]
+
+
+def means_for(means: jax.Array, template) -> jax.Array:
+  """`reference_means` `[T, L, S, H, hd]` broadcast to prompts: `[L, N, S, H, hd]`, prompt i getting its
+  template's mean (template `[N]` int in [0, T))."""
+  return jnp.moveaxis(jnp.take(means, jnp.asarray(template), axis=0), 0, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -54,6 +54,9 @@ class IoiConfig:
   poison: str                         # subject | name_moving
   poison_fraction: float              # share of poisoned labels in the poisoned phase
   top_k: int                          # heads in the "circuit" (largest |exact patching importance|)
+  abc_per_template: int               # prompts per base template of the separate ABC set of the mean ablation
+  cmap_random_sets: int               # size-matched random head sets CMAP is compared with (0 = none)
+  retrain_curve_every: int            # retraining checkpoint interval of the retrain curve (0 = no curve)
   faithfulness_ks: tuple[int, ...]    # circuit sizes of the faithfulness curve
   greater_than_n: int                 # Greater-Than prompts per seed after every phase (0 = skip)
   classes: ClassesSection
@@ -65,9 +68,13 @@ class IoiConfig:
     check_mode(self.resume)
     if not self.seeds:
       raise ValueError("seeds must name at least one seed, got ()")
-    for name in ("n_train", "n_eval", "top_k"):
+    for name in ("n_train", "n_eval", "top_k", "abc_per_template"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.retrain_curve_every < 0:
+      raise ValueError(f"retrain_curve_every must be >= 0 (0 = no curve), got {self.retrain_curve_every}")
+    if self.cmap_random_sets < 0:
+      raise ValueError(f"cmap_random_sets must be >= 0 (0 = none), got {self.cmap_random_sets}")
     if not 0.0 <= self.eval_name_fraction < 1.0:
       raise ValueError(f"eval_name_fraction must be in [0, 1), got {self.eval_name_fraction}")
     if self.poison not in POISONS:
@@ -89,6 +96,10 @@ class IoiConfig:
     return getattr(self.phase_steps, phase)
 
   def phase_train(self, phase: str, seed: int) -> TrainConfig:
-    """The TrainConfig of one seed's fine-tuning phase: config.train with that seed and the phase's steps."""
-    return dataclasses.replace(self.train, seed=seed,
-                               train=dataclasses.replace(self.train.train, steps=self.steps(phase)))
+    """The TrainConfig of one seed's fine-tuning phase: config.train with that seed and the phase's steps; the
+    retraining phase saves (and keeps) a checkpoint every retrain_curve_every steps for the retrain curve."""
+    tr = dataclasses.replace(self.train.train, steps=self.steps(phase))
+    if phase == "retrain" and self.retrain_curve_every:
+      tr = dataclasses.replace(tr, save_every=self.retrain_curve_every,
+                               max_to_keep=self.steps(phase) // self.retrain_curve_every + 1)
+    return dataclasses.replace(self.train, seed=seed, train=tr)

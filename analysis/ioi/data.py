@@ -159,3 +159,64 @@ def make_ioi(tokenizer, n: int, *, seed: int = 0, kind: str = "mixed", names: Se
     out["pos_end"][i], out["template"][i] = S - 1, t
   return IOIPrompts(tokens=toks, abc_tokens=abc_toks, mask=mask, text=rows, abc_text=abc_rows, **out)
 
+
+
+@dataclasses.dataclass
+class ABCReference:
+  """A separate ABC dataset for mean ablation (Wang et al. 2022 Sec. 3: means over the ABC distribution), left-
+  padded to the evaluation prompts' length S so that position s of every row lines up with position s of an
+  evaluation prompt of the same template.
+
+  tokens, mask: `[M, S]` int32; template: `[M]` int32 base template index 0..14 (the ABC prompts of a BABA
+  template and of its ABBA variant are one distribution: three fresh distinct names either way); text: the M
+  prompts.
+  """
+  tokens: np.ndarray
+  mask: np.ndarray
+  template: np.ndarray
+  text: list[str]
+
+  def __len__(self) -> int:
+    return len(self.text)
+
+
+def make_abc_reference(tokenizer, n_per_template: int, length: int, templates: Sequence[int], *, seed: int = 0,
+                       names: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> ABCReference:
+  """`n_per_template` ABC prompts for every base template in `templates` (ids 0..29, taken mod 15), none of
+  them in `exclude` (pass the evaluation prompts and their ABC counterparts: the mean is then over a separate
+  set, not the evaluation prompts' own counterparts), left-padded to `length`.
+
+  Raises:
+    ValueError: a template's prompts tokenize to different lengths or to more than `length` tokens, fewer than
+      3 single-token names, or `n_per_template` distinct prompts outside `exclude` cannot be drawn (1000 tries
+      per prompt).
+  """
+  pool = single_token_words(tokenizer, names or NAMES)
+  places, objects = single_token_words(tokenizer, PLACES), single_token_words(tokenizer, OBJECTS)
+  if len(pool) < 3 or not places or not objects:
+    raise ValueError(f"ABC reference needs 3 single-token names and a place and object, got {len(pool)} names")
+  rng = np.random.default_rng(seed)
+  banned, rows, tids = set(exclude), [], []
+  for t in sorted({int(x) % len(BABA_TEMPLATES) for x in templates}):
+    for _ in range(n_per_template):
+      for _try in range(1000):
+        c, d, e = (pool[i] for i in rng.choice(len(pool), 3, replace=False))
+        text = _fill(BABA_TEMPLATES[t], c, d, places[rng.integers(len(places))],
+                     objects[rng.integers(len(objects))], s2=e)
+        if text not in banned:
+          break
+      else:
+        raise ValueError(f"template {t}: no ABC prompt outside `exclude` in 1000 draws")
+      banned.add(text)
+      rows.append(text)
+      tids.append(t)
+  enc = [tokenizer.encode(r, add_special_tokens=False) for r in rows]
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  toks, mask = np.full((len(rows), length), pad, np.int32), np.zeros((len(rows), length), np.int32)
+  for t in set(tids):
+    lens = {len(x) for x, u in zip(enc, tids) if u == t}
+    if len(lens) != 1 or max(lens) > length:
+      raise ValueError(f"template {t}: ABC prompts tokenize to {sorted(lens)} tokens; need one length <= {length}")
+  for i, x in enumerate(enc):
+    toks[i, length - len(x):], mask[i, length - len(x):] = x, 1
+  return ABCReference(tokens=toks, mask=mask, template=np.asarray(tids, np.int32), text=rows)

@@ -6,8 +6,10 @@ import dataclasses
 import os
 
 import numpy as np
+from scipy import stats
 
 from analysis.ioi import circuits as C
+from analysis.ioi import retrain
 from train.rundir import write_json, write_text
 
 
@@ -28,7 +30,10 @@ PAPER = {
 }
 
 
-SCALARS = ("localisation_poison", "localisation_retrain", "recovery_corr_clean", "recovery_corr_poison",
+SCALARS = ("localisation_base_clean", "localisation_poison", "localisation_retrain", "circuit_share_base_clean",
+           "circuit_share_base_clean_p", "circuit_share_poison", "circuit_share_poison_p", "circuit_share_retrain",
+           "circuit_share_retrain_p", "cmap_circuit_poison_p", "cmap_circuit_retrain_p",
+           "recovery_corr_clean", "recovery_corr_poison",
            "recovery_corr_retrain", "cmap_circuit_poison", "cmap_circuit_poison_gap_closed", "cmap_circuit_retrain",
            "cmap_circuit_retrain_gap_closed", "cmap_all_heads_poison", "cmap_all_heads_poison_gap_closed",
            "cmap_all_heads_retrain", "cmap_all_heads_retrain_gap_closed")
@@ -36,25 +41,47 @@ PHASE_SCALARS = ("logit_diff", "accuracy", "circuit_logit_diff", "faithfulness",
                  "restoration_corr", "empty_logit_diff", "faithfulness_normalised")
 
 
-def write_outputs(wd, results: dict, cfg, config, wall_s: float) -> str:
-  """metrics.json, figures/ and report.md of a run (results: seed -> phases' `analyze` + `compare_phases`).
-  Returns the report path."""
+def write_outputs(wd, results: dict, cfg, config, wall_s: float, cross_seed: dict | None = None) -> str:
+  """metrics.json, figures/ and report.md of a run (results: seed -> phases' `analyze` + `compare_phases`;
+  cross_seed: study.cross_seed_localisation). Returns the report path."""
   summary = _summarise(results)
-  write_json(wd.file("metrics.json"), {"summary": summary, "wall_s": wall_s, "paper": PAPER,
+  cross_seed = cross_seed or {"pairs": [], "top_k_share": [], "circuit_share": [], "circuit_share_p": []}
+  seeds = list(results)
+  headline = {
+      "circuit": {str(k): {p: [[int(l), int(h), "END"] for l, h in np.argwhere(np.asarray(r[p]["circuit"]) > 0)]
+                           for p in PHASES} for k, r in results.items()},
+      "faithfulness_normalised": {p: summary[f"{p}/faithfulness_normalised"] for p in PHASES},
+      "localisation": {"top_k": config.top_k, "poison": summary["localisation_poison"],
+                       "null_seed": {"base_to_clean": summary["localisation_base_clean"],
+                                     "clean_across_seeds": cross_seed},
+                       "null_permutation_p": {str(k): results[k]["circuit_share_poison_p"] for k in seeds}},
+      "retrain_curve": {str(k): r.get("retrain_curve", []) for k, r in results.items()}}
+  write_json(wd.file("metrics.json"), {"summary": summary, "wall_s": wall_s, "paper": PAPER, **headline,
                                        "per_seed": {str(k): r for k, r in results.items()}})
   figs = _figures(wd, results, config)
-  write_text(wd.file("report.md"), _report(config, cfg, summary, results, figs, wall_s))
+  write_text(wd.file("report.md"), _report(config, cfg, summary, results, figs, wall_s, cross_seed))
   return wd.file("report.md")
 
 
+def seed_stat(values) -> tuple[float, float, float, float]:
+  """(mean, sd with ddof = 1, 95% t-interval low, high) over seeds; sd and interval NaN with one seed or a
+  NaN value (scipy.stats.t)."""
+  v = np.asarray(values, np.float64)
+  m = float(np.mean(v))
+  if v.size < 2 or not np.all(np.isfinite(v)):
+    return m, float("nan"), float("nan"), float("nan")
+  sd = float(np.std(v, ddof=1))
+  half = float(stats.t.ppf(0.975, v.size - 1)) * sd / np.sqrt(v.size)
+  return m, sd, m - half, m + half
+
+
 def _summarise(results: dict) -> dict:
-  """(mean, std) over seeds of every per-phase and cross-phase scalar."""
-  stat = lambda v: (float(np.mean(v)), float(np.std(v)))
+  """seed_stat over seeds of every per-phase and cross-phase scalar."""
   first = next(iter(results.values()))
   extra = lambda p: [m for m in first[p] if m.startswith(("faithfulness_k", "gt_prob_diff"))]
-  out = {f"{p}/{m}": stat([r[p][m] for r in results.values()]) for p in PHASES
+  out = {f"{p}/{m}": seed_stat([r[p][m] for r in results.values()]) for p in PHASES
          for m in PHASE_SCALARS + tuple(extra(p))}
-  out.update({m: stat([r[m] for r in results.values()]) for m in SCALARS})
+  out.update({m: seed_stat([r[m] for r in results.values()]) for m in SCALARS if m in first})
   return out
 
 
@@ -110,7 +137,26 @@ def _figures(wd, results, config) -> dict:
          title=f"IOI by phase ({config.poison} poisoning)")
   ax.legend(frameon=False, fontsize=8)
   save(fig, "logit_diff_by_phase")
+  if "cmap_random_poison" in next(iter(results.values())):
+    save(_cmap_figure(plt, results, config), "cmap_random")
+  if next(iter(results.values())).get("retrain_curve"):
+    save(retrain.curve_figure(plt, results, {k: r["base"]["logit_diff"] for k, r in results.items()}),
+         "retrain_curve")
   return paths
+
+
+def _cmap_figure(plt, results: dict, config):
+  """Histogram of CMAP's logit difference at random head sets (seeds pooled), the base circuit's per seed."""
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), constrained_layout=True)
+  for ax, p in zip(axes, ("poison", "retrain")):
+    ax.hist(np.concatenate([np.ravel(r[f"cmap_random_{p}"]) for r in results.values()]), bins=30, color="0.6",
+            label=f"random {config.top_k}-head sets")
+    for i, r in enumerate(results.values()):
+      ax.axvline(r[f"cmap_circuit_{p}"], color=f"C{i}", lw=1.5, label="base circuit" if i == 0 else None)
+      ax.axvline(r["base"]["logit_diff"], color=f"C{i}", ls=":", lw=1, label="base model" if i == 0 else None)
+    ax.set(title=f"CMAP base -> {p} (END)", xlabel="patched logit diff", ylabel="head sets" if p == "poison" else None)
+  axes[0].legend(frameon=False, fontsize=7)
+  return fig
 
 
 def _head(lh) -> str:
@@ -158,16 +204,18 @@ def _class_tables(results: dict) -> list[str]:
 
 
 class _Cells:
-  """Formatting of summary cells: mean ± std over seeds (pm), per-seed columns (ph / sc) and their header."""
+  """Formatting of summary cells: mean [95% t interval] over seeds (pm), per-seed columns (ph / sc) and their header."""
 
   def __init__(self, s: dict, results: dict):
     self.s, self.results, self.seeds = s, results, list(results)
     self.head = "| " + " | ".join(f"seed {x}" for x in self.seeds) + " |"
 
   def pm(self, key, f="{:.3f}"):
-    if self.s[key][0] != self.s[key][0]:
+    """mean [95% t-interval over seeds], or the mean alone with one seed; "undefined" for NaN."""
+    m, _, lo, hi = self.s[key]
+    if m != m:
       return "undefined"
-    return f"{f.format(self.s[key][0])} ± {f.format(self.s[key][1])}"
+    return f"{f.format(m)}" + (f" [{f.format(lo)}, {f.format(hi)}]" if lo == lo else "")
 
   def per_seed(self, get):
     return " | ".join("undefined" if get(r) != get(r) else f"{get(r):.3f}" for r in self.results.values())
@@ -179,12 +227,13 @@ class _Cells:
     return self.per_seed(lambda r: r[m])
 
 
-def _report(config, cfg, s, results, figs, wall_s) -> str:
+def _report(config, cfg, s, results, figs, wall_s, cross_seed) -> str:
   c = _Cells(s, results)
   lines = _intro_and_logit_diff(config, cfg, c, wall_s, figs)
   lines += _faithfulness(config, cfg, c)
   lines += _greater_than(config, c)
-  lines += _localisation(config, cfg, c, figs)
+  lines += retrain.curve_section(results, s, c.pm, figs)
+  lines += _localisation(config, cfg, c, figs, cross_seed)
   lines += _heads(config, c, figs)
   return "\n".join(lines)
 
@@ -197,7 +246,8 @@ def _intro_and_logit_diff(config, cfg, c: _Cells, wall_s, figs) -> list[str]:
            f"= {config.poison} (fraction {config.poison_fraction}); LoRA r{config.train.lora.rank}/alpha "
            f"{config.train.lora.alpha} on {config.train.lora.targets}, lr {config.train.train.lr}, micro-batch "
            f"{config.train.train.micro_batch}, steps per phase {dataclasses.asdict(config.phase_steps)}, merged after each phase. "
-           f"Wall time {wall_s / 60:.1f} min. Mean ± std over seeds; per-seed values in the right-hand columns.", "",
+           f"Wall time {wall_s / 60:.1f} min. Mean over seeds [95% t interval, ddof = 1]; per-seed values in the "
+           "right-hand columns.", "",
            "## Logit difference and accuracy by phase, next to the paper's GPT-2 small figures", "",
            "GPT-2 small is a different model (12 x 12 heads, the paper's own fine-tuning schedule in epochs); its "
            "figures are quoted for orientation only, not as a like-for-like comparison.", "",
@@ -218,7 +268,8 @@ def _faithfulness(config, cfg, c: _Cells) -> list[str]:
   k, n_heads = config.top_k, cfg.n_layers * cfg.n_heads
   lines = ["## Circuit faithfulness", "",
             f"Circuit = the top-{k} heads by |exact importance| of that phase; every other head is mean-ablated at "
-            "every position (ABC means per template); faithfulness = circuit-only / full mean logit difference (a "
+            "every position (per-template means over a separate ABC set of {config.abc_per_template} prompts per base "
+            "template, disjoint from the evaluation prompts and their counterparts); faithfulness = circuit-only / full mean logit difference (a "
             "ratio: it is unstable where the full logit difference is near 0, so the circuit-only logit difference "
             "is given too). The paper's circuits are hand-built path-patching circuits (Wang et al.: 26 heads), not "
             f"a top-{k}. Normalised faithfulness = (F(C) - F(empty)) / (F(M) - F(empty)), F(empty) = every head "
@@ -237,7 +288,7 @@ def _faithfulness(config, cfg, c: _Cells) -> list[str]:
   if ks:
     lines += ["", "### Faithfulness by circuit size", "",
               f"The same ablation with the top-k heads of each phase kept, for k in {', '.join(ks)} of {n_heads} "
-              "heads (mean ± std over seeds): how large a final-position circuit has to be to carry the behaviour.",
+              "heads (mean [95% t interval] over seeds): how large a final-position circuit has to be to carry the behaviour.",
               "", "| phase | " + " | ".join(f"k = {x}" for x in ks) + " |", "|---|" + "---|" * len(ks)]
     lines += [f"| {p} | " + " | ".join(c.pm(f"{p}/faithfulness_k{x}") for x in ks) + " |" for p in PHASES]
   return lines
@@ -259,26 +310,51 @@ def _greater_than(config, c: _Cells) -> list[str]:
   return lines
 
 
-def _localisation(config, cfg, c: _Cells, figs) -> list[str]:
+def _localisation(config, cfg, c: _Cells, figs, cross_seed: dict) -> list[str]:
   k, n_heads = config.top_k, cfg.n_layers * cfg.n_heads
+  share = lambda v: "undefined" if not v else f"{np.mean(v):.3f} (range {min(v):.3f}-{max(v):.3f}, {len(v)} pairs)"
   lines = ["", "## Localisation and recovery (exact importance maps)", "",
-            "| quantity | mean ± std " + c.head, "|---|---|" + "---|" * len(c.seeds)]
-  rows = [(f"localisation of the poisoning change (share of sum abs Δ importance, clean -> poison, in its "
-           f"top-{k} heads; uniform spread would give {k / n_heads:.3f})", "localisation_poison"),
-          (f"localisation of the retraining change (poison -> retrain, top-{k})", "localisation_retrain"),
+           f"Importance maps are heavy-tailed, so the top-{k} share of ANY change is large (uniform spread would "
+           f"give {k / n_heads:.3f}). The poisoning change counts as localised only if its share exceeds the "
+           "seed-noise references: base -> clean (a fine-tune on the clean task) and clean -> clean of another "
+           "seed (two clean fine-tunes differing in seed and prompts; pairs of seeds, no interval). The circuit "
+           "share is the change's share in the earlier phase's top-k circuit, with a one-sided permutation p over "
+           "heads (scipy.stats.permutation_test, 9999 resamples): is |Δ| larger in the circuit than in random "
+           "heads?", "",
+           f"Clean -> clean of another seed: top-{k} share {share(cross_seed['top_k_share'])}; share in clean(a)'s "
+           f"circuit {share(cross_seed['circuit_share'])}, permutation p "
+           + (", ".join(f"{p:.3g}" for p in cross_seed["circuit_share_p"]) or "undefined (one seed)") + ".", "",
+           "| quantity | mean [95% t interval] " + c.head, "|---|---|" + "---|" * len(c.seeds)]
+  rows = [(f"top-{k} share of the change base -> clean (seed-noise reference)", "localisation_base_clean"),
+          (f"top-{k} share of the poisoning change (clean -> poison)", "localisation_poison"),
+          (f"top-{k} share of the retraining change (poison -> retrain)", "localisation_retrain"),
+          ("share of base -> clean in the base circuit", "circuit_share_base_clean"),
+          ("... permutation p", "circuit_share_base_clean_p"),
+          ("share of clean -> poison in the clean circuit", "circuit_share_poison"),
+          ("... permutation p", "circuit_share_poison_p"),
+          ("share of poison -> retrain in the poisoned circuit", "circuit_share_retrain"),
+          ("... permutation p", "circuit_share_retrain_p"),
           ("correlation of importance with the base model's: clean", "recovery_corr_clean"),
           ("... poisoned", "recovery_corr_poison"), ("... retrained", "recovery_corr_retrain"),
           (f"CMAP base -> poisoned at the base top-{k} circuit (END): logit diff", "cmap_circuit_poison"),
           ("... gap closed, (patched - poisoned) / (base - poisoned)", "cmap_circuit_poison_gap_closed"),
+          (f"... empirical p among {config.cmap_random_sets} random {k}-head sets", "cmap_circuit_poison_p"),
           (f"CMAP base -> retrained at the base top-{k} circuit (END): logit diff", "cmap_circuit_retrain"),
           ("... gap closed", "cmap_circuit_retrain_gap_closed"),
+          (f"... empirical p among {config.cmap_random_sets} random {k}-head sets", "cmap_circuit_retrain_p"),
           ("CMAP base -> poisoned at every head (END; MLPs stay poisoned): logit diff", "cmap_all_heads_poison"),
           ("... gap closed", "cmap_all_heads_poison_gap_closed"),
           ("CMAP base -> retrained at every head (END): logit diff", "cmap_all_heads_retrain"),
           ("... gap closed", "cmap_all_heads_retrain_gap_closed")]
+  rows = [(label, key) for label, key in rows if key in c.s]
   lines += [f"| {label} | {c.pm(key)} | {c.sc(key)} |" for label, key in rows]
   lines += ["", "Reference logit differences: " + ", ".join(f"{p} {c.pm(p + '/logit_diff')}" for p in PHASES) + ".",
-            "", "## Head-importance heatmaps [layer, head] per phase", "",
+            ""]
+  if "cmap_random" in figs:
+    lines += ["CMAP at random head sets of the circuit's size (every seed's sets pooled) against CMAP at the base "
+              "circuit (one line per seed): the circuit's effect is only a finding where it stands outside this "
+              "distribution.", "", f"![CMAP random head sets]({figs['cmap_random']})", ""]
+  lines += ["## Head-importance heatmaps [layer, head] per phase", "",
             "Exact activation patching of every head at the final position (END), clean prompts with the ABC donor "
             "(Wang et al.'s direction): drop in the mean logit difference. Heads acting at S2 (duplicate-token, "
             "induction) reach END only through later heads' keys/values at S2 and so do not appear here; see the "

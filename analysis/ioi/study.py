@@ -17,7 +17,9 @@ into the weights before the next phase. After every phase, on held-out names (`a
   importance;
 - direct logit attribution per head; circuit = the top-k heads by |importance| (negative heads included, as Wang
   et al.'s negative name movers); faithfulness = logit difference with every head outside the circuit
-  mean-ablated at every position (ABC means per template) / the model's logit difference;
+  mean-ablated at every position / the model's logit difference, and normalised between the empty circuit and
+  the full model; the means are per template over a SEPARATE ABC set of `abc_per_template` prompts per base
+  template (data.make_abc_reference, disjoint from the evaluation prompts and their ABC counterparts);
 - faithfulness by circuit size (top-k heads kept for every k in config.faithfulness_ks);
 - the second task, Greater-Than (analysis.ioi.greater_than, Hanna et al. 2023): its probability difference on clean
   and "01"-corrupted prompts, which the IOI fine-tuning never trains on;
@@ -26,10 +28,13 @@ into the weights before the next phase. After every phase, on held-out names (`a
   END->S2 attention and a positive exact importance before the first name mover, induction and duplicate-token
   heads by repeated random sequences.
 
-Across phases, from the exact maps (`compare_phases`): localisation of a phase's change (share of
-sum |delta importance| carried by its top-k heads); recovery: correlation of each phase's importance with the
-base model's, and CMAP of the base model's final-position head outputs into the poisoned / retrained model at
-the base circuit (and at every head, the ceiling of what head outputs alone can restore).
+Across phases, from the exact maps (`compare_phases`, analysis.ioi.baselines): localisation of a phase's change
+(share of sum |delta importance| in its top-k heads, beside the same share for the seed-noise changes base ->
+clean and clean -> clean of another seed, `cross_seed_localisation`; and the share in the earlier phase's
+circuit with a permutation p over heads); recovery: correlation of each phase's importance with the base
+model's, and CMAP of the base model's final-position head outputs into the poisoned / retrained model at the
+base circuit, ranked among `cmap_random_sets` size-matched random head sets (and at every head, the ceiling of
+what head outputs alone can restore).
 
 Final-position patching sees heads through what they write at END (name movers, S-inhibition); heads acting at
 S2 (duplicate-token, induction) work through later heads' keys and values there, so they show up in the head
@@ -50,12 +55,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from analysis.ioi import baselines as B
 from analysis.ioi import circuits as C
 from analysis.ioi import head_classes as HC
 from analysis.ioi.config import IoiConfig
-from analysis.ioi.data import ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, make_ioi, single_token_words, split_names
+from analysis.ioi.data import (ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, make_abc_reference, make_ioi,
+                               single_token_words, split_names)
 from analysis.ioi.greater_than import make_greater_than, prob_diff
 from analysis.ioi.report import CLASSES, PHASES, write_outputs
+from analysis.ioi.retrain import retrain_curve
 from models import registry
 from models.loading import load, load_tokenizer
 from models.tokenizer import pad_id
@@ -115,14 +123,25 @@ def _end_mask(tokens):
   return jnp.zeros(tokens.shape, jnp.float32).at[:, -1].set(1.0)
 
 
-def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] = (), gt=None) -> dict:
+def _ablation_means(params, cfg, d, z_abc, ref):
+  """`[L, N, S, H, hd]` mean-ablation values: per-template means over the separate ABC set `ref`
+  (data.ABCReference; base template = template mod 15), or with ref None the evaluation prompts' own ABC
+  counterparts (per template; close to resample ablation when a template has few prompts: tests only)."""
+  if ref is None:
+    return C.template_means(z_abc, jnp.asarray(d.template), len(BABA_TEMPLATES) + len(ABBA_TEMPLATES))
+  means = C.reference_means(params, cfg, ref.tokens, ref.mask, ref.template, len(BABA_TEMPLATES))
+  return C.means_for(means, np.asarray(d.template) % len(BABA_TEMPLATES))
+
+
+def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] = (), gt=None, ref=None) -> dict:
   """Circuit measurements of one model on IOIPrompts `d` (see module docstring). Returns numpy arrays.
 
   key: PRNG key of the repeated random sequences (induction / duplicate-token scores); classes: keyword
   arguments of head_classes.classify_heads (k, attn_min, rep_min). ks: circuit sizes for the faithfulness curve
   ("faithfulness_k<k>": top-k heads by |importance| kept, every other head mean-ablated). gt: optional
   greater_than.GreaterThanPrompts, the second task: "gt_prob_diff" / "gt_prob_diff_01" = mean Greater-Than
-  probability difference on its clean / "01"-corrupted prompts (Hanna et al. 2023).
+  probability difference on its clean / "01"-corrupted prompts (Hanna et al. 2023). ref: the separate ABC set of
+  the mean ablation (data.make_abc_reference; see _ablation_means).
   """
   toks, abc, mask = jnp.asarray(d.tokens), jnp.asarray(d.abc_tokens), jnp.asarray(d.mask)
   io, s = jnp.asarray(d.io), jnp.asarray(d.s)
@@ -137,8 +156,7 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
                                                            pos_mask=_end_mask(toks))).mean(-1)
   dla = np.asarray(C.direct_logit_attribution(params, cfg, toks, mask, io, s)["heads"]).mean(0)
   circuit = top_k_mask(importance, top_k)
-  n_t = len(BABA_TEMPLATES) + len(ABBA_TEMPLATES)
-  z_mean = C.template_means(z_abc, jnp.asarray(d.template), n_t)
+  z_mean = _ablation_means(params, cfg, d, z_abc, ref)
   kept = np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.asarray(1 - circuit), io, s))
   empty = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.ones(circuit.shape), io, s)).mean())
   by_k = {}
@@ -170,43 +188,70 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
           "attention": attention, "classes": {c: [list(lh) for lh in found[c]] for c in CLASSES}, **by_k}
 
 
-def localisation(before: np.ndarray, after: np.ndarray, k: int) -> float:
-  """Share of sum |after - before| carried by the k heads with the largest |change| (1 = fully localised)."""
-  delta = np.abs(np.asarray(after) - np.asarray(before)).ravel()
-  total = delta.sum()
-  return float(np.sort(delta)[::-1][:k].sum() / total) if total > 0 else float("nan")
+def compare_phases(models: dict, res: dict, cfg, d, top_k: int, n_random: int = 0, seed: int = 0) -> dict:
+  """One seed's cross-phase numbers from the exact importance maps (see module docstring and analysis.ioi.baselines).
 
-
-def compare_phases(models: dict, res: dict, cfg, d, top_k: int) -> dict:
-  """One seed's cross-phase numbers from the exact importance maps (see module docstring).
-
-  models / res: phase -> merged params / `analyze` output. The gap closed by CMAP is
-  (patched - phase) / (base - phase) of the mean logit difference (1 = back to the base model).
+  models / res: phase -> merged params / `analyze` output. localisation_<change>: top-k share of the change's
+  sum |delta importance| (base_clean: base -> clean, the seed-noise reference; poison: clean -> poison; retrain:
+  poison -> retrain); circuit_share_<change> / _p: share carried by the earlier phase's circuit and its
+  permutation p over heads. The gap closed by CMAP is (patched - phase) / (base - phase) of the mean logit
+  difference (1 = back to the base model); with `n_random` > 0, CMAP also at that many random head sets of the
+  circuit's size (cmap_random_<phase>: their mean logit differences) and the circuit's empirical p among them.
   """
   imp = {p: res[p]["importance"] for p in PHASES}
-  out = {"localisation_poison": localisation(imp["clean"], imp["poison"], top_k),
-         "localisation_retrain": localisation(imp["poison"], imp["retrain"], top_k)}
+  out = {}
+  for tag, a, b in (("base_clean", "base", "clean"), ("poison", "clean", "poison"), ("retrain", "poison", "retrain")):
+    out[f"localisation_{tag}"] = B.top_k_share(imp[a], imp[b], top_k)
+    t = B.circuit_share_test(imp[a], imp[b], res[a]["circuit"], seed=seed)
+    out[f"circuit_share_{tag}"], out[f"circuit_share_{tag}_p"] = t["share"], t["p"]
   out.update({f"recovery_corr_{p}": _corr(imp[p], imp["base"]) for p in PHASES[1:]})
   toks, mask, io, s = (jnp.asarray(x) for x in (d.tokens, d.mask, d.io, d.s))
-  base = res["base"]["logit_diff"]
-  for heads, tag in ((res["base"]["circuit"], "circuit"), (np.ones_like(imp["base"]), "all_heads")):
+  base, end = res["base"]["logit_diff"], _end_mask(toks)
+  circuit = np.asarray(res["base"]["circuit"])
+  sets = B.random_head_sets(cfg.n_layers, cfg.n_heads, int(circuit.sum()), n_random, seed) if n_random else None
+  for heads, tag in ((circuit, "circuit"), (np.ones_like(imp["base"]), "all_heads")):
     for p in ("poison", "retrain"):
       ld = float(np.asarray(C.cross_model_patch(models[p], models["base"], cfg, toks, mask, jnp.asarray(heads),
-                                                io, s, pos_mask=_end_mask(toks))).mean())
+                                                io, s, pos_mask=end)).mean())
       gap = base - res[p]["logit_diff"]
       out[f"cmap_{tag}_{p}"] = ld
       out[f"cmap_{tag}_{p}_gap_closed"] = (ld - res[p]["logit_diff"]) / gap if abs(gap) > 1e-6 else float("nan")
+  if sets is not None:
+    for p in ("poison", "retrain"):
+      rand = np.asarray(B.cmap_head_sets(models[p], models["base"], cfg, toks, mask, jnp.asarray(sets), io, s,
+                                         pos_mask=end)).mean(-1)
+      out[f"cmap_random_{p}"] = rand
+      out[f"cmap_circuit_{p}_p"] = B.rank_p(out[f"cmap_circuit_{p}"], rand)
+  return out
+
+
+def cross_seed_localisation(results: dict, top_k: int) -> dict:
+  """Seed-noise reference for localisation: for every pair of seeds a < b, the change clean(a) -> clean(b) of
+  the importance maps (two clean fine-tunes that differ in seed, training and evaluation prompts): its top-k
+  share and the share in clean(a)'s circuit with its permutation p. Returns {"pairs": [[a, b], ...],
+  "top_k_share", "circuit_share", "circuit_share_p": lists in that order} (empty lists with one seed)."""
+  seeds = sorted(results)
+  out = {"pairs": [], "top_k_share": [], "circuit_share": [], "circuit_share_p": []}
+  for i, a in enumerate(seeds):
+    for b in seeds[i + 1:]:
+      before, after = results[a]["clean"]["importance"], results[b]["clean"]["importance"]
+      t = B.circuit_share_test(before, after, results[a]["clean"]["circuit"], seed=a * 100 + b)
+      out["pairs"].append([a, b])
+      out["top_k_share"].append(B.top_k_share(before, after, top_k))
+      out["circuit_share"].append(t["share"])
+      out["circuit_share_p"].append(t["p"])
   return out
 
 
 def _train_phase(params, cfg, tok, config: IoiConfig, phase: str, seed: int, train_names, workdir: str):
-  """One seed's fine-tuning phase from `params`: LoRA on the phase's IOI labels, merged. Returns merged params."""
+  """One seed's fine-tuning phase from `params`: LoRA on the phase's IOI labels, merged. Returns (merged params,
+  the LoRA scale)."""
   label = {"clean": "io", "poison": config.poison, "retrain": "io"}[phase]
   ts = training_set(tok, config.n_train, seed * 100 + PHASES.index(phase), train_names, label,
                     config.poison_fraction, config.train.data.max_len)
   result = train_loop(params, cfg, ts, config.phase_train(phase, seed), os.path.join(workdir, f"seed{seed}", phase))
   lora = jax.tree.map(jnp.asarray, jax.device_get(result.state["trainable"]))
-  return merge_lora(params, lora, result.spec.scale)
+  return merge_lora(params, lora, result.spec.scale), result.spec.scale
 
 
 def _greater_than_prompts(tok, n: int, seed: int):
@@ -223,23 +268,36 @@ def _greater_than_prompts(tok, n: int, seed: int):
 def run_seed(base_params, cfg, tok, config: IoiConfig, seed: int, train_names, eval_names, wd: Workdir) -> dict:
   """Every phase of one seed, each fine-tuned from the previous one and analysed; plus the cross-phase numbers."""
   ev = make_ioi(tok, config.n_eval, seed=10_000 + seed, names=eval_names)
+  ref = make_abc_reference(tok, config.abc_per_template, ev.tokens.shape[1], np.unique(ev.template),
+                           seed=30_000 + seed, exclude=ev.text + ev.abc_text)
   gt = _greater_than_prompts(tok, config.greater_than_n, seed)
   classes = dataclasses.asdict(config.classes)
   params, res, models = base_params, {}, {}
   for phase in PHASES:
     t0 = time.time()
     if phase != "base":
-      params = _train_phase(params, cfg, tok, config, phase, seed, train_names, wd.path)
+      params, scale = _train_phase(params, cfg, tok, config, phase, seed, train_names, wd.path)
     t1 = time.time()
     models[phase] = params
-    res[phase] = analyze(params, cfg, ev, config.top_k, jax.random.key(seed), classes, config.faithfulness_ks, gt)
+    res[phase] = analyze(params, cfg, ev, config.top_k, jax.random.key(seed), classes, config.faithfulness_ks, gt,
+                         ref)
+    if phase == "retrain" and config.retrain_curve_every:
+      res["retrain_curve"] = retrain_curve(models["poison"], cfg, ev, os.path.join(wd.path, f"seed{seed}", phase),
+                                           scale, res["base"]["importance"], res["base"]["circuit"], config.top_k,
+                                           top_k_mask)
     res[phase]["train_s"], res[phase]["analysis_s"] = t1 - t0, time.time() - t1
     logging.info("seed %d %s: logit diff %.3f acc %.3f faithfulness %.3f attribution corr %.3f "
                  "(train %.0fs, analysis %.0fs)", seed, phase, res[phase]["logit_diff"], res[phase]["accuracy"],
                  res[phase]["faithfulness"], res[phase]["attribution_corr"], t1 - t0, time.time() - t1)
     wd.log(seed * 10 + PHASES.index(phase), logit_diff=res[phase]["logit_diff"],
            accuracy=res[phase]["accuracy"], faithfulness=res[phase]["faithfulness"])
-  res.update(compare_phases(models, res, cfg, ev, config.top_k))
+  res.update(compare_phases(models, res, cfg, ev, config.top_k, config.cmap_random_sets, seed))
+  logging.info("seed %d: top-%d share base->clean %.3f, clean->poison %.3f (circuit share %.3f, permutation p "
+               "%.3g); CMAP at the base circuit into poison %.3f (p among random sets %s); retrain curve %s", seed,
+               config.top_k, res["localisation_base_clean"], res["localisation_poison"], res["circuit_share_poison"],
+               res["circuit_share_poison_p"], res["cmap_circuit_poison"], res.get("cmap_circuit_poison_p"),
+               [(p["step"], round(p["logit_diff"], 3), round(p["importance_corr_base"], 3))
+                for p in res.get("retrain_curve", [])])
   return res
 
 
@@ -259,6 +317,7 @@ def run(config: IoiConfig, workdir: str | None = None) -> str:
   train_names, eval_names = split_names(single_token_words(tok, NAMES), config.eval_name_fraction, seed=0)
   results = {seed: run_seed(base_params, cfg, tok, config, seed, train_names, eval_names, wd)
              for seed in config.seeds}
-  report = write_outputs(wd, results, cfg, config, time.time() - t_start)
+  report = write_outputs(wd, results, cfg, config, time.time() - t_start,
+                         cross_seed_localisation(results, config.top_k))
   wd.close()
   return report
