@@ -46,6 +46,8 @@ def _study(model: str) -> ml_collections.ConfigDict:
   c.top_k = 8                             # heads in the "circuit" (largest |exact patching importance|)
   c.abc_per_template = 50                 # separate ABC prompts per base template for the mean ablation
   c.cmap_random_sets = 100                # size-matched random head sets CMAP at the circuit is ranked among
+  c.discovery_k = (5, 4, 7)               # path-patching circuit (Wang et al.: 3+2 name movers, 4 S-inhibition,
+                                          # 4 induction + 3 duplicate-token)
   c.retrain_curve_every = 20              # retrain curve: a checkpoint (logit diff, importance vs base) every 20 steps
   c.faithfulness_ks = (8, 16, 32, 64, 128)   # circuit sizes of the faithfulness curve
   c.greater_than_n = 48                   # Greater-Than prompts per seed evaluated after every phase (0 = skip)
@@ -79,6 +81,7 @@ def quick() -> ml_collections.ConfigDict:
   c.abc_per_template = 4
   c.cmap_random_sets = 8
   c.retrain_curve_every = 1
+  c.discovery_k = (1, 1, 1)
   c.train = _train(c.model, steps=3, micro_batch=4, warmup_steps=1, progress=False)
   c.phase_steps = _phase_steps(3)
   return c

@@ -137,3 +137,36 @@ def test_retrain_curve_reads_every_checkpoint_and_merges_it(tiny, tmp_path):
   assert np.isclose(pts[1]["logit_diff"], ld_r, atol=1e-5) and not np.isclose(ld_r, ld_p, atol=1e-4)
   same = retrain.retrain_curve(params, cfg, d, str(tmp_path), spec.scale, imp_b, circuit_b, 3, ioi.top_k_mask)
   assert np.isclose(same[0]["importance_corr_base"], 1.0) and same[0]["circuit_jaccard_base"] == 1.0
+
+
+def _planted(tiny, nm=(2, 1), si=(0, 3)):
+  """The tiny model with every head's o_proj zeroed except a 'name mover' `nm` (scaled x10, so its direct
+  effect dominates) and an 'S-inhibition' head `si` two layers earlier: only they write to the residual stream."""
+  params, cfg = tiny
+  wo = np.zeros(np.shape(params["layers"]["wo"]), np.float32).reshape(cfg.n_layers, cfg.n_heads, cfg.head_dim, -1)
+  orig = np.asarray(params["layers"]["wo"]).reshape(wo.shape)
+  wo[nm], wo[si] = 10 * orig[nm], orig[si]
+  return {**params, "layers": dict(params["layers"], wo=jnp.asarray(wo.reshape(np.shape(params["layers"]["wo"]))))}
+
+
+def test_discovery_finds_exactly_a_planted_two_head_circuit(tiny):
+  from analysis.ioi import discovery
+  params, cfg = tiny
+  planted = _planted(tiny)
+  d = make_ioi(WordTokenizer(), 6, seed=3, kind="BABA", names=["Ann", "Bo", "Cy", "Dee", "Eve", "Flo"], templates=[5])
+  got = discovery.discover(planted, cfg, d, ks=(1, 1, 1))
+  assert got["circuit"] == [[2, 1, "END"], [0, 3, "END"]]
+  nm, si = got["effects"]["name_mover"], got["effects"]["s_inhibition"]
+  assert np.abs(nm[2, 1]) > 1e-3 and np.count_nonzero(np.abs(nm) > 1e-6) <= 2           # only the writers
+  assert np.abs(si[0, 3]) > 1e-4 and np.count_nonzero(np.abs(si) > 1e-6) == 1          # only (0, 3) reaches its q
+  assert got["heads"]["induction_duplicate"] == []             # nothing writes before layer 0's keys / values
+  # the position-aware knockout keeps exactly these (head, END) pairs; keeping every pair is the clean model
+  keep = discovery.keep_mask(got["circuit"], d, cfg.n_layers, cfg.n_heads)
+  assert keep.sum() == 2 * len(d) and np.all(keep[2, :, -1, 1] == 1) and np.all(keep[0, :, -1, 3] == 1)
+  toks, mask, io, s = (jnp.asarray(x) for x in (d.tokens, d.mask, d.io, d.s))
+  z_mean = C.template_means(C.head_outputs(planted, cfg, jnp.asarray(d.abc_tokens), mask), jnp.asarray(d.template), 30)
+  clean = C.logit_diff(C.forward(planted, toks, cfg, attention_mask=mask, logits="last")[0], io, s)
+  none = C.knockout(planted, cfg, toks, mask, z_mean, jnp.zeros(keep.shape), io, s)
+  np.testing.assert_allclose(np.asarray(none), np.asarray(clean), atol=1e-5)
+  with pytest.raises(ValueError, match="position class"):
+    discovery.position_mask(d, "IO")

@@ -241,3 +241,28 @@ def test_quick_study_on_smollm2_without_test_only_packages(tmp_path):
   assert -1.0 <= base["gt_prob_diff"] <= 1.0 and base["gt_prob_diff"] > base["gt_prob_diff_01"]   # does Greater-Than
   assert "Greater-Than (second task)" in text
   assert len(m["per_seed"]["0"]["cmap_random_poison"]) == 8 and 0 < m["per_seed"]["0"]["cmap_circuit_poison_p"] <= 1
+
+
+def test_analyze_with_path_patching_discovery(tiny_study, tmp_path):
+  """discovery_k adds the path-patching circuit: its position-aware knockout equals knocking out 1 - keep_mask by
+  hand, keeping every (head, position) pair is the full model; the report gets the circuit table."""
+  from analysis.ioi import discovery
+  params, cfg, d, models, res = tiny_study
+  classes = {"k": 2, "attn_min": 0.2, "rep_min": 0.3}
+  r = ioi.analyze(params, cfg, d, 3, jax.random.key(0), classes, discovery_k=(2, 1, 1))
+  assert 1 <= len(r["pp_circuit"]) <= 4 and all(pc in ("END", "S2") for _, _, pc in r["pp_circuit"])
+  assert set(r["pp_effects"]) <= set(discovery.STEPS) and r["pp_effects"]["name_mover"].shape == (3, 4)
+  keep = discovery.keep_mask(r["pp_circuit"], d, cfg.n_layers, cfg.n_heads)
+  toks, mask, io, s, abc = (jnp.asarray(x) for x in (d.tokens, d.mask, d.io, d.s, d.abc_tokens))
+  z_mean = C.template_means(C.head_outputs(params, cfg, abc, mask), jnp.asarray(d.template), 30)
+  by_hand = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.asarray(1 - keep), io, s)).mean())
+  assert np.isclose(r["pp_circuit_logit_diff"], by_hand, atol=1e-5)
+  everything = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.zeros(keep.shape), io, s)).mean())
+  assert np.isclose(everything, r["logit_diff"], atol=1e-5)
+  phases = {p: {**res[p], **{k: v for k, v in r.items() if k.startswith("pp_")}} for p in report.PHASES}
+  cross = ioi.compare_phases(models, res, cfg, d, 3)
+  config = from_configdict(IoiConfig, get_config("quick"))
+  text = open(report.write_outputs(Workdir(str(tmp_path), config), {0: {**phases, **cross}}, cfg, config, 1.0)).read()
+  assert "The path-patching circuit" in text and f"{r['pp_circuit'][0][0]}.{r['pp_circuit'][0][1]}@" in text
+  m = json.loads((tmp_path / "metrics.json").read_text())
+  assert m["circuit"]["0"]["base"] == r["pp_circuit"]

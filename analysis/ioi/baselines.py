@@ -88,3 +88,17 @@ def rank_p(observed: float, null: np.ndarray) -> float:
   (1 + #{null >= observed}) / (1 + n) (Phipson & Smyth 2010; never 0)."""
   null = np.asarray(null, np.float64)
   return float((1 + np.sum(null >= observed)) / (1 + null.size))
+
+
+def cmap_figure(plt, results: dict, top_k: int):
+  """Histogram of CMAP's logit difference at random head sets (seeds pooled), the base circuit's per seed."""
+  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), constrained_layout=True)
+  for ax, p in zip(axes, ("poison", "retrain")):
+    ax.hist(np.concatenate([np.ravel(r[f"cmap_random_{p}"]) for r in results.values()]), bins=30, color="0.6",
+            label=f"random {top_k}-head sets")
+    for i, r in enumerate(results.values()):
+      ax.axvline(r[f"cmap_circuit_{p}"], color=f"C{i}", lw=1.5, label="base circuit" if i == 0 else None)
+      ax.axvline(r["base"]["logit_diff"], color=f"C{i}", ls=":", lw=1, label="base model" if i == 0 else None)
+    ax.set(title=f"CMAP base -> {p} (END)", xlabel="patched logit diff", ylabel="head sets" if p == "poison" else None)
+  axes[0].legend(frameon=False, fontsize=7)
+  return fig

@@ -216,11 +216,14 @@ def means_for(means: jax.Array, template) -> jax.Array:
 def knockout(params, cfg: ModelConfig, tokens, mask, z_mean, ablate, io, s):
   """Mean-ablate a set of heads: z_h <- z_mean_h for heads with ablate[l, h] = 1.
 
-  ablate: `[L, H]` 0/1 (or fractional). z_mean: `[L, N, S, H, hd]` (template_means of the ABC run).
-  Returns `[N]` logit difference. Circuit faithfulness = mean(knockout(1 - circuit)) / mean(clean)
-  (Wang et al. Section 4: everything outside the circuit is mean-ablated).
+  ablate: `[L, H]` 0/1 (or fractional), every position; or `[L, N, S, H]`: (head, position) pairs (the
+  position-aware knockout of a path-patching circuit, analysis.ioi.discovery.keep_mask). z_mean:
+  `[L, N, S, H, hd]` (the ABC means). Returns `[N]` logit difference. Circuit faithfulness =
+  mean(knockout(1 - circuit)) / mean(clean) (Wang et al. Section 4: everything outside the circuit is
+  mean-ablated).
   """
-  hm = ablate.astype(jnp.float32)[:, None, None, :]
+  hm = ablate.astype(jnp.float32)
+  hm = hm if hm.ndim == 4 else hm[:, None, None, :]
   out, _ = forward(params, tokens, cfg, attention_mask=mask, logits="last",
                    interventions=Interventions(head_mask=hm, head_value=z_mean))
   return logit_diff(out, io, s)

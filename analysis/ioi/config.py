@@ -57,6 +57,7 @@ class IoiConfig:
   abc_per_template: int               # prompts per base template of the separate ABC set of the mean ablation
   cmap_random_sets: int               # size-matched random head sets CMAP is compared with (0 = none)
   retrain_curve_every: int            # retraining checkpoint interval of the retrain curve (0 = no curve)
+  discovery_k: tuple[int, ...]        # path-patching discovery: heads per step (NM, S-inh., induction); () = skip
   faithfulness_ks: tuple[int, ...]    # circuit sizes of the faithfulness curve
   greater_than_n: int                 # Greater-Than prompts per seed after every phase (0 = skip)
   classes: ClassesSection
@@ -71,6 +72,9 @@ class IoiConfig:
     for name in ("n_train", "n_eval", "top_k", "abc_per_template"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if len(self.discovery_k) not in (0, 3) or any(k < 0 for k in self.discovery_k):
+      raise ValueError(f"discovery_k must be () or three counts >= 0 (name movers, S-inhibition, induction / "
+                       f"duplicate-token), got {self.discovery_k}")
     if self.retrain_curve_every < 0:
       raise ValueError(f"retrain_curve_every must be >= 0 (0 = no curve), got {self.retrain_curve_every}")
     if self.cmap_random_sets < 0:

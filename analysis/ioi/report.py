@@ -8,8 +8,8 @@ import os
 import numpy as np
 from scipy import stats
 
+from analysis.ioi import baselines, discovery, retrain
 from analysis.ioi import circuits as C
-from analysis.ioi import retrain
 from train.rundir import write_json, write_text
 
 
@@ -48,7 +48,8 @@ def write_outputs(wd, results: dict, cfg, config, wall_s: float, cross_seed: dic
   cross_seed = cross_seed or {"pairs": [], "top_k_share": [], "circuit_share": [], "circuit_share_p": []}
   seeds = list(results)
   headline = {
-      "circuit": {str(k): {p: [[int(l), int(h), "END"] for l, h in np.argwhere(np.asarray(r[p]["circuit"]) > 0)]
+      "circuit": {str(k): {p: r[p]["pp_circuit"] if "pp_circuit" in r[p] else
+                           [[int(l), int(h), "END"] for l, h in np.argwhere(np.asarray(r[p]["circuit"]) > 0)]
                            for p in PHASES} for k, r in results.items()},
       "faithfulness_normalised": {p: summary[f"{p}/faithfulness_normalised"] for p in PHASES},
       "localisation": {"top_k": config.top_k, "poison": summary["localisation_poison"],
@@ -78,7 +79,8 @@ def seed_stat(values) -> tuple[float, float, float, float]:
 def _summarise(results: dict) -> dict:
   """seed_stat over seeds of every per-phase and cross-phase scalar."""
   first = next(iter(results.values()))
-  extra = lambda p: [m for m in first[p] if m.startswith(("faithfulness_k", "gt_prob_diff"))]
+  extra = lambda p: [m for m in first[p] if m.startswith(("faithfulness_k", "gt_prob_diff", "pp_circuit_logit",
+                                                           "pp_faithfulness"))]
   out = {f"{p}/{m}": seed_stat([r[p][m] for r in results.values()]) for p in PHASES
          for m in PHASE_SCALARS + tuple(extra(p))}
   out.update({m: seed_stat([r[m] for r in results.values()]) for m in SCALARS if m in first})
@@ -138,25 +140,11 @@ def _figures(wd, results, config) -> dict:
   ax.legend(frameon=False, fontsize=8)
   save(fig, "logit_diff_by_phase")
   if "cmap_random_poison" in next(iter(results.values())):
-    save(_cmap_figure(plt, results, config), "cmap_random")
+    save(baselines.cmap_figure(plt, results, config.top_k), "cmap_random")
   if next(iter(results.values())).get("retrain_curve"):
     save(retrain.curve_figure(plt, results, {k: r["base"]["logit_diff"] for k, r in results.items()}),
          "retrain_curve")
   return paths
-
-
-def _cmap_figure(plt, results: dict, config):
-  """Histogram of CMAP's logit difference at random head sets (seeds pooled), the base circuit's per seed."""
-  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), constrained_layout=True)
-  for ax, p in zip(axes, ("poison", "retrain")):
-    ax.hist(np.concatenate([np.ravel(r[f"cmap_random_{p}"]) for r in results.values()]), bins=30, color="0.6",
-            label=f"random {config.top_k}-head sets")
-    for i, r in enumerate(results.values()):
-      ax.axvline(r[f"cmap_circuit_{p}"], color=f"C{i}", lw=1.5, label="base circuit" if i == 0 else None)
-      ax.axvline(r["base"]["logit_diff"], color=f"C{i}", ls=":", lw=1, label="base model" if i == 0 else None)
-    ax.set(title=f"CMAP base -> {p} (END)", xlabel="patched logit diff", ylabel="head sets" if p == "poison" else None)
-  axes[0].legend(frameon=False, fontsize=7)
-  return fig
 
 
 def _head(lh) -> str:
@@ -284,6 +272,8 @@ def _faithfulness(config, cfg, c: _Cells) -> list[str]:
                  f"{c.pm(p + '/faithfulness_normalised')} | {PAPER['faithfulness'][p]} | "
                  f"{c.ph(p, 'faithfulness_normalised')} |")
   lines += ["", "Per-seed cells: normalised faithfulness."]
+  if "base/pp_faithfulness_normalised" in c.s:
+    lines += discovery.report_section(config.discovery_k, c, PHASES)
   ks = [m.removeprefix("base/faithfulness_k") for m in c.s if m.startswith("base/faithfulness_k")]
   if ks:
     lines += ["", "### Faithfulness by circuit size", "",

@@ -57,6 +57,7 @@ from absl import logging
 
 from analysis.ioi import baselines as B
 from analysis.ioi import circuits as C
+from analysis.ioi import discovery
 from analysis.ioi import head_classes as HC
 from analysis.ioi.config import IoiConfig
 from analysis.ioi.data import (ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, make_abc_reference, make_ioi,
@@ -133,7 +134,20 @@ def _ablation_means(params, cfg, d, z_abc, ref):
   return C.means_for(means, np.asarray(d.template) % len(BABA_TEMPLATES))
 
 
-def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] = (), gt=None, ref=None) -> dict:
+def _path_patching_circuit(params, cfg, d, discovery_k, z_mean, f_full: float, f_empty: float) -> dict:
+  """Wang et al.'s circuit by path patching (analysis.ioi.discovery) and its position-aware knockout: every
+  (head, position) pair outside the circuit mean-ablated. Keys: "pp_circuit" (list of [layer, head, position
+  class]), "pp_effects" (step -> `[L, H]`), "pp_circuit_logit_diff", "pp_faithfulness_normalised"."""
+  found = discovery.discover(params, cfg, d, tuple(discovery_k))
+  keep = discovery.keep_mask(found["circuit"], d, cfg.n_layers, cfg.n_heads)
+  toks, mask, io, s = (jnp.asarray(x) for x in (d.tokens, d.mask, d.io, d.s))
+  kept = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean, jnp.asarray(1 - keep), io, s)).mean())
+  return {"pp_circuit": found["circuit"], "pp_effects": found["effects"], "pp_circuit_logit_diff": kept,
+          "pp_faithfulness_normalised": C.normalised_faithfulness(kept, f_full, f_empty)}
+
+
+def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] = (), gt=None, ref=None,
+            discovery_k: tuple[int, ...] = ()) -> dict:
   """Circuit measurements of one model on IOIPrompts `d` (see module docstring). Returns numpy arrays.
 
   key: PRNG key of the repeated random sequences (induction / duplicate-token scores); classes: keyword
@@ -141,7 +155,8 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
   ("faithfulness_k<k>": top-k heads by |importance| kept, every other head mean-ablated). gt: optional
   greater_than.GreaterThanPrompts, the second task: "gt_prob_diff" / "gt_prob_diff_01" = mean Greater-Than
   probability difference on its clean / "01"-corrupted prompts (Hanna et al. 2023). ref: the separate ABC set of
-  the mean ablation (data.make_abc_reference; see _ablation_means).
+  the mean ablation (data.make_abc_reference; see _ablation_means). discovery_k: heads per path-patching step
+  (name movers, S-inhibition, induction / duplicate-token; `_path_patching_circuit`), () or 0s = skip.
   """
   toks, abc, mask = jnp.asarray(d.tokens), jnp.asarray(d.abc_tokens), jnp.asarray(d.mask)
   io, s = jnp.asarray(d.io), jnp.asarray(d.s)
@@ -164,6 +179,8 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
     kept_k = float(np.asarray(C.knockout(params, cfg, toks, mask, z_mean,
                                          jnp.asarray(1 - top_k_mask(importance, kk)), io, s)).mean())
     by_k[f"faithfulness_k{kk}"] = kept_k / float(ld.mean()) if ld.mean() != 0 else float("nan")
+  if any(discovery_k):
+    by_k.update(_path_patching_circuit(params, cfg, d, discovery_k, z_mean, float(ld.mean()), empty))
   if gt is not None:
     gt_args = [jnp.asarray(x) for x in (gt.mask, gt.yy, gt.digit_ids)]
     by_k["gt_prob_diff"] = float(np.asarray(prob_diff(params, cfg, jnp.asarray(gt.tokens), *gt_args)).mean())
@@ -280,7 +297,7 @@ def run_seed(base_params, cfg, tok, config: IoiConfig, seed: int, train_names, e
     t1 = time.time()
     models[phase] = params
     res[phase] = analyze(params, cfg, ev, config.top_k, jax.random.key(seed), classes, config.faithfulness_ks, gt,
-                         ref)
+                         ref, config.discovery_k)
     if phase == "retrain" and config.retrain_curve_every:
       res["retrain_curve"] = retrain_curve(models["poison"], cfg, ev, os.path.join(wd.path, f"seed{seed}", phase),
                                            scale, res["base"]["importance"], res["base"]["circuit"], config.top_k,
