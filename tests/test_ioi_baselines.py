@@ -170,3 +170,30 @@ def test_discovery_finds_exactly_a_planted_two_head_circuit(tiny):
   np.testing.assert_allclose(np.asarray(none), np.asarray(clean), atol=1e-5)
   with pytest.raises(ValueError, match="position class"):
     discovery.position_mask(d, "IO")
+
+
+@pytest.mark.parametrize("target", ["logits", "q_end", "kv_s2"])
+def test_single_position_path_patching_equals_the_full_forward_version(tiny, target):
+  """discovery.path_patch_fast == circuits.path_patch_to_logits / path_patch_to_heads (receivers reading at END
+  or S2) for every sender, on left-padded IOI prompts of two lengths."""
+  from analysis.ioi import discovery
+  params, cfg = tiny
+  d = make_ioi(WordTokenizer(), 6, seed=4, kind="mixed", names=["Ann", "Bo", "Cy", "Dee", "Eve", "Flo"],
+               templates=[0, 5])
+  assert len(set(d.mask.sum(1))) == 2                                        # padding exercised
+  toks, abc, mask, io, s = (jnp.asarray(x) for x in (d.tokens, d.abc_tokens, d.mask, d.io, d.s))
+  z, z_abc = C.head_outputs(params, cfg, toks, mask), C.head_outputs(params, cfg, abc, mask)
+  recv = jnp.zeros((cfg.n_layers, cfg.n_heads)).at[2, 1].set(1).at[1, 2].set(1)
+  layers, heads = C._all_heads(cfg)
+  fast = discovery.path_patch_fast(params, cfg, toks, mask, z, z_abc, io, s, (layers, heads), receivers=recv,
+                                   pos_s2=jnp.asarray(d.pos_s2), target=target, start=int(d.pos_s2.min()))
+  if target == "logits":
+    full = C.path_patch_to_logits(params, cfg, toks, mask, z, z_abc, io, s)
+  else:
+    pc = "END" if target == "q_end" else "S2"
+    full = C.path_patch_to_heads(params, cfg, toks, mask, z, z_abc, recv, io, s, channel={"q_end": "q", "kv_s2": "kv"}[target],
+                                 recv_pos=jnp.asarray(discovery.position_mask(d, pc)))
+  full = np.asarray(full).reshape(-1, len(d))
+  np.testing.assert_allclose(np.asarray(fast), full, atol=2e-4)
+  clean = C.logit_diff(C.forward(params, toks, cfg, attention_mask=mask, logits="last")[0], io, s)
+  assert np.abs(full - np.asarray(clean)).max() > 1e-3                        # some sender matters
