@@ -48,6 +48,9 @@ def _study(model: str) -> ml_collections.ConfigDict:
   c.cmap_random_sets = 100                # size-matched random head sets CMAP at the circuit is ranked among
   c.discovery_k = (5, 4, 7)               # path-patching circuit (Wang et al.: 3+2 name movers, 4 S-inhibition,
                                           # 4 induction + 3 duplicate-token)
+  # the poisoned and retraining phases again from each seed's clean model, per poison variant and fraction
+  c.poison_arms = ("subject:0.1", "subject:0.25", "subject:0.5", "name_moving:0.1", "name_moving:0.25",
+                   "name_moving:0.5", "name_moving:1.0")
   c.retrain_curve_every = 20              # retrain curve: a checkpoint (logit diff, importance vs base) every 20 steps
   c.faithfulness_ks = (8, 16, 32, 64, 128)   # circuit sizes of the faithfulness curve
   c.greater_than_n = 48                   # Greater-Than prompts per seed evaluated after every phase (0 = skip)
@@ -82,6 +85,7 @@ def quick() -> ml_collections.ConfigDict:
   c.cmap_random_sets = 8
   c.retrain_curve_every = 1
   c.discovery_k = (1, 1, 1)
+  c.poison_arms = ("name_moving:0.5",)
   c.train = _train(c.model, steps=3, micro_batch=4, warmup_steps=1, progress=False)
   c.phase_steps = _phase_steps(3)
   return c

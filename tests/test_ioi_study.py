@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from analysis.ioi import baselines as B
+from analysis.ioi.arms import ARM_KEYS, report_section as arms_section
 from analysis.ioi import circuits as C
 from analysis.ioi import report
 from analysis.ioi import study as ioi
@@ -42,6 +43,9 @@ def test_every_preset_converts_to_the_typed_config(preset):
     ("classes.attn_min", 1.5, "classes.attn_min must be in"),
     ("phase_steps.clean", 0, "phase_steps.clean must be >= 1"),
     ("train.train.lr", "fast", "config.train.train.lr: expected float"),
+    ("poison_arms", ("subject:2",), "poison_arms entry 'subject:2' must be"),
+    ("poison_arms", ("flip:0.5",), "poison_arms entry 'flip:0.5' must be"),
+    ("discovery_k", (1, 2), "discovery_k must be () or three counts"),
 ])
 def test_a_bad_override_fails_naming_the_field(field, value, message):
   cd = get_config("quick")
@@ -240,6 +244,8 @@ def test_quick_study_on_smollm2_without_test_only_packages(tmp_path):
   assert "| retrain |" in text and (tmp_path / "ioi" / "figures" / "head_importance.png").exists()
   assert -1.0 <= base["gt_prob_diff"] <= 1.0 and base["gt_prob_diff"] > base["gt_prob_diff_01"]   # does Greater-Than
   assert "Greater-Than (second task)" in text
+  arm = m["per_seed"]["0"]["arms"]["name_moving:0.5"]
+  assert set(arm) == set(ARM_KEYS) and 0.0 <= arm["retrain_accuracy"] <= 1.0 and "Poison variant and fraction" in text
   assert len(m["per_seed"]["0"]["cmap_random_poison"]) == 8 and 0 < m["per_seed"]["0"]["cmap_circuit_poison_p"] <= 1
 
 
@@ -266,3 +272,18 @@ def test_analyze_with_path_patching_discovery(tiny_study, tmp_path):
   assert "The path-patching circuit" in text and f"{r['pp_circuit'][0][0]}.{r['pp_circuit'][0][1]}@" in text
   m = json.loads((tmp_path / "metrics.json").read_text())
   assert m["circuit"]["0"]["base"] == r["pp_circuit"]
+
+
+def test_poison_arm_table_has_the_primary_first_and_t_intervals():
+  config = from_configdict(IoiConfig, get_config("quick"))
+  arm = lambda x: {k: x for k in ARM_KEYS}
+  prim = lambda x: {"poison": {"logit_diff": x, "accuracy": x}, "retrain": {"logit_diff": x, "accuracy": x},
+                    "localisation_poison": x, "recovery_corr_retrain": x}
+  results = {0: {**prim(1.0), "arms": {"name_moving:0.5": arm(2.0)}},
+             1: {**prim(3.0), "arms": {"name_moving:0.5": arm(4.0)}}}
+  lines = arms_section(config, results, report.seed_stat)
+  rows = [x for x in lines if x.startswith("| subject") or x.startswith("| name_moving")]
+  half = 12.706 * np.std([1.0, 3.0], ddof=1) / np.sqrt(2)                    # t(0.975, 1 df)
+  assert rows[0].startswith("| subject:1 (primary) | 2.000 [") and f"{2 - half:.3f}" in rows[0]
+  assert rows[1].startswith("| name_moving:0.5 | 3.000 [") and rows[1].count("[") == len(ARM_KEYS)
+  assert arms_section(config, {0: prim(1.0)}, report.seed_stat) == []

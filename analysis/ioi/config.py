@@ -15,6 +15,18 @@ from train.resume import check_mode
 POISONS = ("subject", "name_moving")
 
 
+def parse_arm(spec: str) -> tuple[str, float]:
+  """A poison arm "variant:fraction" -> (variant, fraction). Raises ValueError naming the spec when malformed."""
+  variant, _, frac = str(spec).partition(":")
+  try:
+    fraction = float(frac)
+  except ValueError:
+    fraction = -1.0
+  if variant not in POISONS or not 0.0 < fraction <= 1.0:
+    raise ValueError(f"poison_arms entry {spec!r} must be '<{'|'.join(POISONS)}>:<fraction in (0, 1]>'")
+  return variant, fraction
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassesSection:
   """Head classes (analysis.ioi.head_classes.classify_heads): at most k heads per class, attention thresholds."""
@@ -58,6 +70,7 @@ class IoiConfig:
   cmap_random_sets: int               # size-matched random head sets CMAP is compared with (0 = none)
   retrain_curve_every: int            # retraining checkpoint interval of the retrain curve (0 = no curve)
   discovery_k: tuple[int, ...]        # path-patching discovery: heads per step (NM, S-inh., induction); () = skip
+  poison_arms: tuple[str, ...]        # extra poison arms "variant:fraction" from each seed's clean model
   faithfulness_ks: tuple[int, ...]    # circuit sizes of the faithfulness curve
   greater_than_n: int                 # Greater-Than prompts per seed after every phase (0 = skip)
   classes: ClassesSection
@@ -75,6 +88,8 @@ class IoiConfig:
     if len(self.discovery_k) not in (0, 3) or any(k < 0 for k in self.discovery_k):
       raise ValueError(f"discovery_k must be () or three counts >= 0 (name movers, S-inhibition, induction / "
                        f"duplicate-token), got {self.discovery_k}")
+    for spec in self.poison_arms:
+      parse_arm(spec)
     if self.retrain_curve_every < 0:
       raise ValueError(f"retrain_curve_every must be >= 0 (0 = no curve), got {self.retrain_curve_every}")
     if self.cmap_random_sets < 0:

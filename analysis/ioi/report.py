@@ -8,7 +8,7 @@ import os
 import numpy as np
 from scipy import stats
 
-from analysis.ioi import baselines, discovery, retrain
+from analysis.ioi import arms, baselines, discovery, retrain
 from analysis.ioi import circuits as C
 from train.rundir import write_json, write_text
 
@@ -221,6 +221,7 @@ def _report(config, cfg, s, results, figs, wall_s, cross_seed) -> str:
   lines += _faithfulness(config, cfg, c)
   lines += _greater_than(config, c)
   lines += retrain.curve_section(results, s, c.pm, figs)
+  lines += arms.report_section(config, results, seed_stat)
   lines += _localisation(config, cfg, c, figs, cross_seed)
   lines += _heads(config, c, figs)
   return "\n".join(lines)

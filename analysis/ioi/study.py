@@ -63,6 +63,7 @@ from analysis.ioi.config import IoiConfig
 from analysis.ioi.data import (ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, make_abc_reference, make_ioi,
                                single_token_words, split_names)
 from analysis.ioi.greater_than import make_greater_than, prob_diff
+from analysis.ioi.arms import run_arms
 from analysis.ioi.report import CLASSES, PHASES, write_outputs
 from analysis.ioi.retrain import retrain_curve
 from models import registry
@@ -309,12 +310,16 @@ def run_seed(base_params, cfg, tok, config: IoiConfig, seed: int, train_names, e
     wd.log(seed * 10 + PHASES.index(phase), logit_diff=res[phase]["logit_diff"],
            accuracy=res[phase]["accuracy"], faithfulness=res[phase]["faithfulness"])
   res.update(compare_phases(models, res, cfg, ev, config.top_k, config.cmap_random_sets, seed))
+  if config.poison_arms:
+    res["arms"] = run_arms(models["clean"], cfg, tok, config, seed, train_names, ev, res["base"], res["clean"],
+                           wd.path, _train_phase)
   logging.info("seed %d: top-%d share base->clean %.3f, clean->poison %.3f (circuit share %.3f, permutation p "
-               "%.3g); CMAP at the base circuit into poison %.3f (p among random sets %s); retrain curve %s", seed,
+               "%.3g); CMAP at the base circuit into poison %.3f (p among random sets %s); retrain curve %s; arms %s",
+               seed,
                config.top_k, res["localisation_base_clean"], res["localisation_poison"], res["circuit_share_poison"],
                res["circuit_share_poison_p"], res["cmap_circuit_poison"], res.get("cmap_circuit_poison_p"),
                [(p["step"], round(p["logit_diff"], 3), round(p["importance_corr_base"], 3))
-                for p in res.get("retrain_curve", [])])
+                for p in res.get("retrain_curve", [])], res.get("arms"))
   return res
 
 
