@@ -1,8 +1,13 @@
 """Config for `python -m analysis.ioi`: IOI circuit corruption by poisoned fine-tuning and clean retraining.
 
-Usage: --config=configs/ioi.py:smollm2 (default), :qwen, or :quick (tiny phases for tests). The entry point
-converts the ConfigDict once into analysis.ioi.config.IoiConfig (typed, frozen; a bad override fails naming the
-field).
+Usage: --config=configs/ioi.py:smollm2 (default), :qwen, or :quick (tiny phases for tests).
+
+Cost of :smollm2 on the 2-core CPU (resumable: rerun the command into the same --workdir): per seed about 10 min
+of training for the primary arm (60 + 60 + 120 steps at ~2.5 s a step), 10 min of analysis (path-patching
+discovery ~3 min a phase), and 7.5 min of training per extra poison arm (7 arms: ~55 min); about 4 h for 3 seeds.
+
+The entry point converts the ConfigDict once into analysis.ioi.config.IoiConfig (typed, frozen; a bad override
+fails naming the field).
 """
 import ml_collections
 

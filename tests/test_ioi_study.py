@@ -287,3 +287,15 @@ def test_poison_arm_table_has_the_primary_first_and_t_intervals():
   assert rows[0].startswith("| subject:1 (primary) | 2.000 [") and f"{2 - half:.3f}" in rows[0]
   assert rows[1].startswith("| name_moving:0.5 | 3.000 [") and rows[1].count("[") == len(ARM_KEYS)
   assert arms_section(config, {0: prim(1.0)}, report.seed_stat) == []
+
+
+def test_cross_seed_localisation_pairs_every_two_seeds():
+  rng = np.random.default_rng(0)
+  maps = {k: rng.standard_t(3, (4, 5)) for k in (0, 1, 2)}
+  results = {k: {"clean": {"importance": m, "circuit": ioi.top_k_mask(m, 3)}} for k, m in maps.items()}
+  out = ioi.cross_seed_localisation(results, 3)
+  assert out["pairs"] == [[0, 1], [0, 2], [1, 2]]
+  assert np.isclose(out["top_k_share"][1], B.top_k_share(maps[0], maps[2], 3))
+  t = B.circuit_share_test(maps[1], maps[2], results[1]["clean"]["circuit"], seed=102)
+  assert out["circuit_share"][2] == t["share"] and out["circuit_share_p"][2] == t["p"]
+  assert ioi.cross_seed_localisation({0: results[0]}, 3)["pairs"] == []

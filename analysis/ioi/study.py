@@ -36,6 +36,10 @@ model's, and CMAP of the base model's final-position head outputs into the poiso
 base circuit, ranked among `cmap_random_sets` size-matched random head sets (and at every head, the ceiling of
 what head outputs alone can restore).
 
+With `discovery_k`, every phase also gets Wang et al.'s circuit by path patching (analysis.ioi.discovery) and
+its position-aware knockout; with `poison_arms`, the poisoned and retraining phases are repeated from each seed's
+clean model for other poison variants and fractions (analysis.ioi.arms).
+
 Final-position patching sees heads through what they write at END (name movers, S-inhibition); heads acting at
 S2 (duplicate-token, induction) work through later heads' keys and values there, so they show up in the head
 classes and in faithfulness (which ablates every position), not in the importance map.
@@ -315,8 +319,7 @@ def run_seed(base_params, cfg, tok, config: IoiConfig, seed: int, train_names, e
                            wd.path, _train_phase)
   logging.info("seed %d: top-%d share base->clean %.3f, clean->poison %.3f (circuit share %.3f, permutation p "
                "%.3g); CMAP at the base circuit into poison %.3f (p among random sets %s); retrain curve %s; arms %s",
-               seed,
-               config.top_k, res["localisation_base_clean"], res["localisation_poison"], res["circuit_share_poison"],
+               seed, config.top_k, res["localisation_base_clean"], res["localisation_poison"], res["circuit_share_poison"],
                res["circuit_share_poison_p"], res["cmap_circuit_poison"], res.get("cmap_circuit_poison_p"),
                [(p["step"], round(p["logit_diff"], 3), round(p["importance_corr_base"], 3))
                 for p in res.get("retrain_curve", [])], res.get("arms"))
