@@ -209,7 +209,8 @@ def test_report_has_every_section_and_resolving_links(tiny_study, tmp_path):
   for p in report.PHASES:                       # two identical seeds: a zero-width t interval
     assert re.search(rf"^\| {p} \| (-?\d+\.\d+) \[\1, \1\] ", text, re.M), p
   for needle in ("26.83", "−11.06", "different model", "faithfulness", "Localisation", "CMAP", "name mover",
-                 "S2->S1", "seed 1", "attribution patching", "Faithfulness by circuit size", "k = 7"):
+                 "S2->S1", "seed 1", "attribution patching", "Faithfulness by circuit size", "k = 7",
+                 "Reading: the poisoning change's top-k share", "separate ABC set of 4 prompts"):
     assert needle in text, needle
   links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
   assert len(links) == 8 and all(os.path.exists(tmp_path / x) for x in links)

@@ -102,3 +102,26 @@ def cmap_figure(plt, results: dict, top_k: int):
     ax.set(title=f"CMAP base -> {p} (END)", xlabel="patched logit diff", ylabel="head sets" if p == "poison" else None)
   axes[0].legend(frameon=False, fontsize=7)
   return fig
+
+
+def localisation_reading(c, cross_seed: dict) -> list[str]:
+  """The report's plain sentences: is the poisoning change more localised than the seed-noise changes, and does
+  the permutation test separate them? c: the report's cells (analysis.ioi.report._Cells: summary `s` of
+  (mean, sd, lo, hi), per-seed `results`, formatter `pm`); cross_seed: study.cross_seed_localisation."""
+  poison, ref = c.s["localisation_poison"], c.s["localisation_base_clean"]
+  noise = [x for x in cross_seed["top_k_share"] if x == x]
+  if poison[0] != poison[0] or ref[0] != ref[0]:
+    return ["Localisation: undefined (a change was zero)."]
+  above = poison[2] > ref[3] and (not noise or poison[2] > max(noise))
+  ps = [r[k] for r in c.results.values() for k in ("circuit_share_base_clean_p", "circuit_share_poison_p")]
+  ps += [x for x in cross_seed["circuit_share_p"]]
+  out = [f"Reading: the poisoning change's top-k share, {c.pm('localisation_poison')}, "
+         + ("lies above" if above else "does NOT lie above")
+         + f" the seed-noise references (base -> clean {c.pm('localisation_base_clean')}"
+         + (f"; clean -> clean of another seed up to {max(noise):.3f}" if noise else "") + "), so "
+         + ("the poisoning change is more localised than seed noise." if above else
+            "there is no evidence that poisoning is more localised than any fine-tuning change.")]
+  if ps and max(ps) <= 0.05:
+    out[0] += (" The permutation test rejects for every change, the seed-noise ones included: it shows that changes "
+               "concentrate in the heads that matter, not that poisoning is special.")
+  return out

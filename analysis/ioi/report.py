@@ -257,8 +257,9 @@ def _faithfulness(config, cfg, c: _Cells) -> list[str]:
   k, n_heads = config.top_k, cfg.n_layers * cfg.n_heads
   lines = ["## Circuit faithfulness", "",
             f"Circuit = the top-{k} heads by |exact importance| of that phase; every other head is mean-ablated at "
-            "every position (per-template means over a separate ABC set of {config.abc_per_template} prompts per base "
-            "template, disjoint from the evaluation prompts and their counterparts); faithfulness = circuit-only / full mean logit difference (a "
+            f"every position (per-template means over a separate ABC set of {config.abc_per_template} prompts per "
+            "base template, disjoint from the evaluation prompts and their counterparts); faithfulness = circuit-only "
+            "/ full mean logit difference (a "
             "ratio: it is unstable where the full logit difference is near 0, so the circuit-only logit difference "
             "is given too). The paper's circuits are hand-built path-patching circuits (Wang et al.: 26 heads), not "
             f"a top-{k}. Normalised faithfulness = (F(C) - F(empty)) / (F(M) - F(empty)), F(empty) = every head "
@@ -315,6 +316,7 @@ def _localisation(config, cfg, c: _Cells, figs, cross_seed: dict) -> list[str]:
            f"Clean -> clean of another seed: top-{k} share {share(cross_seed['top_k_share'])}; share in clean(a)'s "
            f"circuit {share(cross_seed['circuit_share'])}, permutation p "
            + (", ".join(f"{p:.3g}" for p in cross_seed["circuit_share_p"]) or "undefined (one seed)") + ".", "",
+           *baselines.localisation_reading(c, cross_seed), "",
            "| quantity | mean [95% t interval] " + c.head, "|---|---|" + "---|" * len(c.seeds)]
   rows = [(f"top-{k} share of the change base -> clean (seed-noise reference)", "localisation_base_clean"),
           (f"top-{k} share of the poisoning change (clean -> poison)", "localisation_poison"),
@@ -338,7 +340,11 @@ def _localisation(config, cfg, c: _Cells, figs, cross_seed: dict) -> list[str]:
           ("CMAP base -> retrained at every head (END): logit diff", "cmap_all_heads_retrain"),
           ("... gap closed", "cmap_all_heads_retrain_gap_closed")]
   rows = [(label, key) for label, key in rows if key in c.s]
-  lines += [f"| {label} | {c.pm(key)} | {c.sc(key)} |" for label, key in rows]
+  # a p-value gets no t interval (it is not a mean effect): its largest value over seeds, every seed's beside it
+  mean_col = lambda key: (f"max {max(r[key] for r in c.results.values()):.2g}" if key.endswith("_p") else c.pm(key))
+  per_seed = lambda key: (" | ".join(f"{r[key]:.2g}" for r in c.results.values()) if key.endswith("_p")
+                          else c.sc(key))
+  lines += [f"| {label} | {mean_col(key)} | {per_seed(key)} |" for label, key in rows]
   lines += ["", "Reference logit differences: " + ", ".join(f"{p} {c.pm(p + '/logit_diff')}" for p in PHASES) + ".",
             ""]
   if "cmap_random" in figs:
