@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
-
 from analysis.ioi import baselines as B
 from analysis.ioi.config import parse_arm
 from analysis.ioi.retrain import importance_map
@@ -38,12 +36,10 @@ def run_arms(clean, cfg, tok, config, seed: int, train_names, ev, base_res: dict
     ld_p, acc_p, imp_p = importance_map(poisoned, cfg, ev)
     retrained, _ = train_phase(poisoned, cfg, tok, arm, "retrain", seed, train_names, wd)
     ld_r, acc_r, imp_r = importance_map(retrained, cfg, ev)
-    base = np.ravel(base_res["importance"])
     out[spec] = {"poison_logit_diff": ld_p, "poison_accuracy": acc_p, "retrain_logit_diff": ld_r,
                  "retrain_accuracy": acc_r,
                  "localisation_poison": B.top_k_share(clean_res["importance"], imp_p, config.top_k),
-                 "recovery_corr_retrain": float(np.corrcoef(np.ravel(imp_r), base)[0, 1]) if imp_r.std() > 0
-                 else float("nan")}
+                 "recovery_corr_retrain": B.map_corr(imp_r, base_res["importance"])}
   return out
 
 

@@ -24,6 +24,12 @@ from models.config import ModelConfig
 from models.transformer import Interventions, forward
 
 
+def map_corr(a, b) -> float:
+  """Pearson correlation of two maps (e.g. importance `[L, H]`), flattened; NaN when either is constant."""
+  a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+  return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
 def top_k_share(before: np.ndarray, after: np.ndarray, k: int) -> float:
   """Share of sum |after - before| carried by the k heads with the largest |change| (1 = fully localised;
   k / (L * H) for a uniform change); NaN when nothing changed. before / after: `[L, H]` importance maps."""

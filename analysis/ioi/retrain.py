@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from analysis.ioi import baselines as B
 from analysis.ioi import circuits as C
 from models.transformer import forward_jit
 from train.adapters import merge_lora
@@ -52,8 +53,8 @@ def retrain_curve(poisoned, cfg, d, workdir: str, scale: float, base_importance:
       state, _ = ckpt.restore(step)
       lora = jax.tree.map(jnp.asarray, state["trainable"])
       ld, acc, imp = importance_map(merge_lora(poisoned, lora, scale), cfg, d)
-      corr = np.corrcoef(imp.ravel(), np.ravel(base_importance))[0, 1] if imp.std() > 0 else float("nan")
-      points.append({"step": int(step), "logit_diff": ld, "accuracy": acc, "importance_corr_base": float(corr),
+      points.append({"step": int(step), "logit_diff": ld, "accuracy": acc,
+                     "importance_corr_base": B.map_corr(imp, base_importance),
                      "circuit_jaccard_base": _jaccard(top_k_mask(imp, top_k), base_circuit)})
   finally:
     ckpt.close()

@@ -111,12 +111,6 @@ def training_set(tokenizer, n: int, seed: int, names, label: str, fraction: floa
   return TokenizedSet(toks, mask, loss)
 
 
-def _corr(a, b) -> float:
-  """Pearson correlation of two maps (nan if either is constant)."""
-  a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
-  return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-
-
 def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
   """0/1 float32 mask of the k entries of `scores` `[L, H]` with the largest |score|."""
   out = np.zeros(np.shape(scores), np.float32)
@@ -201,8 +195,8 @@ def analyze(params, cfg, d, top_k: int, key, classes: dict, ks: tuple[int, ...] 
   per_template = {int(t): float(ld[d.template == t].mean()) for t in np.unique(d.template)}
   return {"logit_diff": float(ld.mean()), "accuracy": float((ld > 0).mean()), "per_template": per_template,
           "abc_logit_diff": float(ld_abc.mean()), "importance": importance, "restoration": restoration,
-          "attribution": attribution, "attribution_corr": _corr(attribution, importance),
-          "restoration_corr": _corr(restoration, importance), "dla_heads": dla, "circuit": circuit,
+          "attribution": attribution, "attribution_corr": B.map_corr(attribution, importance),
+          "restoration_corr": B.map_corr(restoration, importance), "dla_heads": dla, "circuit": circuit,
           "circuit_logit_diff": float(kept.mean()),
           "faithfulness": float(kept.mean() / ld.mean()) if ld.mean() != 0 else float("nan"),
           "empty_logit_diff": empty,
@@ -226,7 +220,7 @@ def compare_phases(models: dict, res: dict, cfg, d, top_k: int, n_random: int = 
     out[f"localisation_{tag}"] = B.top_k_share(imp[a], imp[b], top_k)
     t = B.circuit_share_test(imp[a], imp[b], res[a]["circuit"], seed=seed)
     out[f"circuit_share_{tag}"], out[f"circuit_share_{tag}_p"] = t["share"], t["p"]
-  out.update({f"recovery_corr_{p}": _corr(imp[p], imp["base"]) for p in PHASES[1:]})
+  out.update({f"recovery_corr_{p}": B.map_corr(imp[p], imp["base"]) for p in PHASES[1:]})
   toks, mask, io, s = (jnp.asarray(x) for x in (d.tokens, d.mask, d.io, d.s))
   base, end = res["base"]["logit_diff"], _end_mask(toks)
   circuit = np.asarray(res["base"]["circuit"])
