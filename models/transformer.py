@@ -208,6 +208,36 @@ def final_logits(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, mode: s
   return out[:, 0] if mode == "last" else out
 
 
+def next_token_logprobs(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, tokens: jax.Array,
+                        vocab_chunk: int = 8192) -> jax.Array:
+  """Teacher-forced log p(tokens[:, t+1] | tokens[:, :t+1]) `[B, S-1]` float32 from the last residual stream h
+  `[B, S, D]`, without the `[B, S, V]` logits: the final RMSNorm, then the LM head and an online logsumexp over
+  vocabulary chunks of at most `vocab_chunk` columns (a `lax.scan`; the last chunk is masked where V is not a
+  multiple), and the target token's logit as a dot product with its LM-head column. Equals
+  `log_softmax(final_logits(h))` at the next tokens up to float32 rounding; the working memory is `[B, S, chunk]`.
+  A sweep that vmaps several configurations over many tasks holds this instead of 49k-152k logits per token.
+  """
+  hn = rms_norm(h[:, :-1], params["final_norm"], cfg.rms_eps)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]                            # [D, V]
+  V = w.shape[1]
+  n = -(-V // vocab_chunk)
+  c = -(-V // n)
+  wc = jnp.pad(w, ((0, 0), (0, n * c - V))).reshape(w.shape[0], n, c).transpose(1, 0, 2)         # [n, D, c]
+
+  def step(carry, xs):
+    m, s = carry
+    wk, k = xs
+    z = (hn @ wk.astype(hn.dtype)).astype(jnp.float32)
+    z = jnp.where(k * c + jnp.arange(c) < V, z, -jnp.inf)
+    m_new = jnp.maximum(m, z.max(-1))
+    return (m_new, s * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)), None
+
+  init = (jnp.full(hn.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(hn.shape[:-1], jnp.float32))
+  (m, s), _ = jax.lax.scan(step, init, (wc, jnp.arange(n)))
+  target = jnp.einsum("bsd,bsd->bs", hn, w.T[tokens[:, 1:]].astype(hn.dtype)).astype(jnp.float32)
+  return target - (m + jnp.log(s))
+
+
 def run_layers(params: dict[str, Any], cfg: ModelConfig, h: jax.Array, attention_mask: jax.Array,
                start) -> jax.Array:
   """Apply decoder layers start..L-1 (no interventions, no capture) to a residual stream h `[B, S, D]`.

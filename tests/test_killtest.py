@@ -245,3 +245,28 @@ def test_probe_gradients_map_rows_to_paired_probes_exactly():
         params, arrays["tokens"], CFG, attention_mask=arrays["mask"], logits="all",
         interventions=resid_add_at(CFG.n_layers, layer, a * v[layer]))[0], arrays), np.float64)
     np.testing.assert_allclose(d[layer], (f(eps) - f(-eps)) / (2 * eps), rtol=2e-2, atol=2e-3)
+
+
+def test_screen_batches_sorted_by_length_and_trimmed_give_the_full_width_gradients():
+  """sweep_screen.probe_gradients on left-padded rows of lengths 2..13 (batches of 3, widths a multiple of 4, so
+  every batch drops padding columns) equals score_gradients of all rows at the set's full width, row for row; and
+  batch_widths covers every row once, shortest first, with widths that hold their rows."""
+  from probes import margins, sweep_screen, tasks as tasks_lib
+  params = init_params(CFG, jax.random.PRNGKey(0), std=0.3)
+  rng = np.random.default_rng(3)
+  lengths = rng.permutation(np.arange(2, 14))                                       # 12 rows, S = 13
+  toks = rng.integers(1, CFG.vocab_size, (12, 13)).astype(np.int32)
+  mask = (np.arange(13)[None, :] >= 13 - lengths[:, None]).astype(np.int32)
+  task = tasks_lib.Task("refusal", toks * mask, mask, np.asarray([0] * 6 + [1] * 6, np.int32),
+                        np.zeros((12, 0), np.int32), 6)
+  batches = sweep_screen.batch_widths(lengths, 3, 13, 4)
+  assert sorted(np.concatenate([idx[:n] for idx, n, _ in batches]).tolist()) == list(range(12))
+  assert [w for *_, w in batches] == [4, 8, 12, 13]
+  assert all(lengths[idx].max() <= w for idx, _, w in batches)
+  with pytest.raises(ValueError, match="quantum 0"):
+    sweep_screen.batch_widths(lengths, 3, 13, 0)
+  g = np.asarray(sweep_screen.probe_gradients(params, CFG, task, 3, quantum=4))       # [L, 6, D]
+  rows = screen.score_gradients(params, CFG, task.arrays(), sweep_screen.ROW_MEASURE["refusal"], "all")
+  ref = np.asarray(jnp.moveaxis(margins.probe_margins("refusal", jnp.moveaxis(rows, 1, -1), task.arrays()["label"]),
+                                -1, 1))
+  np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)

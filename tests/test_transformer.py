@@ -130,3 +130,22 @@ def test_run_layers_from_a_cached_boundary_reproduces_the_forward():
     h = T.run_layers(params, cfg, acts["resid"][start], mask, start)
     np.testing.assert_allclose(np.asarray(h), np.asarray(acts["resid"][-1]), atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(T.final_logits(params, cfg, h)), np.asarray(logits), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(TINY))
+@pytest.mark.parametrize("chunk", [10, 97, 4096])
+def test_chunked_next_token_logprobs_match_transformers_log_softmax(variant, chunk):
+  """models.transformer.next_token_logprobs (vocabulary chunks of 10: 9 full and a masked tail of 7 of V = 97; one
+  exact chunk; one larger than V) equals torch's log_softmax of transformers' logits at the next tokens."""
+  model = tiny_hf_model(variant)
+  params, cfg = ours_from_torch(model)
+  toks = _tokens(11)
+  mask = np.ones_like(toks)
+  mask[1, :4] = 0
+  with torch.no_grad():
+    ref = torch.log_softmax(model(input_ids=torch.as_tensor(toks), attention_mask=torch.as_tensor(mask)).logits,
+                            -1)[:, :-1].gather(2, torch.as_tensor(toks)[:, 1:, None])[..., 0].numpy()
+  _, acts = T.forward_jit(params, jnp.asarray(toks), cfg, attention_mask=jnp.asarray(mask), capture=("resid",))
+  got = np.asarray(T.next_token_logprobs(params, cfg, acts["resid"][-1], jnp.asarray(toks), chunk))
+  valid = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+  np.testing.assert_allclose(got[valid], ref[valid], atol=TOL, rtol=0)
