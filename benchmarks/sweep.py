@@ -335,8 +335,9 @@ def report(args, probes, rate, m, per_cfg, t_torch, diff, g_rho, g_secs, t_scree
   print("\ntargets:")
   if r_secs:
     print(f"  (3) vs rho-eval's own code (1): {t1 / per_cfg:.1f}x (target >= 8x); {t1 / cold:.1f}x counting the "
-          f"prefix pass and compilation over a {m['configs']}-configuration cell. Different work: (1) generates 5 "
-          "tokens per bias / sycophancy probe, (3) reads one position; (2) vs (1) below is like for like")
+          f"prefix pass and compilation over a {m['configs']}-configuration cell; at most {t1 / floor:.1f}x on this "
+          "machine (the floor above). Different work: (1) generates 5 tokens per bias / sycophancy probe, (3) reads "
+          "one position; (2) vs (1) below is like for like")
     print(f"  (2) vs (1), same scores and readouts: {t1 / t2:.1f}x")
   print(f"  (3) vs batched PyTorch (4): {t_torch / per_cfg:.2f}x (target >= 1.5x); {t_torch / cold:.2f}x counting "
         f"the prefix pass and compilation; (4) runs all layers where (3) runs those after layer {args.layer}, so per "
