@@ -236,6 +236,21 @@ def test_quick_study_refusal_reversed_track_without_test_only_packages(tmp_path)
   assert "NOT the paper's v_rev" in open(report).read()
 
 
+def test_a_missing_second_judge_fails_before_any_work(tmp_path):
+  """The second judge is loaded after the arms (minutes in); a judge that is not installed must fail at the start,
+  naming it, before the workdir is written."""
+  from analysis.reversion import study as reversion
+  from analysis.reversion.config import ReversionConfig
+  from configs.reversion import get_config
+  from models.errors import UnknownModelError
+  from train.typed_config import from_configdict
+  cd = get_config("quick")
+  cd.eval.judge_model = "no-such-judge-0.5b"
+  with pytest.raises(UnknownModelError, match="no-such-judge-0.5b"):
+    reversion.run(from_configdict(ReversionConfig, cd), str(tmp_path / "r"))
+  assert not (tmp_path / "r").exists()
+
+
 def test_every_preset_converts_and_bad_overrides_name_the_field():
   from analysis.reversion.config import ReversionConfig
   from configs.reversion import get_config

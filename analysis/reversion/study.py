@@ -129,6 +129,8 @@ def run(config: ReversionConfig, workdir: str | None = None) -> str:
                     "with train.typed_config.from_configdict(ReversionConfig, c)")
   workdir = workdir or default_workdir(config.model.split("/")[-1] + "-reversion")
   registry.resolve(config.model)       # a missing model fails here, before the workdir is written
+  if config.eval.judge_model:           # so does a missing second judge (it is loaded only after the arms)
+    registry.resolve(config.eval.judge_model)
   if "jsonl" in config.benign.sources:    # so does a missing or unreadable benign JSONL
     data_lib.read_jsonl(config.benign.jsonl)
   wd = Workdir(workdir, config)
