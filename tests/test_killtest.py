@@ -249,8 +249,9 @@ def test_probe_gradients_map_rows_to_paired_probes_exactly():
 
 def test_screen_batches_sorted_by_length_and_trimmed_give_the_full_width_gradients():
   """sweep_screen.probe_gradients on left-padded rows of lengths 2..13 (batches of 3, widths a multiple of 4, so
-  every batch drops padding columns) equals score_gradients of all rows at the set's full width, row for row; and
-  batch_widths covers every row once, shortest first, with widths that hold their rows."""
+  every batch drops padding columns; and with a token budget, batches of 2 or 4 rows) equals score_gradients of all
+  rows at the set's full width, row for row; and batch_widths covers every row once, shortest first, with widths
+  that hold their rows."""
   from probes import margins, sweep_screen, tasks as tasks_lib
   params = init_params(CFG, jax.random.PRNGKey(0), std=0.3)
   rng = np.random.default_rng(3)
@@ -270,3 +271,9 @@ def test_screen_batches_sorted_by_length_and_trimmed_give_the_full_width_gradien
   ref = np.asarray(jnp.moveaxis(margins.probe_margins("refusal", jnp.moveaxis(rows, 1, -1), task.arrays()["label"]),
                                 -1, 1))
   np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+  # a token budget: the shortest rows run in a batch of 2 * 2 rows (4 rows x width 8 = 32 tokens), longer ones in 2s
+  wide = sweep_screen.batch_widths(lengths, 2, 13, 4, tokens=32)
+  assert [(n, w) for _, n, w in wide] == [(4, 8), (2, 8), (2, 12), (2, 12), (2, 13)]
+  assert sorted(np.concatenate([idx[:n] for idx, n, _ in wide]).tolist()) == list(range(12))
+  np.testing.assert_allclose(np.asarray(sweep_screen.probe_gradients(params, CFG, task, 2, quantum=4, tokens=32)),
+                             ref, rtol=1e-4, atol=1e-6)
