@@ -105,13 +105,18 @@ def pad_left(rows: Sequence[Sequence[int]], pad: int, multiple: int = 1) -> tupl
 
 
 def length_batches(rows: Sequence[Sequence[int]], batch: int, pad: int, multiple: int = 32):
-  """Yield (indices, tokens, mask) over token-id rows sorted longest first, in batches of exactly `batch` rows (the
-  last filled with copies of its final row), each left-padded by pad_left to a multiple of `multiple`: little
-  padding and few compiled shapes. `indices` are the positions in `rows` of the batch's real rows."""
+  """Yield (indices, tokens, mask) over token-id rows sorted longest first, in ceil(N / batch) batches of equal
+  size, at most `batch` rows each (the last filled with copies of its final row: 100 rows at batch 40 run as
+  3 x 34 rows, not 3 x 40), each left-padded by pad_left to a multiple of `multiple`: little padding, and one
+  compiled shape per (row count, width) that every call on the same rows shares. `indices` are the positions in
+  `rows` of the batch's real rows. Raises ValueError for batch < 1."""
+  if batch < 1:
+    raise ValueError(f"length_batches: batch must be >= 1, got {batch}")
   order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-  for i in range(0, len(order), batch):
-    idx = order[i:i + batch]
-    chunk = [rows[j] for j in idx] + [rows[idx[-1]]] * (batch - len(idx))
+  size = -(-len(order) // max(1, -(-len(order) // batch))) if order else batch
+  for i in range(0, len(order), size):
+    idx = order[i:i + size]
+    chunk = [rows[j] for j in idx] + [rows[idx[-1]]] * (size - len(idx))
     toks, mask = pad_left(chunk, pad, multiple)
     yield idx, toks, mask
 

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from models import transformer as T
@@ -93,6 +94,19 @@ def test_steered_generation_matches_hooked_transformers_generate():
   ours = generate(params, cfg, jnp.asarray(prompt), jnp.ones((1, 5), jnp.int32), max_new_tokens=8,
                   interventions=T.Interventions(resid_add=add))
   np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_length_batches_are_equal_sized_longest_first_and_cover_every_row():
+  from models import tokenizer as tk
+  rows = [[1] * n for n in range(1, 101)]                             # 100 rows of lengths 1..100
+  got = list(tk.length_batches(rows, 40, 0, 32))
+  assert [t.shape for _, t, _ in got] == [(34, 128), (34, 96), (34, 32)]      # 3 x 34 rows, not 3 x 40
+  assert sorted(i for idx, _, _ in got for i in idx) == list(range(100))
+  assert [len(idx) for idx, _, _ in got] == [34, 34, 32] and got[0][0][0] == 99
+  np.testing.assert_array_equal(got[2][2].sum(1)[32:], [1, 1])      # the last batch's fillers copy its last row
+  assert [t.shape[0] for _, t, _ in tk.length_batches(rows[:70], 40, 0)] == [35, 35]
+  with pytest.raises(ValueError, match="batch must be >= 1"):
+    list(tk.length_batches(rows, 0, 0))
 
 
 def test_generate_answers_keeps_prompt_order_across_length_sorted_batches():
