@@ -39,7 +39,8 @@ def batch_widths(lengths: np.ndarray, batch: int, width: int, quantum: int,
   width / quantum values (one compilation per (rows, width) shape).
 
   A batch has `batch` rows, or with `tokens` > 0 the largest batch * 2^k rows whose rows x width stays within
-  `tokens`: short rows run in wider batches (a [16, 32] matmul batch leaves the CPU's matmul units idle).
+  `tokens`: short rows run in larger batches (on the bias set, 16 rows x 32 tokens ran 6% slower per token than
+  32 x 32 on the 2-core CPU).
 
   lengths `[B]` int: real tokens per row. Raises ValueError for batch or quantum < 1."""
   if batch < 1 or quantum < 1:
