@@ -37,7 +37,8 @@ CAPTURE_NAMES = ("resid", "resid_pre", "resid_mid", "resid_post", "heads", "attn
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["resid_add", "resid_mask", "resid_value", "head_scale", "head_mask",
-                                "head_value", "head_add", "qkv_source", "q_from_source", "kv_from_source"],
+                                "head_value", "head_add", "qkv_source", "q_from_source", "kv_from_source",
+                                "resid_ablate"],
                    meta_fields=[])
 @dataclasses.dataclass
 class Interventions:
@@ -61,6 +62,11 @@ class Interventions:
     resid_post of layer l.
   - `resid_add` `[L, B|1, S|1, D]`: added to resid_post of layer l, after the replacement (steering: CAA /
     reading vectors scaled by alpha, as rho-eval's forward hook on `model.layers[l]` does).
+  - `resid_ablate` `[L, B|1, S|1, D]` unit directions r (zeros: none): directional ablation, x <- x - (x . r) r,
+    on layer l's input (resid_pre), resid_mid and resid_post (before the replacement and the add). With the same r
+    at every layer and position the residual stream never has a component along r: the same model as weight
+    orthogonalisation (models.ablation.orthogonalize; Arditi et al. 2024, "Refusal in Language Models Is
+    Mediated by a Single Direction", Section 3 / Eq. 5).
 
   dtypes: float (any; cast to the activation dtype). Masks are float so they can be fractional.
   """
@@ -74,10 +80,11 @@ class Interventions:
   qkv_source: jax.Array | None = None
   q_from_source: jax.Array | None = None
   kv_from_source: jax.Array | None = None
+  resid_ablate: jax.Array | None = None
 
 
 _RANKS = {"resid_add": 4, "resid_mask": 3, "resid_value": 4, "head_scale": 4, "head_mask": 4, "head_value": 5,
-          "head_add": 5, "qkv_source": 4, "q_from_source": 4, "kv_from_source": 4}
+          "head_add": 5, "qkv_source": 4, "q_from_source": 4, "kv_from_source": 4, "resid_ablate": 4}
 
 
 def check_capture(capture) -> tuple[str, ...]:
@@ -123,8 +130,17 @@ def apply_heads(z: jax.Array, iv: Interventions) -> jax.Array:
   return z
 
 
+def ablate(h: jax.Array, iv: Interventions) -> jax.Array:
+  """h `[B, S, D]` with this layer's resid_ablate direction r projected out (h - (h . r) r); h if there is none."""
+  if iv.resid_ablate is None:
+    return h
+  r = iv.resid_ablate.astype(h.dtype)
+  return h - jnp.sum(h * r, axis=-1, keepdims=True) * r
+
+
 def apply_resid(h: jax.Array, iv: Interventions) -> jax.Array:
-  """Residual interventions of one layer on its resid_post h `[B, S, D]`: patch (mask / value), then add."""
+  """Residual interventions of one layer on its resid_post h `[B, S, D]`: ablate, patch (mask / value), add."""
+  h = ablate(h, iv)
   if iv.resid_mask is not None:
     h = mix(h, iv.resid_mask[..., None], iv.resid_value)
   if iv.resid_add is not None:
@@ -153,6 +169,17 @@ def one_head(n_layers: int, n_heads: int, layer, head, pos_mask: jax.Array | Non
   `pos_mask` `[N, S]` is nonzero (every position when None), for Interventions.head_mask / head_scale."""
   m = head_mask(n_layers, n_heads, layer, head)[:, None, None, :]
   return m if pos_mask is None else m * pos_mask[None, :, :, None].astype(m.dtype)
+
+
+def ablate_direction(n_layers: int, direction: jax.Array, layers=None) -> Interventions:
+  """Directional ablation of `direction` `[D]` (normalised here) at every position of `layers` (default all):
+  Interventions(resid_ablate) `[L, 1, 1, D]`, zeros at the other layers. Raises ValueError for a zero direction."""
+  r = jnp.asarray(direction, jnp.float32)
+  norm = float(jnp.linalg.norm(r))
+  if not norm > 0:
+    raise ValueError("ablate_direction: the direction has zero norm")
+  on = jnp.zeros(n_layers).at[jnp.asarray(range(n_layers) if layers is None else list(layers))].set(1.0)
+  return Interventions(resid_ablate=on[:, None, None, None] * (r / norm)[None, None, None, :])
 
 
 def resid_add_at(n_layers: int, layer, vector: jax.Array) -> Interventions:

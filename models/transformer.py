@@ -119,9 +119,10 @@ def _layer(cfg: ModelConfig, ctx: _Context, h, lp, iv: Interventions, cache_kv):
   Returns (resid_post, acts: this layer's captured sites, (k, v)) with the new tokens' keys (after RoPE) and
   values `[B, S, KV, hd]` for the caller to store (None without a cache).
   """
+  h = I.ablate(h, iv)
   resid_pre = h
   attn_out, z, probs, new_kv = _attention(cfg, ctx, h, lp, iv, cache_kv)
-  resid_mid = h + attn_out
+  resid_mid = I.ablate(h + attn_out, iv)
   x = rms_norm(resid_mid, lp["mlp_norm"], cfg.rms_eps)
   hidden = constrain(jax.nn.silu(project(lp["w_gate"], x)) * project(lp["w_up"], x), BATCH_AXES, None, TENSOR)
   mlp_out = project(lp["w_down"], hidden)
