@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from probes import vectors
 from models.readout import cosine
 from models.config import ModelConfig
 from models.params import init_params
@@ -213,6 +214,13 @@ def test_quick_study_resumes_mid_run(tmp_path, monkeypatch):
       :, -1].mean() - np.asarray(ctrl["align_all"])[:, -1].mean(), rtol=1e-6)
   for arm in ("baseline", "block"):
     assert {"alignment_B", "harmful_C", "benign_refusal_C"} <= set(fresh["arms"][arm])
+  # v_rev and v_X as vector files, with their evidence
+  v, meta = vectors.load_vector(str(tmp_path / "fresh" / "vectors" / "v_rev.safetensors"))
+  np.testing.assert_allclose(np.linalg.norm(v, axis=-1), fresh["v_rev_norm"], rtol=1e-5)
+  assert meta["contrast_pairs"]["count"] == c.sets.A and meta["weights"]["sha256"]
+  assert meta["evidence"]["final_alignment_B"]["baseline"] == fresh["arms"]["baseline"]["alignment_B"]
+  vx, _ = vectors.load_vector(str(tmp_path / "fresh" / "vectors" / "v_X.safetensors"))
+  np.testing.assert_allclose(np.linalg.norm(vx, axis=-1), fresh["control"]["v_x_norm"], rtol=1e-5)
   for arm in c.arms:
     np.testing.assert_allclose(resumed["arms"][arm]["align_all"], fresh["arms"][arm]["align_all"], rtol=1e-4,
                                atol=1e-5)

@@ -35,7 +35,8 @@ Protocol:
      split-half reliability of v_rev (cosine of v_rev estimated on two random halves of A).
 
 Writes: config.json, metrics.jsonl + tb/ (per chunk), safety/ (checkpoints of the safety LoRA),
-benign/<arm>/checkpoints (resumable), metrics.json, figures/*.png, report.md.
+benign/<arm>/checkpoints (resumable), metrics.json, figures/*.png, report.md, vectors/v_rev.safetensors (and v_X with
+the control arm; probes.vectors files with their evidence, analysis.reversion.artifacts).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from analysis.reversion import judging
+from analysis.reversion import artifacts, judging
 from analysis.reversion import metrics as rm
 from analysis.reversion import plots as rp
 from analysis.reversion.benign import benign_batches, benign_init, benign_optimizer, benign_set
@@ -156,6 +157,7 @@ def run(config: ReversionConfig, workdir: str | None = None) -> str:
                  control_adapter=null.pop("control_adapter", None),
                  association=assoc, v_rev_norm=v_norm, seconds=time.time() - t_start, figures=paths,
                  arms={a: {k: v for k, v in d.items() if k not in ("align", "proj")} for a, d in per_arm.items()})
+  summary["vectors"] = artifacts.write_vectors(wd, config, ref, summary)
   write_json(wd.file("metrics.json"), summary)
   write_text(wd.file("report.md"), report(config, summary, per_arm, paths, PAPER))
   wd.close()
