@@ -48,3 +48,19 @@ def head_heatmaps(maps: dict, title: str, cmap: str = "RdBu_r"):
   fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="Δ logit diff")
   fig.suptitle(title)
   return fig
+
+
+def logit_lens_figure(logprobs, labels, title: str):
+  """Logit lens against depth: one line per target (labels[k]) of the mean over prompts of its log-probability at
+  each residual boundary (models.readout.logit_lens "logprobs" `[L+1, B, K]`), with the prompts' 25-75% band.
+  Returns the Figure."""
+  lp = np.asarray(logprobs)
+  x = np.arange(lp.shape[0])
+  fig, ax = plt.subplots(figsize=(6.0, 3.4), constrained_layout=True)
+  for k, name in enumerate(labels):
+    ax.plot(x, lp[:, :, k].mean(1), label=name)
+    ax.fill_between(x, np.percentile(lp[:, :, k], 25, axis=1), np.percentile(lp[:, :, k], 75, axis=1), alpha=0.2)
+  ax.set(xlabel="residual boundary (0 = embeddings, l = output of layer l)", ylabel="log p (final norm + LM head)",
+         title=title)
+  ax.legend(frameon=False)
+  return fig

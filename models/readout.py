@@ -1,17 +1,19 @@
 """Readouts of the residual stream: the last-token residual of every row (batched host loop), the mean activation
-over prompts at one position, and the cosine: the one copy of each that the studies share.
+over prompts at one position, the cosine and the logit lens: the one copy of each that the studies share.
 
 Shapes: a residual stream captured as "resid" is `[L+1, N, S, D]` (boundary 0 = embeddings, boundary l = the
 output of decoder layer l), prompts left-padded so the last prompt token sits at position S-1.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
-from models.transformer import forward_jit
+from models.transformer import final_logits, forward, forward_jit
 
 
 def mean_activation(resid: jax.Array, mask: jax.Array, position: str = "last") -> jax.Array:
@@ -71,3 +73,26 @@ def last_token_resid(params, cfg: ModelConfig, tokens: np.ndarray, mask: np.ndar
     if progress is not None:
       progress(len(idx))
   return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
+def logit_lens(params, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, targets: jax.Array,
+               top_k: int = 5) -> dict[str, jax.Array]:
+  """The logit lens (nostalgebraist 2020) at the last token of every row, at every residual boundary, in one
+  program: the model's own final RMSNorm and LM head applied to resid[l] (l = 0 embeddings ... L the last layer's
+  output, so boundary L is the model's prediction).
+
+  Args:
+    tokens, mask: `[B, S]` left-padded prompts (the last prompt token at position S-1).
+    targets: `[B, K]` int token ids whose log-probabilities to read (e.g. a refusal token and a compliance token).
+    top_k: how many of each boundary's most likely tokens to return (static).
+  Returns:
+    {"logprobs": `[L+1, B, K]` float32 log-softmax at the targets, "top_ids": `[L+1, B, top_k]` int32,
+    "top_logprobs": `[L+1, B, top_k]` float32}.
+  """
+  _, acts = forward(params, tokens, cfg, attention_mask=mask, capture=("resid",), logits="none")
+  h = acts["resid"][:, :, -1]                                                         # [L+1, B, D]
+  logp = jax.nn.log_softmax(final_logits(params, cfg, h), axis=-1)                   # [L+1, B, V]
+  top, ids = jax.lax.top_k(logp, top_k)
+  picked = jnp.take_along_axis(logp, jnp.broadcast_to(targets[None], (logp.shape[0], *targets.shape)), axis=-1)
+  return {"logprobs": picked, "top_ids": ids.astype(jnp.int32), "top_logprobs": top}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models import transformer as T
+from models.readout import logit_lens
 from tests.reference import TINY, ours_from_torch, tiny_hf_model
 
 TOL = 1e-4
@@ -183,3 +184,34 @@ def test_unknown_remat_value_is_refused():
   params, cfg = ours_from_torch(tiny_hf_model("llama"))
   with pytest.raises(ValueError, match="remat must be one of"):
     T.forward(params, jnp.asarray(_tokens(5)), cfg, remat="everything")
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_logit_lens_matches_transformers_hidden_states(variant):
+  """The logit lens at every boundary against transformers: model.norm + lm_head on hidden_states[l] (HF's last
+  hidden state is already normed, so boundary L is the model's own logits); left padding included."""
+  model = tiny_hf_model(variant)
+  params, cfg = ours_from_torch(model)
+  toks = _tokens(6, b=2, s=8)
+  mask = np.ones_like(toks)
+  mask[1, :3] = 0                                                  # row 1: 5 real tokens, left-padded
+  targets = np.array([[3, 7], [11, 2]])
+  out = logit_lens(params, cfg, jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(targets), top_k=3)
+  L = cfg.n_layers
+  for b in range(2):
+    real = torch.tensor(toks[b:b + 1, mask[b] == 1])
+    with torch.no_grad():
+      o = model(real, output_hidden_states=True)
+      per = [model.lm_head(model.model.norm(o.hidden_states[l][:, -1])) for l in range(L)] + [o.logits[:, -1]]
+      ref = torch.log_softmax(torch.cat(per).float(), -1).numpy()                         # [L+1, V]
+    np.testing.assert_allclose(np.asarray(out["logprobs"][:, b]), ref[:, targets[b]], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(out["top_ids"][:, b, 0]), ref.argmax(-1))
+
+
+def test_logit_lens_figure_plots_the_mean_over_prompts():
+  from analysis.plots import logit_lens_figure  # local: matplotlib, only this test
+  lp = np.random.default_rng(0).normal(size=(5, 4, 2))
+  fig = logit_lens_figure(lp, ["refuse", "comply"], "t")
+  lines = fig.axes[0].get_lines()
+  assert [l.get_label() for l in lines] == ["refuse", "comply"]
+  np.testing.assert_allclose(lines[1].get_ydata(), lp[:, :, 1].mean(1))
