@@ -1,6 +1,6 @@
 """Directional ablation as weight orthogonalisation (Arditi et al. 2024, "Refusal in Language Models Is Mediated
-by a Single Direction", Section 4 / Eq. 6: W_out <- W_out - r r^T W_out for every matrix writing to the residual
-stream).
+by a Single Direction", its "weight orthogonalization": W_out <- W_out - r r^T W_out for every matrix writing to the
+residual stream).
 
 In gravlab's `[in, out]` layout a matrix writing to the residual maps to D columns, so W' = W (I - r r^T): the
 token embeddings `[V, D]`, every layer's o_proj `wo` `[L, H*hd, D]` and its bias `bo` when present, and every

@@ -66,7 +66,7 @@ class Interventions:
     on layer l's input (resid_pre), resid_mid and resid_post (before the replacement and the add). With the same r
     at every layer and position the residual stream never has a component along r: the same model as weight
     orthogonalisation (models.ablation.orthogonalize; Arditi et al. 2024, "Refusal in Language Models Is
-    Mediated by a Single Direction", Section 3 / Eq. 5).
+    Mediated by a Single Direction": its "directional ablation" intervention).
 
   dtypes: float (any; cast to the activation dtype). Masks are float so they can be fractional.
   """

