@@ -64,3 +64,15 @@ def logit_lens_figure(logprobs, labels, title: str):
          title=title)
   ax.legend(frameon=False)
   return fig
+
+
+def monitor_figure(steps, alignment, iso_p99: float, cov_p99: float):
+  """The reversion monitor (analysis.monitor): all-layer alignment with v_rev against the checkpoint step, with the
+  isotropic and covariance-shaped nulls' p99 as horizontal lines. Returns the Figure."""
+  fig, ax = plt.subplots(figsize=(6.0, 3.4), constrained_layout=True)
+  ax.plot(steps, alignment, "o-", label="alignment with v_rev (set B)")
+  ax.axhline(iso_p99, color="0.6", ls=":", label=f"isotropic p99 {iso_p99:.3f}")
+  ax.axhline(cov_p99, color="C3", ls="--", label=f"covariance-shaped p99 {cov_p99:.3f}")
+  ax.set(xlabel="checkpoint step", ylabel="cos(drift, v_rev)", title="Reversion monitor")
+  ax.legend(frameon=False, fontsize=8)
+  return fig
