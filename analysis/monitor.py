@@ -29,7 +29,7 @@ import json
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from absl import app, flags
@@ -64,11 +64,12 @@ def step_of(path: str) -> int:
   return int(found[-1]) if found else -1
 
 
-def measure(params_base, params_ref, variants: dict[str, dict], cfg, batch_a, batch_b, null_samples: int = 2000,
-            seed: int = 0) -> dict[str, Any]:
+def measure(params_base, params_ref, variants: Iterable[tuple[str, dict]], cfg, batch_a, batch_b,
+            null_samples: int = 2000, seed: int = 0) -> dict[str, Any]:
   """v_rev, the checkpoints' drift alignments and both nulls (module docstring).
 
-  batch_a, batch_b: (tokens, mask) `[P, S]` left-padded numpy int arrays of sets A and B. variants: name -> params.
+  batch_a, batch_b: (tokens, mask) `[P, S]` left-padded numpy int arrays of sets A and B. variants: (name, params)
+  pairs, read one at a time (a generator keeps one checkpoint's weights in memory).
   Returns {"v_rev_norm" `[L+1]`, "null_isotropic_p99", "null_covariance_p99", "null_covariance_layer_p99" `[L]`,
   "checkpoints": {name: {"alignment": float, "alignment_layer": `[L]` (decoder layers 1..L)}}}."""
   mean = lambda p, b: last_token_resid(p, cfg, *b).mean(axis=1)                      # [L+1, D]
@@ -79,7 +80,7 @@ def measure(params_base, params_ref, variants: dict[str, dict], cfg, batch_a, ba
   out = {"v_rev_norm": np.linalg.norm(v_rev, axis=-1).tolist(), "null_covariance_p99": cov["all_p99"],
          "null_isotropic_p99": rm.null_cos_quantile(cfg.n_layers * cfg.d_model),
          "null_covariance_layer_p99": cov["layer_p99"].tolist(), "checkpoints": {}}
-  for name, p in variants.items():
+  for name, p in variants:
     d = mean(p, batch_b) - ref_b
     out["checkpoints"][name] = {
         "alignment": float(cosine(d[1:].reshape(-1), v_rev[1:].reshape(-1))),
@@ -142,7 +143,7 @@ def run(base: str, reference: str, checkpoints: str, out: str, checkpoint_on: st
   ref = load_variant(reference, params, cfg)
   on = ref if checkpoint_on == "reference" else params
   batch_a, batch_b, record = prompt_batches(tok, prompts, n, seed)
-  res = measure(params, ref, {p: load_variant(p, on, cfg) for p in paths}, cfg, batch_a, batch_b, seed=seed)
+  res = measure(params, ref, ((p, load_variant(p, on, cfg)) for p in paths), cfg, batch_a, batch_b, seed=seed)
   res.update(base=base, reference=reference, checkpoint_on=checkpoint_on, prompts=record)
   path = write_outputs(out, res, res["null_covariance_p99"] if threshold is None else threshold)
   with open(path) as f:

@@ -20,6 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.lora import is_adapted
 
 
 def orthogonalize(params: dict[str, Any], cfg: ModelConfig, direction) -> tuple[dict[str, Any], ModelConfig]:
@@ -32,8 +33,8 @@ def orthogonalize(params: dict[str, Any], cfg: ModelConfig, direction) -> tuple[
     raise ValueError(f"orthogonalize: direction must be a non-zero [{cfg.d_model}] vector, got shape {r.shape}")
   r = r / jnp.linalg.norm(r)
   layers = params["layers"]
-  if not all(hasattr(layers[k], "dtype") for k in ("wo", "w_down")):
-    raise ValueError("orthogonalize: wo / w_down are LoRA-adapted (LowRank); merge the adapters first")
+  if is_adapted(layers):
+    raise ValueError("orthogonalize: the layers hold LoRA adapters (LowRank); merge them first")
 
   def out(w):                                       # w [..., D] -> w (I - r r^T), in w's dtype
     w32 = w.astype(jnp.float32)

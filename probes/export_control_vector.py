@@ -45,6 +45,11 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
       layers = sorted({int(x) for x in spec.split(",")})
   except ValueError:
     raise ValueError(f"--layers={spec!r}: expected 'a-b', 'a,b,c' or 'a' (decoder layer indices)") from None
+  return _check_layers(layers, n_layers, spec)
+
+
+def _check_layers(layers: list[int], n_layers: int, spec) -> list[int]:
+  """`layers` when non-empty and all in 1 .. n_layers - 1; else ValueError naming --layers=`spec`."""
   bad = [l for l in layers if not 1 <= l < n_layers]
   if not layers or bad:
     raise ValueError(f"--layers={spec!r}: layers must lie in 1..{n_layers - 1} (llama.cpp has no direction.0: "
@@ -56,8 +61,7 @@ def control_directions(vector: np.ndarray, layers: list[int], alpha: float) -> d
   """{l: alpha * vector[l + 1]} float32 `[D]` for each decoder layer l (module docstring's mapping).
 
   vector `[L+1, D]` in probes.vectors' boundary convention. Raises ValueError for a layer outside 1..L-1."""
-  n_layers = vector.shape[0] - 1
-  parse_layers(",".join(map(str, layers)), n_layers)
+  _check_layers(list(layers), vector.shape[0] - 1, ",".join(map(str, layers)))
   return {l: (float(alpha) * np.asarray(vector[l + 1], np.float32)).astype(np.float32) for l in layers}
 
 

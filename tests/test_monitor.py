@@ -46,7 +46,7 @@ def test_monitor_matches_torch_on_peft_checkpoints(tmp_path):
   ref = monitor.load_variant(str(tmp_path / "reference"), params, cfg)
   paths = sorted((str(tmp_path / "run" / f"checkpoint-{s}") for s in ckpts), key=monitor.step_of)
   assert [monitor.step_of(p) for p in paths] == [10, 20, 100]
-  res = monitor.measure(params, ref, {p: monitor.load_variant(p, ref, cfg) for p in paths}, cfg, (a, ones),
+  res = monitor.measure(params, ref, ((p, monitor.load_variant(p, ref, cfg)) for p in paths), cfg, (a, ones),
                         (b, ones), null_samples=500)
   # torch: the same quantities from PEFT's merged models (decoder-layer boundaries 1..L-1 of HF's hidden states)
   v = _last(base, a).mean(1) - _last(ref_t, a).mean(1)
