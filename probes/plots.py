@@ -95,3 +95,26 @@ def probe_accuracy(results: dict, n_layers: int, title: str):
     a.legend(frameon=False, fontsize=8)
   fig.suptitle(title, fontsize=10)
   return fig
+
+
+def layer_map(m: dict):
+  """The layer map's heatmap (probes.layer_map): behavior x decoder layer, colour = the screen's z against
+  covariance-shaped controls (signed; the colour scale spans +/- max |z|, at least 3, at most 6), q < q_level windows outlined, exact cells marked (x, or a
+  filled square for a kill zone). Returns the Figure."""
+  bs = list(m["behaviors"])
+  L = m["model"]["n_layers"]
+  z = np.nan_to_num(np.array([m["behaviors"][b]["layers"]["z"] for b in bs], np.float64), nan=0.0)   # null: 0
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * L + 2), 0.55 * len(bs) + 1.6), constrained_layout=True)
+  v = float(np.clip(np.abs(z).max(initial=0.0), 3.0, 6.0))
+  im = ax.imshow(np.clip(z, -v, v), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto", interpolation="nearest")
+  for i, b in enumerate(bs):
+    for w in m["behaviors"][b]["windows"]:
+      ax.add_patch(plt.Rectangle((w["start"] - 0.5, i - 0.45), w["end"] - w["start"] + 1, 0.9, fill=False,
+                                 lw=1.6, ec="k"))
+    for c in m["behaviors"][b]["exact_cells"]:
+      ax.plot(c["layer"], i, "ks" if c.get("killed") else "kx", ms=5)
+  ax.set(yticks=range(len(bs)), yticklabels=bs, xlabel="decoder layer",
+         title=f"{m['model']['name']}: layer map (boxes: q < {m['test']['q_level']}; x: exact cells)")
+  ax.set_xticks(range(0, L, max(1, L // 15)))
+  fig.colorbar(im, ax=ax, label="z vs covariance-shaped controls")
+  return fig

@@ -79,7 +79,7 @@ def split_probes(config: SweepConfig) -> dict[str, tuple[list, list]]:
   return out
 
 
-def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
+def run(config: SweepConfig, workdir: str | None = None, loaded=None, weights: dict | None = None) -> str:
   """Run the study end to end and write its outputs (module docstring) to `workdir`.
 
   Callable from other modules:
@@ -90,6 +90,8 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
     workdir: run directory (created if missing; files in it are overwritten, metrics.jsonl is appended to);
       None -> runs/<date>-<model>-sweep.
     loaded: optional (params, cfg, tokenizer) to use instead of loading `config.model`.
+    weights: the weight digest the vector sidecars record (probes.vectors.weights_digest); default: the digest of
+      `config.model`'s files, or a note that the params came in memory when `loaded` is given.
   Returns:
     the path of `report.md` (str); metrics.json sits beside it.
   Raises:
@@ -131,8 +133,9 @@ def run(config: SweepConfig, workdir: str | None = None, loaded=None) -> str:
   timing["total_s"] = time.time() - t_start
   sr = SweepResults(config, model.cfg, name, behaviors, baselines, vec, resid_norm, scr, ex, probe_res, timing, {},
                     task_list)
-  weights = ({"sha256": None, "note": "params passed in memory (loaded=...), not read from a file"} if loaded
-             else vectors_io.weights_digest(config.model))
+  if weights is None:
+    weights = ({"sha256": None, "note": "params passed in memory (loaded=...), not read from a file"} if loaded
+               else vectors_io.weights_digest(config.model))
   return write_outputs(wd, sr, weights)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from probes import controls, data, margins, screen
+from probes import controls, data, killtest, margins, screen
 from probes import tasks as tasks_lib
 
 ROW_MEASURE = {b: functools.partial(margins.row_measure, b) for b in data.BEHAVIORS}   # stable static args
@@ -81,6 +81,14 @@ def probe_gradients(params, cfg, task: tasks_lib.Task, batch: int, quantum: int 
   return jnp.moveaxis(margins.probe_margins(task.behavior, jnp.moveaxis(grads, 1, -1), arrays["label"]), -1, 1)
 
 
+def slope_ci(dd: np.ndarray, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+  """95% BCa bootstrap CI over probes of each layer's slope (probes.killtest.paired_ci on the per-probe
+  directional derivatives dd `[L, n]`): {"slope_ci_low", "slope_ci_high"} float64 `[L]`. The CI says how well the
+  probes pin the slope of this one vector; the controls' p says whether it differs from other directions."""
+  ci = np.array([killtest.paired_ci(row, n_boot, seed + l) for l, row in enumerate(np.asarray(dd))])
+  return {"slope_ci_low": ci[:, 0], "slope_ci_high": ci[:, 1]}
+
+
 def run_screen(model, config, vectors: dict[str, dict], task_list: Sequence[tasks_lib.Task],
                timing: dict) -> dict[str, Any]:
   """The screen of every scored behavior, and the source x target matrix (module docstring); records
@@ -92,7 +100,8 @@ def run_screen(model, config, vectors: dict[str, dict], task_list: Sequence[task
     task_list: the scored tasks, one per behavior.
   Returns:
     {"directions": M, "behaviors": {b: {"n_probes", "n_pairs", "vector_norm" `[L]`, screen.screen's `[L]`
-    arrays slope, ctrl_mean, ctrl_sd, band_lo, band_hi, z, p, plus q `[L]` (BH over behaviors x layers)}},
+    arrays slope, ctrl_mean, ctrl_sd, band_lo, band_hi, z, p, plus slope_ci_low / slope_ci_high `[L]` (slope_ci)
+    and q `[L]` (BH over behaviors x layers)}},
     "matrix": {"sources", "targets" (names), "slope", "z", "p", "q" `[S, T, L]`: source s's vector on target t,
     against t's controls rescaled to ||v_s(l)||; q is BH over the whole matrix; the diagonal is "behaviors"}}.
   """
@@ -110,11 +119,13 @@ def run_screen(model, config, vectors: dict[str, dict], task_list: Sequence[task
     ctrl_dd = np.asarray(screen.directional_derivatives(g, ctrl))                                     # [L, M, n]
     for i, s in enumerate(names):
       ratio = np.asarray(norms[s] / jnp.maximum(norms[b], 1e-30))[:, None, None]
-      res = screen.screen(np.asarray(jnp.einsum("lnd,ld->ln", g, vectors[s]["vec"])), ctrl_dd * ratio)
+      dd = np.asarray(jnp.einsum("lnd,ld->ln", g, vectors[s]["vec"]))                              # [L, n]
+      res = screen.screen(dd, ctrl_dd * ratio)
       for k in mat:
         mat[k][i, j] = res[k]
       if s == b:
-        out[b] = {**res, "n_pairs": vectors[b]["n_pairs"], "vector_norm": np.asarray(norms[b])}
+        out[b] = {**res, **slope_ci(dd, config.n_boot, config.seed), "n_pairs": vectors[b]["n_pairs"],
+                  "vector_norm": np.asarray(norms[b])}
   L = model.cfg.n_layers
   q = stats.false_discovery_control(np.concatenate([r["p"] for r in out.values()]), method="bh")
   for i, r in enumerate(out.values()):

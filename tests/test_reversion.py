@@ -180,6 +180,25 @@ def test_bad_arm_is_a_clear_error():
 
 
 @pytest.mark.slow
+def _check_peft_exports(wd, c):
+  """The safety and control LoRAs and every eval step's benign LoRA of the non-control arms as PEFT adapters that
+  train.adapters.load_peft reads back (analysis.monitor's inputs), the last benign one trained (B != 0)."""
+  from models.loading import load
+  from models.params import truncate_layers
+  _, cfg = truncate_layers(*load(c.model), c.model_layers)
+  for sub in ("safety", "control"):
+    spec, _ = adapters.load_peft(str(wd / sub / "adapter"), cfg)
+    assert spec.rank == c.safety.lora.rank and json.load(open(wd / sub / "adapter" / "adapter_config.json"))[
+        "base_model_name_or_path"] == c.model
+  steps = list(range(c.benign.eval_every, c.benign.steps + 1, c.benign.eval_every))
+  for arm in c.arms:
+    found = sorted(p.name for p in (wd / "benign" / arm / "seed0" / "peft").glob("checkpoint-*")) \
+        if arm != "control" else []
+    assert found == ([] if arm == "control" else [f"checkpoint-{t}" for t in steps])
+  spec, lora = adapters.load_peft(str(wd / "benign" / "block" / "seed0" / "peft" / f"checkpoint-{steps[-1]}"), cfg)
+  assert spec.rank == c.benign.rank and all(float(np.abs(np.asarray(v["b"])).max()) > 0 for v in lora.values())
+
+
 def test_quick_study_resumes_mid_run(tmp_path, monkeypatch):
   from analysis.reversion import study as reversion
   from analysis.reversion.config import ReversionConfig
@@ -221,6 +240,7 @@ def test_quick_study_resumes_mid_run(tmp_path, monkeypatch):
   assert meta["evidence"]["final_alignment_B"]["baseline"] == fresh["arms"]["baseline"]["alignment_B"]
   vx, _ = vectors.load_vector(str(tmp_path / "fresh" / "vectors" / "v_X.safetensors"))
   np.testing.assert_allclose(np.linalg.norm(vx, axis=-1), fresh["control"]["v_x_norm"], rtol=1e-5)
+  _check_peft_exports(tmp_path / "fresh", c)
   for arm in c.arms:
     np.testing.assert_allclose(resumed["arms"][arm]["align_all"], fresh["arms"][arm]["align_all"], rtol=1e-4,
                                atol=1e-5)

@@ -17,6 +17,7 @@ from models.transformer import forward
 from probes import margins, sweep, tasks as tasks_lib, vectors
 from probes.sweep_config import SweepConfig
 from tests.reference import ours_from_torch, tiny_hf_model
+from tests.test_layer_map import check_map
 from tests.runtime_only import run_runtime_only
 from tests.test_probes_stats import CharTokenizer
 from train.resume import ResumeConfigError
@@ -77,6 +78,7 @@ def test_sweep_run_tiny_model(tmp_path):
   path = sweep.run(config, wd, loaded=(params, mcfg, tok))
   assert path.endswith("report.md")
   m = _check_outputs(wd, mcfg.n_layers, config)
+  check_map(wd, m)
   # an exact cell's delta, recomputed by a direct steered forward with the own vector rebuilt from its pairs
   probes = sweep.split_probes(config)
   for b in ("bias", "factual"):

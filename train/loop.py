@@ -310,7 +310,7 @@ def objective_sets(config: TrainConfig, params, cfg, tok, examples, train_pairs,
 def fit_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe: dict, dirs: Sequence[str],
                chunk: int, evaluate: Callable[[int, Any], dict], stop_after: int | None = None,
                progress: Callable[[int, dict | None], None] | None = None,
-               measure_at=None) -> list[dict] | None:
+               measure_at=None, export: Callable[[int, int, Any], None] | None = None) -> list[dict] | None:
   """Run a scan program (train.scan.make_program) over T steps in chunks of `chunk`, checkpointing every run
   (seed or grid point) after each chunk in `<dir>/checkpoints` (train.checkpoint.Checkpointer) and resuming from
   the newest step all runs share.
@@ -325,6 +325,8 @@ def fit_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe:
     progress: called after every chunk with (steps done in this chunk, its metrics `[R, chunk, ...]`), and once
       with (the resumed step, None) after a resume.
     measure_at: `[T]` bool, the steps after which the program measures (its `measure_at`); None = every step.
+    export: optional (run index, step, that run's trainables) -> None after every chunk, before its checkpoint
+      (e.g. a PEFT adapter per step, as a Trainer run leaves them).
   Returns:
     per run {"metrics": {name: `[T, ...]` numpy} (make_step's), "evals": [{"step", **evaluate}], "seconds"
     (its share of the program time plus its evaluations)}; None when stopped early.
@@ -354,7 +356,10 @@ def fit_chunks(program: Callable, init, frozen, ref: dict, batches: dict, probe:
         for k, v in m.items():
           rec["metrics"].setdefault(k, []).append(np.asarray(v[i]).tolist())
         t1 = time.time()
-        rec["evals"].append({"step": c0 + chunk, **evaluate(i, unstack_state(state["trainable"], i))})
+        trainable = unstack_state(state["trainable"], i)
+        rec["evals"].append({"step": c0 + chunk, **evaluate(i, trainable)})
+        if export is not None:
+          export(i, c0 + chunk, trainable)
         rec["seconds"] += dt + time.time() - t1
         ck.save(c0 + chunk, unstack_state(state, i), {"record": rec})
       done += chunk

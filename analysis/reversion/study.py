@@ -34,8 +34,10 @@ Protocol:
      safety-minus-control paired difference, the partial correlation of alignment with harmfulness; the
      split-half reliability of v_rev (cosine of v_rev estimated on two random halves of A).
 
-Writes: config.json, metrics.jsonl + tb/ (per chunk), safety/ (checkpoints of the safety LoRA),
-benign/<arm>/checkpoints (resumable), metrics.json, figures/*.png, report.md, vectors/v_rev.safetensors (and v_X with
+Writes: config.json, metrics.jsonl + tb/ (per chunk), safety/ (checkpoints of the safety LoRA; safety/adapter, and
+control/adapter with the control arm, as PEFT adapters on the base), benign/<arm>/seed<s>/checkpoints (resumable)
+and benign/<arm>/seed<s>/peft/checkpoint-<step> (each eval step's benign LoRA as a PEFT adapter on theta_aligned,
+for analysis.monitor; not for the control arm, whose adapter sits on theta_X), metrics.json, figures/*.png, report.md, vectors/v_rev.safetensors (and v_X with
 the control arm; probes.vectors files with their evidence, analysis.reversion.artifacts).
 """
 from __future__ import annotations
@@ -64,7 +66,7 @@ from models.loading import load, load_tokenizer
 from models.params import truncate_layers
 from models.readout import last_token_resid
 from train import data as data_lib
-from train import prompt_sets, scan
+from train import adapters, prompt_sets, scan
 from train.loop import fit_chunks
 from train.losses import max_targets
 from train.rundir import Workdir, default_workdir, write_json, write_text
@@ -253,7 +255,7 @@ def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict
     dirs = [wd.file("benign", arm, f"seed{s}") for s in seeds]
     recs = fit_chunks(programs[sc], init, frozen, arm_ref, batches, {"objective": st.probe, "measure": st.measure},
                       dirs, int(config.benign.eval_every), evaluate, None if budget is None else budget - used[0],
-                      progress, measure_at(config))
+                      progress, measure_at(config), None if arm == "control" else peft_export(spec, dirs, config))
     if recs is None:
       bar.close()
       return wd.file("benign", arm)
@@ -263,6 +265,16 @@ def run_arms(st: Setup, config: ReversionConfig, wd: Workdir, aligned, ref: dict
     arms[arm] = recs
   bar.close()
   return arms
+
+
+def peft_export(spec, dirs: list[str], config: ReversionConfig) -> Callable[[int, int, Any], None]:
+  """fit_chunks' export: each eval step's benign LoRA as a PEFT adapter on theta_aligned,
+  <arm>/seed<s>/peft/checkpoint-<step> (the layout transformers' Trainer leaves, for analysis.monitor with
+  --reference=<workdir>/safety/adapter)."""
+  def export(i: int, step: int, lora) -> None:
+    adapters.save_peft(spec, jax.device_get(lora), os.path.join(dirs[i], "peft", f"checkpoint-{step}"),
+                       base_model=config.model, extra={"on": "theta_aligned = base + safety/adapter, merged"})
+  return export
 
 
 def measure_at(config: ReversionConfig) -> np.ndarray:
