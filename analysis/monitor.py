@@ -40,7 +40,7 @@ from models import tokenizer as tk
 from models.loading import load, load_tokenizer
 from models.readout import cosine, last_token_resid
 from train import adapters, prompt_sets
-from train.rundir import write_json, write_text
+from train.rundir import atomic_path, write_json, write_text
 
 ALERT_EXIT = 3
 
@@ -108,13 +108,15 @@ def prompt_batches(tok, prompts_file: str | None, n: int, seed: int) -> tuple[tu
 
 def write_outputs(out_dir: str, res: dict, threshold: float) -> str:
   """monitor.json, monitor.md and monitor.png in `out_dir`; returns the JSON path."""
-  names = sorted(res["checkpoints"], key=step_of)
+  names = sorted(res["checkpoints"], key=lambda n: (step_of(n), n))
+  root = os.path.commonpath([os.path.abspath(n) for n in names]) if len(names) > 1 else None
+  label = lambda n: os.path.basename(os.path.normpath(n)) if root is None else os.path.relpath(os.path.abspath(n), root)
   alert = [n for n in names if res["checkpoints"][n]["alignment"] > threshold]
   res = {**res, "threshold": threshold, "alert": bool(alert), "alerting_checkpoints": alert}
   rows = ["| checkpoint | step | alignment (all layers) | > isotropic p99 | > covariance p99 |", "|---|---|---|---|---|"]
   for n in names:
     a = res["checkpoints"][n]["alignment"]
-    rows.append(f"| {os.path.basename(os.path.normpath(n))} | {step_of(n)} | {a:+.3f} | "
+    rows.append(f"| {label(n)} | {step_of(n)} | {a:+.3f} | "
                 f"{'yes' if a > res['null_isotropic_p99'] else 'no'} | {'yes' if a > res['null_covariance_p99'] else 'no'} |")
   text = ["# Reversion monitor", "", f"Nulls (p99): isotropic {res['null_isotropic_p99']:.4f} (d = L x D, the weakest), "
           f"covariance-shaped {res['null_covariance_p99']:.4f}. Threshold {threshold:.4f}: "
@@ -123,7 +125,8 @@ def write_outputs(out_dir: str, res: dict, threshold: float) -> str:
   write_text(os.path.join(out_dir, "monitor.md"), "\n".join(text))
   fig = plots.monitor_figure([step_of(n) for n in names], [res["checkpoints"][n]["alignment"] for n in names],
                              res["null_isotropic_p99"], res["null_covariance_p99"])
-  fig.savefig(os.path.join(out_dir, "monitor.png"), dpi=150)
+  with atomic_path(os.path.join(out_dir, "monitor.png")) as tmp:
+    fig.savefig(tmp, dpi=150, format="png")
   path = os.path.join(out_dir, "monitor.json")
   write_json(path, res)
   return path

@@ -49,12 +49,14 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.kill_zone.behavior = "factual"
   c.kill_zone.alpha = 4.0
 
-  # The grid (analysis/grid.py). window: "kill" | "outside" (every layer not in the kill zone) | "all" |
+  # The grid (analysis/grid/__init__.py). window: "kill" | "outside" (every layer not in the kill zone) | "all" |
   # (f_lo, f_hi). Other axes: AXES in analysis/avoid_red/study.py (rank, alpha, targets, steps, lr).
   c.grid = ml_collections.ConfigDict()
   c.grid.axes = ("window", "seed")
   c.grid.window = ("kill", "outside", "all")
   c.grid.seed = (0, 1) if quick else (0, 1, 2)   # safety LoRA init + data order AND benign LoRA init + data order
   c.vmap_axis = "seed"                   # points differing only here run benign fine-tuning as one program
+  c.grid_points = ()                     # run only these points (a launcher's work unit, analysis.grid.work_units)
+                                         # and write no top-level outputs; () = every point, then the report
   c.stop_after = -1                      # stop (checkpointed) after this many benign steps; -1 = run to the end
   return c

@@ -25,7 +25,7 @@ def get_config(arg: str = "smollm2") -> ml_collections.ConfigDict:
   c.grid.window = ("kill", "all")
   c.grid.rank = (2, 4) if arg == "quick" else (8, 48)
   c.grid.seed = (0,) if arg == "quick" else (0, 1, 2)
-  c.grid.lr = ()                         # inactive axes (analysis/grid.py): list them in grid.axes and give values
+  c.grid.lr = ()                         # inactive axes (analysis/grid/__init__.py): list them in grid.axes and give values
   c.grid.steps = ()
   c.grid.alpha = ()
   c.grid.targets = ()

@@ -133,7 +133,8 @@ def markdown(res: dict[str, Any]) -> str:
   for o in res["overlaps"]:
     w = o["evidence"]
     cells = "; ".join(layer_map.fmt_cell(c) for c in w["exact_cells"]) or "-"
-    lines.append(f"| {o['behavior']} | {w['start']}-{w['end']} ({w['sign']}) | {_ranges(o['adapted'])} | "
+    lines.append(f"| {o['behavior']} | {_ranges(list(range(w['start'], w['end'] + 1)))} ({w['sign']}) | "
+                 f"{_ranges(o['adapted'])} | "
                  f"{layer_map.fmt_peak(w)} | {cells} |")
   if res["outside"]:
     lines += ["", f"Adapted layers in no window: {_ranges(res['outside'])}."]

@@ -1,4 +1,4 @@
-"""The ablation-grid runner (analysis/grid.py): expansion order and names, grouping for vmapping, resume that
+"""The ablation-grid runner (analysis/grid/__init__.py): expansion order and names, grouping for vmapping, resume that
 skips finished points, fingerprints, the collected table (mean / std, CSV, markdown) and its figure."""
 import csv
 import io

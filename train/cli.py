@@ -203,6 +203,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(EXIT_USER_ERROR)
 
 
+def register_sequence_flags() -> None:
+  """Parse list and tuple config fields on the command line with _SequenceParser (call before defining
+  --config)."""
+  for field_type in (list, tuple):
+    config_flags.register_flag_parser_for_type(field_type, _SequenceParser())
+
+
 def run_app(run, config_file: str, workdir_help: str, typed: type | None = None) -> None:
   """The shared absl entry point: `--config=<config_file>:<preset>` (ml_collections, `--config.x=v` overrides,
   list and tuple fields as `--config.x="(1.0,2.0)"` or `--config.x=a.json,b.json`: _SequenceParser), `--workdir`
@@ -215,8 +222,7 @@ def run_app(run, config_file: str, workdir_help: str, typed: type | None = None)
   their traceback. Flags are defined here, at program start, never at import time, so entry-point modules can
   import each other.
   """
-  for field_type in (list, tuple):
-    config_flags.register_flag_parser_for_type(field_type, _SequenceParser())
+  register_sequence_flags()
   flags.DEFINE_string("workdir", None, workdir_help)
   flags.DEFINE_bool("verbose", False, "On a user error, raise with the full traceback instead of one line "
                     "(also GRAVLAB_VERBOSE=1).")

@@ -26,6 +26,7 @@ class AvoidRedConfig:
   grid: dict[str, Any]                # axes (names, expansion order) and one tuple of values per axis (analysis.grid)
   vmap_axis: str                      # points differing only here run benign fine-tuning as one program
   stop_after: int                     # -1 = run to the end
+  grid_points: tuple[str, ...] = ()   # a launcher's work unit: run these points only, no top-level outputs
   resume: str = "check"               # check | force: resuming needs the saved config (train.resume)
 
   def __post_init__(self):

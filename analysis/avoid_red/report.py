@@ -122,6 +122,11 @@ def write(wd, config, table, early, kill, kill_source, status, seconds) -> str:
 
   L = _markdown(config, table, early, kill_source, status, seconds, layers, paths, null,
                 os.path.relpath(csv_path, workdir))
+  if table.get("missing"):
+    n = len(table["points"]) + len(table["missing"])
+    L[1:1] = ["", f"**PARTIAL: {len(table['points'])} of {n} grid points finished.** Missing (still running or not "
+                  f"launched): {', '.join(table['missing'])}. Collect again when they finish; every number below "
+                  "covers the finished points only."]
   path = wd.file("report.md")
   write_text(path, "\n".join(L))
   return path
@@ -158,7 +163,8 @@ def _markdown(config, table, early, kill_source, status, seconds, layers, paths,
   L = [f"# Avoid the red? Safety LoRA by depth window: {rc.model}", "",
        f"{early['n_layers']} layers, d_model {early['d_model']}. Kill zone: {kill_source}. Grid: "
        + " x ".join(f"{a} {list(v)}" for a, v in grid.axes(config.grid)) + f" ({len(table['points'])} points; "
-       f"this call ran {len(status['ran'])}, reused {len(status['skipped'])}; {seconds / 60:.1f} min).", "",
+       f"this call ran {len(status['ran'])}, reused {len(status['skipped'])}; "
+       + (f"{seconds / 60:.1f} min)." if seconds == seconds else "collected from the points' files)."), "",
        f"Safety LoRA: analysis.reversion.safety.safety_phase, rank {sf.lora.rank}, alpha {sf.lora.alpha}, targets {sf.lora.targets}, "
        f"{sf.train.steps} steps x batch {sf.train.micro_batch}, lr {sf.train.lr}. Benign fine-tuning: the reversion "
        f"study's baseline arm, T = {T} steps, batch {rc.benign.micro_batch}, lr {rc.benign.lr}, rank "

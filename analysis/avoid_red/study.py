@@ -4,7 +4,7 @@
 
 The lobotomy-layer news advice was "avoid these layer ranges during LoRA and RepE training"; its source never
 tested it (../shared/research/seeds.md part 1). This study does, for the reversion study's safety LoRA
-(analysis/reversion/; Poppi & Lukas 2026 for the reversion measurement). Per grid point (analysis/grid.py;
+(analysis/reversion/; Poppi & Lukas 2026 for the reversion measurement). Per grid point (analysis/grid/__init__.py;
 axes window x seed by default, any of AXES too):
 
   1. theta_aligned = theta_early (the loaded, helpful-only model) + the safety LoRA SFT restricted to the point's
@@ -249,19 +249,23 @@ def _run_group(study: _Study, config, kill, points: list[grid.Point], dirs: list
 
 def run(config: AvoidRedConfig, workdir: str | None = None) -> str:
   """The whole study (module docstring); returns the report path, or the workdir when `config.stop_after`
-  stopped it early (rerun to resume). Raises ValueError / FileNotFoundError for a bad kill zone or grid,
-  TypeError unless `config` is an AvoidRedConfig (train.typed_config.from_configdict converts)."""
+  stopped it early (rerun to resume) or when `config.grid_points` made it one launcher work unit (those points
+  only, no top-level outputs: `python -m analysis.grid collect` writes the report). Raises ValueError /
+  FileNotFoundError for a bad kill zone or grid, TypeError unless `config` is an AvoidRedConfig
+  (train.typed_config.from_configdict converts)."""
   if not isinstance(config, AvoidRedConfig):
     raise TypeError(f"analysis.avoid_red.study.run takes an AvoidRedConfig, got {type(config).__name__}; convert "
                     "with train.typed_config.from_configdict(AvoidRedConfig, c)")
   rc = config.reversion
   workdir = workdir or default_workdir(rc.model.split("/")[-1] + "-avoid-red")
   t0 = time.time()
-  kill, kill_source = kill_window(config.kill_zone)
+  kill, _ = kill_window(config.kill_zone)
   points = grid.expand(config.grid)
   pcs = {p.name: point_config(config, p, kill) for p in points}          # validates every axis before any work
+  todo = grid.select(points, config.grid_points)
   registry.resolve(rc.model)           # a missing model fails here, before the workdir is written
-  wd = Workdir(workdir, config)
+  unit = bool(config.grid_points)
+  wd = None if unit else Workdir(workdir, config)
   state: dict[str, _Study] = {}
 
   def job(pts, dirs):
@@ -269,13 +273,33 @@ def run(config: AvoidRedConfig, workdir: str | None = None) -> str:
       state["study"] = _Study(config, workdir)
     _run_group(state["study"], config, kill, pts, dirs)
 
-  status = grid.run(points, workdir, job, config.vmap_axis, lambda p: fingerprint(config, pcs[p.name]))
-  if status["stopped"]:
-    wd.close()
+  status = grid.run(todo, workdir, job, config.vmap_axis, lambda p: fingerprint(config, pcs[p.name]))
+  if unit or status["stopped"]:
+    if wd is not None:
+      wd.close()
     return workdir
-  table = grid.collect(points, workdir, config.vmap_axis)
-  with open(os.path.join(workdir, "early.json")) as f:
+  return collect(config, workdir, status, time.time() - t0, wd)
+
+
+def collect(config: AvoidRedConfig, workdir: str, status: dict | None = None, seconds: float | None = None,
+            wd: Workdir | None = None) -> str:
+  """grid.csv, metrics.json, figures and report.md from the points finished so far in `workdir` (by any launcher:
+  analysis.grid.collect with partial=True, so it is safe while work units still run; the report says PARTIAL and
+  lists the missing points). Idempotent. Returns the report path. Raises FileNotFoundError when no point has
+  finished yet (early.json is written by the first work unit)."""
+  kill, kill_source = kill_window(config.kill_zone)
+  points = grid.expand(config.grid)
+  table = grid.collect(points, workdir, config.vmap_axis, partial=True)
+  path = os.path.join(workdir, "early.json")
+  if not table["points"] or not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir}: no finished grid point yet (missing {len(table['missing'])} of "
+                            f"{len(points)})")
+  with open(path) as f:
     early = json.load(f)
-  path = avoid_red_report.write(wd, config, table, early, kill, kill_source, status, time.time() - t0)
+  if status is None:
+    status = {"ran": [], "skipped": [r["name"] for r in table["points"]], "stopped": []}
+  wd = wd or Workdir(workdir, config)
+  report = avoid_red_report.write(wd, config, table, early, kill, kill_source, status,
+                                  float("nan") if seconds is None else seconds)
   wd.close()
-  return path
+  return report

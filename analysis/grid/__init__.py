@@ -138,6 +138,44 @@ def groups(points: Sequence[Point], vmap_axis: str | None = "seed") -> list[list
   return list(out.values())
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkUnit:
+  """One launcher job: a group of points that differ only in the vmap axis (`groups`), so they still share one
+  compiled program. `name`: the group's shared `axis-value` parts ("all" when only the vmap axis varies)."""
+  index: int
+  points: tuple[Point, ...]
+  name: str
+
+  @property
+  def flags(self) -> tuple[str, ...]:
+    """The command-line override that makes a study run exactly these points: `--config.grid_points=a,b`
+    (bare comma form of train.cli's sequence parser; point names contain no comma)."""
+    return (f"--config.grid_points={','.join(p.name for p in self.points)}",)
+
+
+def work_units(points: Sequence[Point], vmap_axis: str | None = "seed") -> list[WorkUnit]:
+  """The grid's jobs for any launcher (local, SLURM, XManager): one per `groups` group, in expansion order. Every
+  launcher expands a grid with this one function, so points, names, workdirs and fingerprints agree."""
+  out = []
+  for i, grp in enumerate(groups(points, vmap_axis)):
+    key = grp[0].key(vmap_axis) if vmap_axis else grp[0].values
+    name = "__".join(f"{a}-{format_value(v)}" for a, v in key) or "all"
+    out.append(WorkUnit(i, tuple(grp), name))
+  return out
+
+
+def select(points: Sequence[Point], names: Sequence[str]) -> list[Point]:
+  """The points named in `names` (a work unit's config.grid_points), in expansion order; all of them when `names`
+  is empty. Raises GridError naming the first unknown name."""
+  if not names:
+    return list(points)
+  known = {p.name for p in points}
+  bad = [n for n in names if n not in known]
+  if bad:
+    raise GridError(f"config.grid_points: {bad[0]!r} is not a point of this grid (points: {', '.join(sorted(known))})")
+  return [p for p in points if p.name in set(names)]
+
+
 def point_dir(workdir: str, point: Point) -> str:
   """`<workdir>/points/<point.name>`."""
   return os.path.join(workdir, "points", point.name)
@@ -221,8 +259,13 @@ def run(points: Sequence[Point], workdir: str, job: Callable[[list[Point], list[
   return {"ran": ran, "skipped": skipped, "stopped": []}
 
 
-def collect(points: Sequence[Point], workdir: str, vmap_axis: str | None = "seed") -> dict[str, Any]:
+def collect(points: Sequence[Point], workdir: str, vmap_axis: str | None = "seed",
+            partial: bool = False) -> dict[str, Any]:
   """Read every point's metrics.json into one table.
+
+  partial: skip unfinished points instead of raising (safe while launcher jobs still run: a point counts only
+  once its metrics.json, written last and atomically, exists); groups with no finished point are left out.
+  The table's "missing" lists the skipped points and "complete" says whether there were none.
 
   Returns {"metrics": [scalar names, first point's order, then any new ones], "points": [{"name", "values",
   "scalars"}], "groups": [{"values": {axis: value} (all axes but vmap_axis), "label" (the value when one axis
@@ -231,10 +274,13 @@ def collect(points: Sequence[Point], workdir: str, vmap_axis: str | None = "seed
   counts as NaN. Raises FileNotFoundError naming the first unfinished point's file.
   """
   rows, names = [], []
+  missing = [p for p in points if not is_finished(workdir, p)]
+  if missing and not partial:
+    raise FileNotFoundError(f"{os.path.join(point_dir(workdir, missing[0]), METRICS_FILE)}: grid point "
+                            f"{missing[0].name} is not finished")
+  points = [p for p in points if p not in missing]
   for p in points:
     path = os.path.join(point_dir(workdir, p), METRICS_FILE)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path}: grid point {p.name} is not finished")
     with open(path) as f:
       sc = json.load(f)["scalars"]
     names += [k for k in sc if k not in names]
@@ -254,7 +300,8 @@ def collect(points: Sequence[Point], workdir: str, vmap_axis: str | None = "seed
       std[m] = float(x[ok].std()) if ok.any() else float("nan")
     out_groups.append({"values": vals, "label": label, "points": [p.name for p in grp], "mean": mean, "std": std,
                        "n": n})
-  return {"metrics": names, "points": rows, "groups": out_groups}
+  return {"metrics": names, "points": rows, "groups": out_groups, "missing": [p.name for p in missing],
+          "complete": not missing}
 
 
 def csv_text(table: dict[str, Any]) -> str:
