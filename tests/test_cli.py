@@ -176,7 +176,7 @@ def test_verbose_shows_the_traceback(tmp_path, how):
      "error: flag --config.n_probes.factual=x: invalid literal for int() with base 10: 'x' "
      "(--helpshort for the flags)"),
     ("--config=configs/sweep.py:nope", "error: flag --config=configs/sweep.py:nope: Error whilst parsing config file: "
-     "ValueError: unknown sweep config 'nope'; choose smollm2, smollm2_fast, qwen, full or quick (--helpshort for the "
+     "ValueError: unknown sweep config 'nope'; choose smollm2, smollm2_fast, qwen, full, map or quick (--helpshort for the "
      "flags)"),
     ("--config=configs/no_such.py:x",
      "error: cannot load the --config file: [Errno 2] No such file or directory: 'configs/no_such.py'"),
