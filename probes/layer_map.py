@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from probes.lens import lens_lines
+
 SCHEMA = "gravlab.layer_map"
 SCHEMA_VERSION = 1
 LAYER_CONVENTION = ("layer l = decoder layer l (0-based); the steering vector is added to resid_post[l], the output "
@@ -78,11 +80,12 @@ def _require(metrics: dict, path: str) -> None:
                          "probes.sweep into a fresh workdir")
 
 
-def build(sweep_dir: str, q_level: float | None = None) -> dict[str, Any]:
+def build(sweep_dir: str, q_level: float | None = None, lens: dict | None = None) -> dict[str, Any]:
   """The layer map (schema docs/layer_map.schema.json) of the sweep workdir `sweep_dir` (probes.sweep: its
   metrics.json, config.json and vectors/<behavior>.caa.json sidecars for the weight digest).
 
-  q_level: window threshold (default: the sweep's config q_level). Raises FileNotFoundError for a missing file
+  q_level: window threshold (default: the sweep's config q_level). lens: probes.lens.refusal_lens's result, stored
+  as "logit_lens" (where the model's own answer forms in depth, beside the refusal windows). Raises FileNotFoundError for a missing file
   and ValueError naming the field of a metrics.json that is not a complete sweep's."""
   mpath = os.path.join(sweep_dir, "metrics.json")
   with open(mpath) as f:
@@ -118,7 +121,7 @@ def build(sweep_dir: str, q_level: float | None = None) -> dict[str, Any]:
                    "exact": {"layers": metrics.get("exact_layers", []), "alphas": metrics.get("exact_alphas", []),
                              "controls_per_cell": metrics.get("controls_per_cell", {})}},
           "source": {"sweep_workdir": sweep_dir, "config": config},
-          "behaviors": behaviors})
+          "behaviors": behaviors, **({"logit_lens": lens} if lens else {})})
 
 
 def _finite(x):
@@ -169,6 +172,8 @@ def markdown(m: dict[str, Any]) -> str:
     peak = "; ".join(fmt_peak(w) for w in ws) or "-"
     cells = "; ".join(fmt_cell(c) for w in ws for c in w["exact_cells"]) or "-"
     lines.append(f"| {b} | {r['n_probes']} | {win} | {peak} | {cells} |")
+  if m.get("logit_lens"):
+    lines += [""] + lens_lines(m["logit_lens"], m["behaviors"].get("refusal", {}).get("windows", []))[:-1]
   lines += ["", "Scores: " + "; ".join(f"{b}: {r['score_units']}" for b, r in m["behaviors"].items()) + ".",
             "A behavior without a window has no layer where a small push along its own vector moves it more than "
             "the controls do at this n; that is not evidence that no layer matters.", ""]

@@ -99,12 +99,18 @@ def probe_accuracy(results: dict, n_layers: int, title: str):
 
 def layer_map(m: dict):
   """The layer map's heatmap (probes.layer_map): behavior x decoder layer, colour = the screen's z against
-  covariance-shaped controls (signed; the colour scale spans +/- max |z|, at least 3, at most 6), q < q_level windows outlined, exact cells marked (x, or a
-  filled square for a kill zone). Returns the Figure."""
+  covariance-shaped controls (signed; the colour scale spans +/- max |z|, at least 3, at most 6), q < q_level
+  windows outlined, exact cells marked (x, or a filled square for a kill zone); with a "logit_lens" entry, a second
+  panel: the share of harmful / benign prompts whose own first response token is already top-1 at resid_post of
+  each layer (probes.lens), the refusal windows shaded. Returns the Figure."""
   bs = list(m["behaviors"])
   L = m["model"]["n_layers"]
+  lens = m.get("logit_lens")
   z = np.nan_to_num(np.array([m["behaviors"][b]["layers"]["z"] for b in bs], np.float64), nan=0.0)   # null: 0
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * L + 2), 0.55 * len(bs) + 1.6), constrained_layout=True)
+  fig, axes = plt.subplots(2 if lens else 1, 1, figsize=(max(6.0, 0.28 * L + 2), 0.55 * len(bs) + 1.6
+                                                          + (2.4 if lens else 0)), constrained_layout=True,
+                           squeeze=False, height_ratios=[0.55 * len(bs) + 1, 2.2] if lens else None)
+  ax = axes[0, 0]
   v = float(np.clip(np.abs(z).max(initial=0.0), 3.0, 6.0))
   im = ax.imshow(np.clip(z, -v, v), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto", interpolation="nearest")
   for i, b in enumerate(bs):
@@ -113,8 +119,24 @@ def layer_map(m: dict):
                                  lw=1.6, ec="k"))
     for c in m["behaviors"][b]["exact_cells"]:
       ax.plot(c["layer"], i, "ks" if c.get("killed") else "kx", ms=5)
-  ax.set(yticks=range(len(bs)), yticklabels=bs, xlabel="decoder layer",
+  ax.set(yticks=range(len(bs)), yticklabels=bs, xlabel="decoder layer", xlim=(-0.5, L - 0.5),
          title=f"{m['model']['name']}: layer map (boxes: q < {m['test']['q_level']}; x: exact cells)")
   ax.set_xticks(range(0, L, max(1, L // 15)))
   fig.colorbar(im, ax=ax, label="z vs covariance-shaped controls")
+  if lens:
+    _lens_panel(axes[1, 0], lens, m["behaviors"].get("refusal", {}).get("windows", []), L)
   return fig
+
+
+def _lens_panel(ax, lens: dict, windows, L: int) -> None:
+  """Logit-lens top-1 share by decoder layer (boundary l + 1 = resid_post[l]) for harmful and benign prompts."""
+  for w in windows:
+    ax.axvspan(w["start"] - 0.5, w["end"] + 0.5, color="C3", alpha=0.12, lw=0)
+  for k, c in (("harmful", "C3"), ("benign", "C0")):
+    ax.plot(np.arange(L), lens[k]["top1_share"][1:], "o-", ms=3, color=c, label=f"{k} (n = {lens[k]['n']})")
+  ax.axhline(0.5, color="0.4", lw=0.6, ls="--")
+  ax.set(xlim=(-0.5, L - 0.5), ylim=(-0.03, 1.03), xlabel="decoder layer (resid_post)",
+         ylabel="own first token top-1")
+  ax.set_xticks(range(0, L, max(1, L // 15)))
+  ax.legend(frameon=False, fontsize=7, title="logit lens (shaded: refusal window)", title_fontsize=7)
+  ax.grid(alpha=0.3)

@@ -12,7 +12,7 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from probes import check_adapter, layer_map
+from probes import check_adapter, layer_map, lens
 from probes import map as map_cli
 from tests.reference import tiny_hf_model
 
@@ -165,3 +165,41 @@ def test_check_adapter_cli(tmp_path):
   assert json.load(open(tmp_path / "check.json"))["overlaps"][0]["adapted"] == [6]
   bad = run(str(tmp_path / "missing.json"), f"--map={path}")
   assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "missing.json" in bad.stderr
+
+
+def test_emerges_at():
+  assert lens.emerges_at([0.0, 0.2, 0.6, 0.4, 0.7, 1.0]) == 4
+  assert lens.emerges_at([0.6, 0.9, 1.0]) == 0 and lens.emerges_at([0.9, 0.6, 0.3]) is None
+
+
+def test_refusal_lens_matches_transformers_hidden_states(tmp_path):
+  """probes.lens on a tiny Llama against transformers: every boundary's top-1 token from output_hidden_states
+  (the final norm applied to every boundary but the last, which transformers already normalises), then the map with
+  the lens is schema-valid and its markdown and figure carry it."""
+  import jax
+  import torch
+  from models import tokenizer as tk
+  from tests.reference import ours_from_torch
+  from tests.test_probes_stats import CharTokenizer
+  model = tiny_hf_model("llama", seed=3)
+  params, cfg = ours_from_torch(model)
+  params = jax.tree.map(np.asarray, params)
+  tok = CharTokenizer()
+  res = lens.refusal_lens(params, cfg, tok, n=6)
+  harmful, _ = lens.refusal_requests(6)
+  toks, mask = tk.encode_left_padded(tok, harmful)
+  with torch.no_grad():
+    hs = model(input_ids=torch.as_tensor(np.asarray(toks)), attention_mask=torch.as_tensor(np.asarray(mask)),
+               output_hidden_states=True).hidden_states
+    top = [model.lm_head(h[:, -1] if l == len(hs) - 1 else model.model.norm(h[:, -1])).argmax(-1).numpy()
+           for l, h in enumerate(hs)]
+  share = [(t == top[-1]).mean() for t in top]
+  np.testing.assert_allclose(res["harmful"]["top1_share"], share)
+  assert res["harmful"]["top1_share"][-1] == 1.0 and res["harmful"]["emerges_at"] == lens.emerges_at(share)
+  wd, _ = _planted_sweep(tmp_path)                  # 12 layers: the tiny model's lens stretched to 13 boundaries
+  fit = lambda r: {**r, "top1_share": list(np.interp(np.linspace(0, 3, 13), range(4), r["top1_share"])),
+                   "mean_logprob": list(np.interp(np.linspace(0, 3, 13), range(4), r["mean_logprob"]))}
+  m = layer_map.build(wd, lens={**res, "harmful": fit(res["harmful"]), "benign": fit(res["benign"])})
+  jsonschema.validate(m, SCHEMA)
+  paths = map_cli.write_map(m, str(tmp_path / "lens_map"))
+  assert "Logit lens (final norm + LM head" in open(paths["md"]).read() and os.path.getsize(paths["png"]) > 10_000
