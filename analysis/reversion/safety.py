@@ -137,7 +137,8 @@ def safety_phase(params, cfg, tok, train_pairs, config, workdir, system, targets
   swd.close()
   lora = jax.device_get(res.state["trainable"])
   aligned = adapters.merge_lora(params, jax.tree.map(np.asarray, lora), res.spec.scale)
-  adapters.save_peft(res.spec, lora, os.path.join(workdir, sub, "adapter"), base_model=config.model)
+  adapters.save_peft(res.spec, lora, os.path.join(workdir, sub, "adapter"), base_model=config.model,
+                     extra={"model_layers": config.model_layers})        # > 0: the base was cut to that depth
   hist, path = res.history, os.path.join(workdir, sub, "summary.json")
   if hist and res.start_step == 0:
     info = {"steps": int(res.state["step"]), "seconds": time.time() - t0, "examples": len(ts),

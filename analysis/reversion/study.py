@@ -37,8 +37,9 @@ Protocol:
 Writes: config.json, metrics.jsonl + tb/ (per chunk), safety/ (checkpoints of the safety LoRA; safety/adapter, and
 control/adapter with the control arm, as PEFT adapters on the base), benign/<arm>/seed<s>/checkpoints (resumable)
 and benign/<arm>/seed<s>/peft/checkpoint-<step> (each eval step's benign LoRA as a PEFT adapter on theta_aligned,
-for analysis.monitor; not for the control arm, whose adapter sits on theta_X), metrics.json, figures/*.png, report.md, vectors/v_rev.safetensors (and v_X with
-the control arm; probes.vectors files with their evidence, analysis.reversion.artifacts).
+for analysis.monitor; not for the control arm, whose adapter sits on theta_X), metrics.json, figures/*.png,
+report.md, vectors/v_rev.safetensors (and v_X with the control arm; probes.vectors files with their evidence,
+analysis.reversion.artifacts).
 """
 from __future__ import annotations
 
@@ -273,7 +274,8 @@ def peft_export(spec, dirs: list[str], config: ReversionConfig) -> Callable[[int
   --reference=<workdir>/safety/adapter)."""
   def export(i: int, step: int, lora) -> None:
     adapters.save_peft(spec, jax.device_get(lora), os.path.join(dirs[i], "peft", f"checkpoint-{step}"),
-                       base_model=config.model, extra={"on": "theta_aligned = base + safety/adapter, merged"})
+                       base_model=config.model, extra={"on": "theta_aligned = base + safety/adapter, merged",
+                                                       "model_layers": config.model_layers})
   return export
 
 
