@@ -23,8 +23,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from probes.lens import lens_lines
-
 SCHEMA = "gravlab.layer_map"
 SCHEMA_VERSION = 1
 LAYER_CONVENTION = ("layer l = decoder layer l (0-based); the steering vector is added to resid_post[l], the output "
@@ -178,6 +176,20 @@ def markdown(m: dict[str, Any]) -> str:
             "A behavior without a window has no layer where a small push along its own vector moves it more than "
             "the controls do at this n; that is not evidence that no layer matters.", ""]
   return "\n".join(lines)
+
+
+def lens_lines(lens: dict[str, Any], windows: list[dict]) -> list[str]:
+  """The map.md paragraph: where each prompt kind's answer becomes top-1, beside the refusal windows."""
+  def at(k):
+    b = lens[k]["emerges_at"]
+    return "never (below one half at the last boundary)" if b is None else \
+        (f"boundary {b} (resid_post of decoder layer {b - 1})" if b > 0 else "boundary 0 (the embeddings)")
+  win = ", ".join(f"{w['start']}-{w['end']}" for w in windows) or "none"
+  return [f"Logit lens (final norm + LM head on the residual stream at every boundary; {lens['source']}): the "
+          f"model's own first response token is top-1 for at least half the prompts from {at('harmful')} on for "
+          f"harmful requests (most common: {', '.join(repr(t) for t in lens['harmful']['tokens'])}) and from "
+          f"{at('benign')} on for benign ones (most common: {', '.join(repr(t) for t in lens['benign']['tokens'])})"
+          f"; the refusal windows are {win}.", ""]
 
 
 def load(path: str) -> dict[str, Any]:

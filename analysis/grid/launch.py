@@ -105,16 +105,17 @@ def xmanager_jobs(spec: LaunchSpec, units: Sequence[grid.WorkUnit], *, executor:
 
 def launch_xmanager(jobs: Sequence[dict[str, Any]], title: str) -> int:
   """Create an XManager experiment with one work unit per job spec (xmanager_jobs) and wait for the local ones;
-  returns the experiment id. Must run inside an absl app (XManager reads its flags). Local: `xm.binary` of this
+  returns the experiment id. Raises ValueError for no jobs. Must run inside an absl app (XManager reads its flags). Local: `xm.binary` of this
   Python running `-m <module>` in the repository root (no container). Vertex AI: `xm.python_container` of the
   repository on the job's image, `xm_local.Vertex` with the job's requirements (needs gcloud credentials and
   the GOOGLE_CLOUD_* settings XManager documents)."""
+  if not jobs:
+    raise ValueError("launch_xmanager: no job to launch (every work unit is finished)")
   from xmanager import xm, xm_local   # the cloud extra
   with xm_local.create_experiment(experiment_title=title) as experiment:
-    local = jobs[0]["executor"] == "local" if jobs else True
+    local = jobs[0]["executor"] == "local"
     if local:
-      spec = xm_local.Local.Spec()
-      pkg = xm.binary(executor_spec=spec, path=sys.executable, args=["-m", jobs[0]["module"]] if jobs else [],
+      pkg = xm.binary(executor_spec=xm_local.Local.Spec(), path=sys.executable, args=["-m", jobs[0]["module"]],
                       env_vars={"PYTHONPATH": ROOT})
     else:
       pkg = xm.python_container(executor_spec=xm_local.Vertex.Spec(), path=ROOT, base_image=jobs[0]["image"],
