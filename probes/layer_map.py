@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from probes.vectors import EXACT_CELL_KEYS
+
 SCHEMA = "gravlab.layer_map"
 SCHEMA_VERSION = 1
 LAYER_CONVENTION = ("layer l = decoder layer l (0-based); the steering vector is added to resid_post[l], the output "
@@ -34,8 +36,6 @@ SCORE_UNITS = {"factual": "nats / token (log p true - log p false)",
                "refusal": "nats / token (log p benign request - log p its harmful twin)",
                "toxicity": "nats / token (benign minus toxic log-prob gap)"}
 LAYER_KEYS = ("slope", "slope_ci_low", "slope_ci_high", "ctrl_mean", "ctrl_sd", "z", "p", "q", "vector_norm")
-CELL_KEYS = ("layer", "alpha", "alpha_rel", "n_probes", "delta", "ci_low", "ci_high", "p", "q", "dose_response",
-             "killed")
 
 
 def windows(slope: Sequence[float], q: Sequence[float], q_level: float) -> list[tuple[int, int]]:
@@ -99,7 +99,7 @@ def build(sweep_dir: str, q_level: float | None = None, lens: dict | None = None
     if weights is None and os.path.exists(side):
       with open(side) as f:
         weights = json.load(f).get("weights")
-    cells = [{k: c[k] for k in CELL_KEYS if k in c} for c in metrics["exact_cells"] if c["behavior"] == b]
+    cells = [{k: c[k] for k in EXACT_CELL_KEYS if k in c} for c in metrics["exact_cells"] if c["behavior"] == b]
     behaviors[b] = {"n_probes": int(row["n_probes"]), "n_pairs": int(row["n_pairs"]),
                     "score_units": SCORE_UNITS.get(b, "per-probe continuous score (probes.margins)"),
                     "baseline_rho_eval": metrics["baseline_rho_eval"].get(b),

@@ -78,12 +78,16 @@ def load_vector(path: str) -> tuple[np.ndarray, dict[str, Any]]:
   return v.astype(np.float32), meta
 
 
+# The exact-test cell fields a vector's sidecar and the layer map carry (probes.sweep_exact writes them).
+EXACT_CELL_KEYS = ("layer", "alpha", "alpha_rel", "n_probes", "delta", "ci_low", "ci_high", "p", "q",
+                   "dose_response", "killed")
+
+
 def sweep_evidence(screen_row: dict, cells: list[dict], behavior: str) -> dict[str, Any]:
   """What the sweep found about `behavior`'s own vector: the screen's per-layer slope / p / q (layer l = resid_post[l])
-  and the exact cells (layer, alpha, delta, ci_low, ci_high, p, q) of that behavior."""
-  keep = ("layer", "alpha", "alpha_rel", "n_probes", "delta", "ci_low", "ci_high", "p", "q", "killed")
+  and the exact cells (EXACT_CELL_KEYS: layer, alpha, delta, ci_low, ci_high, p, q, ...) of that behavior."""
   return {"screen": {k: np.asarray(screen_row[k]).tolist() for k in ("slope", "z", "p", "q")},
-          "exact_cells": [{k: c[k] for k in keep if k in c} for c in cells if c["behavior"] == behavior]}
+          "exact_cells": [{k: c[k] for k in EXACT_CELL_KEYS if k in c} for c in cells if c["behavior"] == behavior]}
 
 
 def jsonable(x):

@@ -9,6 +9,7 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+import scipy.stats
 
 from analysis import grid
 
@@ -127,13 +128,17 @@ def test_collected_table_mean_std_csv_markdown_and_figure(tmp_path):
   g0 = t["groups"][1]
   assert g0["values"] == {"window": "kill", "rank": 8} and g0["label"] == "window=kill, rank=8"
   loss = np.array([8 + 0.5 * s for s in (0, 1, 2)])
-  assert g0["mean"]["loss"] == pytest.approx(loss.mean()) and g0["std"]["loss"] == pytest.approx(loss.std())
-  assert g0["mean"]["acc"] == pytest.approx(1 / 8) and g0["std"]["acc"] == 0.0 and g0["n"]["acc"] == 2
+  lo, hi = scipy.stats.t.interval(0.95, 2, loc=loss.mean(), scale=scipy.stats.sem(loss))
+  assert g0["mean"]["loss"] == pytest.approx(loss.mean()) and g0["sd"]["loss"] == pytest.approx(loss.std(ddof=1))
+  assert g0["ci_low"]["loss"] == pytest.approx(lo) and g0["ci_high"]["loss"] == pytest.approx(hi)
+  assert g0["mean"]["acc"] == pytest.approx(1 / 8) and g0["sd"]["acc"] == 0.0 and g0["n"]["acc"] == 2
   rows = list(csv.DictReader(io.StringIO(grid.csv_text(t))))
   assert len(rows) == 12 and rows[5]["point"] == pts[5].name and rows[5]["window"] == "kill"
   assert float(rows[5]["loss"]) == 8 + 0.5 * 2 and np.isnan(float(rows[5]["acc"]))
   md = grid.markdown_table(t, [("loss", "loss", "{:.2f}"), ("acc", "acc", "%")], "group")
-  assert "| window=kill, rank=8 | 3 | 8.50 ± 0.41 | 12.5% ± 0.0 |" in md.splitlines()
+  assert f"| window=kill, rank=8 | 3 | 8.50 [{lo:.2f}, {hi:.2f}] | 12.5% [12.5%, 12.5%] |" in md.splitlines()
+  one = dict(g0, n={"loss": 1}, ci_low={"loss": float("nan")})
+  assert grid.format_stat(one, "loss", "{:.2f}") == "8.50 (n = 1, no CI)"
   fig = grid.figure(t, [("loss", "loss"), ("acc", "acc")], "t")
   assert len([a for a in fig.axes if a.get_visible() and a.has_data()]) == 2
   pm = json.load(open(os.path.join(grid.point_dir(str(tmp_path), pts[5]), "metrics.json")))

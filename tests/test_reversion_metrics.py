@@ -129,3 +129,19 @@ def test_partial_correlation_finds_a_planted_association_and_holds_its_level():
         for i in range(200)]
   assert np.mean(np.asarray(ps) < 0.05) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 200)
   assert "undefined" in R.partial_correlation(np.ones((3, 4)), rng.normal(size=(3, 4)))["reason"]
+
+
+def test_welch_difference_matches_the_closed_form():
+  from analysis.stats import welch_difference
+  a, b = np.array([0.61, 0.70, 0.66, 0.72]), np.array([0.10, 0.31, 0.22])
+  va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+  se = np.sqrt(va + vb)
+  df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))     # Welch-Satterthwaite
+  t = (a.mean() - b.mean()) / se
+  r = welch_difference(list(a) + [np.nan], b)                                 # NaN = unmeasured, dropped
+  half = scipy.stats.t.ppf(0.975, df) * se
+  assert r["n_a"] == 4 and np.isclose(r["diff"], a.mean() - b.mean())
+  assert np.isclose(r["p"], 2 * scipy.stats.t.sf(abs(t), df))
+  assert np.isclose(r["ci_low"], r["diff"] - half) and np.isclose(r["ci_high"], r["diff"] + half)
+  assert np.isnan(welch_difference([0.5], b)["p"])                           # one run: undefined
+  assert np.isnan(welch_difference([1.0, 1.0], [1.0, 1.0])["ci_low"])          # no spread: undefined

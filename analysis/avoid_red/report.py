@@ -9,6 +9,7 @@ import numpy as np
 from analysis import grid
 from analysis.reversion import metrics as rm
 from analysis.reversion import plots as rp
+from analysis.stats import welch_difference
 from train.rundir import write_json, write_text
 
 WINDOW_TEXT = {"kill": "the kill zone", "outside": "every layer outside the kill zone", "all": "every layer"}
@@ -28,23 +29,24 @@ FIGURE = [("d_factual", "Δ factual (Spearman rho)"), ("d_bias", "Δ bias (accur
 
 
 def _ms(g, m, pct=False) -> str:
-  mu, sd = g["mean"].get(m, float("nan")), g["std"].get(m, float("nan"))
-  if mu != mu:
-    return "n/a"
-  return f"{100 * mu:.1f}% ± {100 * sd:.1f}" if pct else f"{mu:+.3f} ± {sd:.3f}"
+  return grid.format_stat(g, m, "%" if pct else "{:+.3f}")
 
 
-def _compare(a, b, m, pct=False) -> str:
-  """'A vs B: difference d (beyond / within the seed spread sqrt(sd_a^2 + sd_b^2))'."""
-  ma, mb = a["mean"].get(m, float("nan")), b["mean"].get(m, float("nan"))
-  if ma != ma or mb != mb:
+def _diff(table, a, b, m) -> dict:
+  """Welch difference a - b of one metric over the two groups' points (analysis.stats.welch_difference)."""
+  return welch_difference(grid.group_values(table, a, m), grid.group_values(table, b, m))
+
+
+def _compare(table, a, b, m, pct=False) -> str:
+  """'d [95% CI] (Welch p = ...)' for a - b; the CI and p are "undefined" with fewer than 2 points a group."""
+  d = _diff(table, a, b, m)
+  if d["diff"] != d["diff"]:
     return "n/a"
-  d = ma - mb
-  spread = float(np.hypot(a["std"][m], b["std"][m]))
-  k = 100 if pct else 1
-  unit = " points" if pct else ""
-  where = "beyond" if abs(d) > spread else "within"
-  return f"{k * d:+.3f}{unit} ({where} the seed spread {k * spread:.3f})"
+  k, unit = (100, " points") if pct else (1, "")
+  if d["p"] != d["p"]:
+    return f"{k * d['diff']:+.3f}{unit} (CI and test undefined: fewer than 2 seeds a window, or no spread)"
+  return (f"{k * d['diff']:+.3f}{unit} [{k * d['ci_low']:+.3f}, {k * d['ci_high']:+.3f}] "
+          f"(Welch p = {d['p']:.3g}, n = {d['n_a']} vs {d['n_b']})")
 
 
 def _verdict(config, table) -> list[str]:
@@ -64,26 +66,27 @@ def _verdict(config, table) -> list[str]:
   for m, label in (("d_factual", "factual"), ("d_bias", "bias"), ("d_sycophancy", "sycophancy")):
     if m in k["mean"]:
       s = (f"{label} cost (theta_aligned - theta_early): kill {_ms(k, m)}, all {_ms(a, m)}"
-           + (f", outside {_ms(o, m)}" if o else "") + f"; kill - all = {_compare(k, a, m)}")
+           + (f", outside {_ms(o, m)}" if o else "") + f"; kill - all = {_compare(table, k, a, m)}")
       if o:
-        s += f"; kill - outside = {_compare(k, o, m)}"
+        s += f"; kill - outside = {_compare(table, k, o, m)}"
       out.append(s + ".")
   if o and "d_factual" in k["mean"]:
-    d = k["mean"]["d_factual"] - o["mean"]["d_factual"]
-    beyond = abs(d) > float(np.hypot(k["std"]["d_factual"], o["std"]["d_factual"]))
-    if beyond and d < 0:
+    d = _diff(table, k, o, "d_factual")
+    beyond = d["p"] < 0.05
+    if beyond and d["diff"] < 0:
       s = "supports the advice for this behavior: training inside the factual kill zone costs more factual score"
     elif beyond:
       s = "goes against the advice: training inside the factual kill zone costs LESS factual score than outside"
     else:
-      s = "is inconclusive at this number of seeds: the factual cost inside and outside the kill zone differ by " \
-          "less than the seed spread"
+      s = ("is inconclusive at this number of seeds: the factual cost inside and outside the kill zone do not "
+           "differ at p < 0.05 (Welch's t over seeds)" if d["p"] == d["p"] else
+           "is undefined at this number of seeds: Welch's test needs at least 2 seeds a window")
     out.append(f"\"Avoid the red\" (factual, {n} seed{'s' * (n > 1)}): the evidence {s}.")
   out.append(f"Reversion (baseline arm, T = {config.reversion.benign.steps}): alignment at T kill {_ms(k, 'align_T')}, "
              f"all {_ms(a, 'align_T')}" + (f", outside {_ms(o, 'align_T')}" if o else "")
              + f"; harmfulness change over T kill {_ms(k, 'd_harm', True)}, all {_ms(a, 'd_harm', True)}"
              + (f", outside {_ms(o, 'd_harm', True)}" if o else "") + f"; kill - all = "
-             f"{_compare(k, a, 'd_harm', True)}.")
+             f"{_compare(table, k, a, 'd_harm', True)}.")
   return out
 
 
@@ -178,7 +181,7 @@ def _markdown(config, table, early, kill_source, status, seconds, layers, paths,
        "| " + " | ".join(f"{v:.3f}" for v in early["scores"].values()) + f" | {_pct(1 - e['harm_gen'])} | "
        f"{_pct(e.get('benign_refusal', float('nan')))} | {e['task_nll']:.3f} |", "",
        "## What the safety LoRA costs and buys (theta_aligned)", "",
-       f"Mean ± std over {n_seeds} seed(s). Δ = theta_aligned - theta_early on the same probes (factual: Spearman "
+       f"Mean [95% t interval, ddof = 1] over {n_seeds} seed(s). Δ = theta_aligned - theta_early on the same probes (factual: Spearman "
        "rho; bias: BBQ accuracy; sycophancy: truthful rate; refusal / toxicity: AUC). Refusal: greedy answers "
        f"({rc.eval.max_new_tokens} tokens) judged by refusal phrases (train/evaluate.py).", "",
        grid.markdown_table(table, [c for c in COST if c[0] in table["metrics"]], "window"), "",
@@ -198,7 +201,8 @@ def _markdown(config, table, early, kill_source, status, seconds, layers, paths,
        "a larger LoRA. Vary `rank` on the grid (configs/grid.py) to separate placement from capacity.",
        "- A window LoRA leaves the residual stream before its first layer unchanged, so v_rev is exactly zero "
        "there, and the alignment of different windows is measured against differently shaped directions.",
-       f"- {n_seeds} seed(s): differences within the seed spread are not evidence. Bias / sycophancy use the "
+       f"- {n_seeds} seed(s): a difference is evidence only where Welch's test says so; with 2 seeds a window its "
+       "t interval has 1 degree of freedom and is wide. Bias / sycophancy use the "
        "log-prob readout (probes/tasks.py); the refusal judge is a phrase heuristic.", "",
        f"Per-point values: [grid.csv]({csv_rel}); everything: metrics.json, "
        "points/<name>/metrics.json.", ""]
@@ -222,7 +226,7 @@ def _layers_text(layers) -> str:
 
 
 def _match_fill_colors(ax) -> None:
-  """Give each +/- std band of analysis.reversion.plots.curves the color of its line (curves colors the reversion arms
+  """Give each interval band of analysis.reversion.plots.curves the color of its line (curves colors the reversion arms
   only; other labels take matplotlib's cycle, where bands and lines would drift apart)."""
   from matplotlib.collections import PolyCollection   # local: as pyplot above
   lines = [l for l in ax.get_lines() if not l.get_label().startswith("_")]

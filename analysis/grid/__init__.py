@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from analysis import plots as _style  # noqa: F401  (sets matplotlib's Agg backend before any figure)
+from analysis.stats import t_interval
 from train.rundir import write_json
 
 METRICS_FILE = "metrics.json"
@@ -270,8 +271,9 @@ def collect(points: Sequence[Point], workdir: str, vmap_axis: str | None = "seed
   Returns {"metrics": [scalar names, first point's order, then any new ones], "points": [{"name", "values",
   "scalars"}], "groups": [{"values": {axis: value} (all axes but vmap_axis), "label" (the value when one axis
   is left, else "axis=value, ..."), "points": [names],
-  "mean": {m: float}, "std": {m: float}, "n": {m: int}}]}. mean / std (ddof 0) ignore NaN; a metric a point lacks
-  counts as NaN. Raises FileNotFoundError naming the first unfinished point's file.
+  "mean", "sd" (ddof = 1), "ci_low", "ci_high" (95% t interval over the group's points, analysis.stats.t_interval):
+  {m: float}, "n": {m: int}}]}. They ignore NaN (a metric a point lacks counts as NaN); sd and CI are NaN
+  (undefined) with fewer than 2 finite points. Raises FileNotFoundError naming the first unfinished point's file.
   """
   rows, names = [], []
   missing = [p for p in points if not is_finished(workdir, p)]
@@ -291,15 +293,12 @@ def collect(points: Sequence[Point], workdir: str, vmap_axis: str | None = "seed
     vals = dict(grp[0].key(vmap_axis)) if vmap_axis else dict(grp[0].values)
     label = (format_value(next(iter(vals.values()))) if len(vals) == 1 else
              ", ".join(f"{a}={format_value(v)}" for a, v in vals.items()) or "all")
-    mean, std, n = {}, {}, {}
+    cols = {"mean": {}, "sd": {}, "ci_low": {}, "ci_high": {}, "n": {}}
     for m in names:
-      x = np.array([by_name[p.name]["scalars"].get(m, np.nan) for p in grp], np.float64)
-      ok = np.isfinite(x)
-      n[m] = int(ok.sum())
-      mean[m] = float(x[ok].mean()) if ok.any() else float("nan")
-      std[m] = float(x[ok].std()) if ok.any() else float("nan")
-    out_groups.append({"values": vals, "label": label, "points": [p.name for p in grp], "mean": mean, "std": std,
-                       "n": n})
+      t = t_interval([by_name[p.name]["scalars"].get(m, np.nan) for p in grp])
+      for k, d in cols.items():
+        d[m] = t[k]
+    out_groups.append({"values": vals, "label": label, "points": [p.name for p in grp], **cols})
   return {"metrics": names, "points": rows, "groups": out_groups, "missing": [p.name for p in missing],
           "complete": not missing}
 
@@ -316,28 +315,39 @@ def csv_text(table: dict[str, Any]) -> str:
   return buf.getvalue()
 
 
+def format_stat(group: dict[str, Any], metric: str, fmt: str = "{:+.3f}") -> str:
+  """A group's "mean [95% CI low, high]" for one metric (format: a str.format spec such as "{:+.3f}"; "%"
+  multiplies by 100 and appends %); "n/a" when unmeasured, "mean (n = 1, no CI)" with one finite point."""
+  mu = group["mean"].get(metric, float("nan"))
+  f = (lambda v: f"{100 * v:.1f}%") if fmt == "%" else fmt.format
+  if mu != mu:
+    return "n/a"
+  lo, hi = group["ci_low"].get(metric, float("nan")), group["ci_high"].get(metric, float("nan"))
+  if lo != lo:
+    return f"{f(mu)} (n = {group['n'].get(metric, 0)}, no CI)"
+  return f"{f(mu)} [{f(lo)}, {f(hi)}]"
+
+
+def group_values(table: dict[str, Any], group: dict[str, Any], metric: str) -> np.ndarray:
+  """The group's per-point values of one metric, float64 `[points]` (NaN where a point lacks it)."""
+  by_name = {r["name"]: r["scalars"] for r in table["points"]}
+  return np.array([by_name[p].get(metric, np.nan) for p in group["points"]], np.float64)
+
+
 def markdown_table(table: dict[str, Any], columns: Sequence[tuple[str, str, str]], row_label: str = "group") -> str:
-  """Markdown table: one row per group, one column per `(metric, header, format)` cell "mean ± std" (format is a
-  str.format spec such as "{:+.3f}"; "%" multiplies by 100 and appends %). n = points per group."""
+  """Markdown table: one row per group, one column per `(metric, header, format)` cell "mean [95% t CI]"
+  (format_stat). n = points per group."""
   lines = [f"| {row_label} | n | " + " | ".join(h for _, h, _ in columns) + " |",
            "|---|---|" + "---|" * len(columns)]
   for g in table["groups"]:
-    cells = []
-    for m, _, fmt in columns:
-      mu, sd = g["mean"].get(m, float("nan")), g["std"].get(m, float("nan"))
-      if mu != mu:
-        cells.append("n/a")
-      elif fmt == "%":
-        cells.append(f"{100 * mu:.1f}% ± {100 * sd:.1f}")
-      else:
-        cells.append(f"{fmt.format(mu)} ± {fmt.format(sd).lstrip('+')}")
+    cells = [format_stat(g, m, fmt) for m, _, fmt in columns]
     lines.append(f"| {g['label']} | {len(g['points'])} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def figure(table: dict[str, Any], columns: Sequence[tuple[str, str]], title: str, ncols: int = 4):
-  """One panel per `(metric, label)`: every group's mean ± std (error bar) with its points as dots. Returns the
-  Figure."""
+  """One panel per `(metric, label)`: every group's mean with its 95% t interval (error bar; none with one point) and
+  its points as dots. Returns the Figure."""
   import matplotlib.pyplot as plt   # local: matplotlib is heavy; analysis.plots (imported above) chose Agg
   n = len(columns)
   nc = min(ncols, n)
@@ -345,14 +355,15 @@ def figure(table: dict[str, Any], columns: Sequence[tuple[str, str]], title: str
   G = table["groups"]
   fig, axes_ = plt.subplots(nr, nc, figsize=(3.0 * nc + 0.6, 2.8 * nr + 0.6), squeeze=False,
                             constrained_layout=True)
-  by_name = {r["name"]: r["scalars"] for r in table["points"]}
   x = np.arange(len(G))
   for k, (m, label) in enumerate(columns):
     ax = axes_[k // nc, k % nc]
     for i, g in enumerate(G):
-      pts = [by_name[p].get(m, np.nan) for p in g["points"]]
+      pts = group_values(table, g, m)
       ax.plot(np.full(len(pts), i) + np.linspace(-0.12, 0.12, len(pts)), pts, ".", color="0.55", ms=5)
-      ax.errorbar(i, g["mean"][m], yerr=g["std"][m], fmt="o", color=f"C{i % 10}", ms=6, capsize=4)
+      mu, lo, hi = g["mean"][m], g["ci_low"][m], g["ci_high"][m]
+      yerr = [[mu - lo], [hi - mu]] if lo == lo else None
+      ax.errorbar(i, mu, yerr=yerr, fmt="o", color=f"C{i % 10}", ms=6, capsize=4)
     ax.axhline(0, color="0.3", lw=0.6)
     ax.set_xticks(x, [g["label"] for g in G], rotation=30 if len(G) > 3 else 0, ha="right" if len(G) > 3 else
                   "center", fontsize=8)
@@ -360,5 +371,5 @@ def figure(table: dict[str, Any], columns: Sequence[tuple[str, str]], title: str
     ax.grid(alpha=0.3)
   for k in range(n, nr * nc):
     axes_[k // nc, k % nc].axis("off")
-  fig.suptitle(title + "\n(mean ± std over the points of a group; dots: the points)", fontsize=10)
+  fig.suptitle(title + "\n(mean and 95% t interval over the points of a group; dots: the points)", fontsize=10)
   return fig

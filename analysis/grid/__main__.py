@@ -31,11 +31,12 @@ from train.rundir import write_json
 STUDIES = {"analysis.avoid_red": ("analysis.avoid_red.study", "analysis.avoid_red.config", "AvoidRedConfig")}
 
 FLAGS = flags.FLAGS
+DEFAULT_CONFIG = "configs/grid.py:smollm2"
 
 
 def _define_flags() -> None:
   register_sequence_flags()
-  config_flags.DEFINE_config_file("config", "configs/grid.py:smollm2", "The study's grid config (path:preset).",
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The study's grid config (path:preset).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "The grid's workdir (every unit writes its points under it).", required=True)
   flags.DEFINE_string("study", "analysis.avoid_red", f"The study's entry module: {', '.join(STUDIES)}.")
@@ -79,7 +80,7 @@ def _spec(argv: list[str]) -> launch_lib.LaunchSpec:
 
 def _config_arg(argv: list[str]) -> str:
   """The --config value as given (default: the flag's default), its file made absolute for the units."""
-  val = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/grid.py:smollm2")
+  val = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), DEFAULT_CONFIG)
   path, sep, preset = val.partition(":")
   return os.path.abspath(path) + sep + preset
 

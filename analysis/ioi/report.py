@@ -6,10 +6,10 @@ import dataclasses
 import os
 
 import numpy as np
-from scipy import stats
 
 from analysis.ioi import arms, baselines, discovery, retrain
 from analysis.ioi import circuits as C
+from analysis.stats import t_interval
 from train.rundir import write_json, write_text
 
 
@@ -65,15 +65,13 @@ def write_outputs(wd, results: dict, cfg, config, wall_s: float, cross_seed: dic
 
 
 def seed_stat(values) -> tuple[float, float, float, float]:
-  """(mean, sd with ddof = 1, 95% t-interval low, high) over seeds; sd and interval NaN with one seed or a
-  NaN value (scipy.stats.t)."""
+  """(mean, sd with ddof = 1, 95% t-interval low, high) over seeds (analysis.stats.t_interval); sd and interval
+  NaN with one seed or a NaN value."""
   v = np.asarray(values, np.float64)
-  m = float(np.mean(v))
   if v.size < 2 or not np.all(np.isfinite(v)):
-    return m, float("nan"), float("nan"), float("nan")
-  sd = float(np.std(v, ddof=1))
-  half = float(stats.t.ppf(0.975, v.size - 1)) * sd / np.sqrt(v.size)
-  return m, sd, m - half, m + half
+    return float(np.mean(v)), float("nan"), float("nan"), float("nan")
+  t = t_interval(v)
+  return t["mean"], t["sd"], t["ci_low"], t["ci_high"]
 
 
 def _summarise(results: dict) -> dict:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import scipy.stats
 
+from analysis.stats import t_interval  # noqa: F401  (re-exported: the studies' seed statistics)
 from models.readout import cosine
 
 
@@ -34,20 +35,6 @@ def null_cos_samples(d: int, n: int, seed: int = 0) -> np.ndarray:
   """n samples of cos(u, e_1) with u uniform on S^{d-1} (normalised Gaussians), float64 `[n]`."""
   g = np.random.default_rng(seed).standard_normal((n, d))
   return g[:, 0] / np.linalg.norm(g, axis=1)
-
-
-def t_interval(x, level: float = 0.95) -> dict:
-  """Mean over seeds with its t-based CI: {"mean", "sd" (ddof = 1), "n", "ci_low", "ci_high", "values"}. NaN
-  entries (unmeasured) are dropped; with n < 2 the sd and CI are NaN (undefined: one seed has no spread)."""
-  v = np.asarray(x, np.float64).ravel()
-  v = v[np.isfinite(v)]
-  out = {"n": int(v.size), "values": v.tolist(), "mean": float(v.mean()) if v.size else float("nan"),
-         "sd": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-  if v.size >= 2:
-    sd = float(v.std(ddof=1))
-    half = float(scipy.stats.t.ppf(0.5 + level / 2, v.size - 1)) * sd / np.sqrt(v.size)
-    out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
-  return out
 
 
 def paired_difference(a, b, level: float = 0.95) -> dict:

@@ -9,6 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from analysis.stats import t_interval  # noqa: E402
+
 ARM_COLORS = {"baseline": "C0", "block": "C2", "push": "C3", "project": "C4", "control": "C7"}
 
 
@@ -32,18 +34,29 @@ def alignment_heatmaps(align: dict[str, np.ndarray], title: str):
   return fig
 
 
+def _mean_ci(a) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per column of `[seeds, n]`: mean, 95% t interval low and high (analysis.stats.t_interval; NaN with 1 seed)."""
+  t = [t_interval(col) for col in np.asarray(a, np.float64).T]
+  return tuple(np.array([r[k] for r in t]) for k in ("mean", "ci_low", "ci_high"))
+
+
+def _yerr(m, lo, hi):
+  """matplotlib's asymmetric yerr from an interval, None (no bars) when it is undefined."""
+  return np.stack([m - lo, hi - m]) if np.isfinite(lo).all() else None
+
+
 def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: float, eval_steps: np.ndarray,
            harm: dict[str, np.ndarray], harm_label: str, title: str, margin: dict[str, np.ndarray] | None = None,
            cov_p99: float | None = None):
-  """Left: all-layer alignment on set B at the measured steps (mean +/- std over seeds; NaN = unmeasured) per
-  arm, with the isotropic null's +/- p99 band and the covariance-shaped null's p99 (dashed, `cov_p99`).
-  Middle: harmfulness at the evaluation steps per arm (mean +/- std). Right (when `margin` is given): the
+  """Left: all-layer alignment on set B at the measured steps (mean and 95% t interval over seeds, ddof = 1; NaN =
+  unmeasured) per arm, with the isotropic null's +/- p99 band and the covariance-shaped null's p99 (dashed,
+  `cov_p99`). Middle: harmfulness at the evaluation steps per arm (mean, 95% t interval). Right (when `margin` is given): the
   compliance margin (nats / token) at the evaluation steps. align_all[arm] `[seeds, T]`, harm[arm] and
   margin[arm] `[seeds, E]` (harm as fractions). Returns the Figure."""
   fig, ax = plt.subplots(1, 3 if margin else 2, figsize=(15 if margin else 10, 3.6), constrained_layout=True)
   for arm, a in (margin or {}).items():
-    g = np.asarray(a)
-    ax[2].errorbar(eval_steps, g.mean(0), yerr=g.std(0), color=ARM_COLORS.get(arm), marker="o", ms=4, capsize=3,
+    m, lo, hi = _mean_ci(a)
+    ax[2].errorbar(eval_steps, m, yerr=_yerr(m, lo, hi), color=ARM_COLORS.get(arm), marker="o", ms=4, capsize=3,
                    label=arm)
   if margin:
     ax[2].axhline(0, color="0.3", lw=0.6)
@@ -53,12 +66,13 @@ def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: fl
   for arm, a in align_all.items():
     a = np.asarray(a)
     k = np.isfinite(a).all(axis=0)
-    m, s = a[:, k].mean(0), a[:, k].std(0, ddof=1) if a.shape[0] > 1 else np.zeros(k.sum())
+    m, lo, hi = _mean_ci(a[:, k])
     c = ARM_COLORS.get(arm)
     ax[0].plot(np.asarray(steps_all)[k], m, color=c, lw=1.6, marker="o", ms=3, label=arm)
-    ax[0].fill_between(np.asarray(steps_all)[k], m - s, m + s, color=c, alpha=0.2, lw=0)
-    h = 100 * np.asarray(harm[arm])
-    ax[1].errorbar(eval_steps, h.mean(0), yerr=h.std(0), color=c, marker="o", ms=4, capsize=3, label=arm)
+    if np.isfinite(lo).all():
+      ax[0].fill_between(np.asarray(steps_all)[k], lo, hi, color=c, alpha=0.2, lw=0)
+    m, lo, hi = _mean_ci(100 * np.asarray(harm[arm]))
+    ax[1].errorbar(eval_steps, m, yerr=_yerr(m, lo, hi), color=c, marker="o", ms=4, capsize=3, label=arm)
   ax[0].axhspan(-null_p99, null_p99, color="0.6", alpha=0.35, lw=0, label="isotropic null (±p99)")
   if cov_p99 is not None:
     ax[0].axhline(cov_p99, color="0.2", ls="--", lw=1, label="covariance-shaped null p99")
