@@ -46,3 +46,14 @@ def welch_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95
     ci = r.confidence_interval(level)
     out.update(ci_low=float(ci.low), ci_high=float(ci.high), p=float(r.pvalue))
   return out
+
+
+def bh_q(p: Sequence[float]) -> np.ndarray:
+  """Benjamini-Hochberg q-values (scipy.stats.false_discovery_control, method "bh") of a family of p-values,
+  float64 `[n]`; NaN p-values (undefined tests) stay NaN and are left out of the family."""
+  p = np.asarray(p, np.float64).ravel()
+  q = np.full(p.shape, np.nan)
+  ok = np.isfinite(p)
+  if ok.any():
+    q[ok] = scipy.stats.false_discovery_control(p[ok], method="bh")
+  return q

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 import pytest
 
 from probes import vectors
@@ -233,6 +234,11 @@ def test_quick_study_resumes_mid_run(tmp_path, monkeypatch):
       :, -1].mean() - np.asarray(ctrl["align_all"])[:, -1].mean(), rtol=1e-6)
   for arm in ("baseline", "block"):
     assert {"alignment_B", "harmful_C", "benign_refusal_C"} <= set(fresh["arms"][arm])
+  vs = fresh["arms"]["block"]["vs_baseline"]                    # BH over the arm x quantity family (one arm here)
+  p = np.array([vs[k]["p"] for k in vs], np.float64)
+  ok = np.isfinite(p)
+  q = scipy.stats.false_discovery_control(p[ok], method="bh") if ok.any() else []
+  np.testing.assert_allclose(np.array([vs[k]["q"] for k in vs], np.float64)[ok], q)
   # v_rev and v_X as vector files, with their evidence
   v, meta = vectors.load_vector(str(tmp_path / "fresh" / "vectors" / "v_rev.safetensors"))
   np.testing.assert_allclose(np.linalg.norm(v, axis=-1), fresh["v_rev_norm"], rtol=1e-5)

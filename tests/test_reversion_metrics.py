@@ -145,3 +145,13 @@ def test_welch_difference_matches_the_closed_form():
   assert np.isclose(r["ci_low"], r["diff"] - half) and np.isclose(r["ci_high"], r["diff"] + half)
   assert np.isnan(welch_difference([0.5], b)["p"])                           # one run: undefined
   assert np.isnan(welch_difference([1.0, 1.0], [1.0, 1.0])["ci_low"])          # no spread: undefined
+
+
+def test_bh_q_matches_scipy_and_leaves_undefined_tests_out():
+  from analysis.stats import bh_q
+  p = np.array([0.01, np.nan, 0.04, 0.03, 0.20])
+  q = bh_q(p)
+  assert np.isnan(q[1])
+  np.testing.assert_allclose(q[[0, 2, 3, 4]], scipy.stats.false_discovery_control(p[[0, 2, 3, 4]], method="bh"))
+  np.testing.assert_allclose(q[[0, 2, 3, 4]], [0.04, 0.16 / 3, 0.16 / 3, 0.20])        # by hand: min_{j>=k} p_(j) m / j
+  assert np.isnan(bh_q([np.nan])).all()

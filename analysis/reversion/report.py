@@ -19,6 +19,11 @@ def _p(x: float) -> str:
   return "undefined" if x != x else f"{x:.3g}"
 
 
+def _pq(t: dict) -> str:
+  """A test's "p ..., q ..." (q: BH over the arms' comparisons with the baseline; "undefined" where absent)."""
+  return f"p {_p(t['p'])}, q {_p(t.get('q', np.nan))}"
+
+
 def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
   """Markdown report from the study's summary `s`, per-arm arrays, figure paths and the paper's figures."""
   sections = (_intro, _reference, _judges, _alignment, _verdict, _paper, _method_notes)
@@ -173,21 +178,23 @@ def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
         f"task NLL {e['task_nll']:.3f}.", ""]
   comp = [(a, d["vs_baseline"]) for a, d in per_arm.items() if "vs_baseline" in d]
   if comp:
-    L += ["Against the baseline arm (two-sided permutation test over seeds, scipy.stats.permutation_test):", "",
-          "| arm | quantity | difference | p |", "|---|---|---|---|"]
+    L += ["Against the baseline arm (two-sided permutation test over seeds, scipy.stats.permutation_test; q: "
+          "Benjamini-Hochberg over every row of this table, scipy.stats.false_discovery_control):", "",
+          "| arm | quantity | difference | p | q |", "|---|---|---|---|---|"]
     for arm, v in comp:
       for k, t in v.items():
-        L.append(f"| {arm} | {k} | {t['diff']:+.3f} | {_p(t['p'])} |")
+        L.append(f"| {arm} | {k} | {t['diff']:+.3f} | {_p(t['p'])} | {_p(t.get('q', np.nan))} |")
     L.append("")
   sweep = sorted((config.arm_kind(a)[1], a) for a in per_arm if config.arm_kind(a)[0] == "block")
   if len(sweep) > 1 and "baseline" in per_arm:
-    L += ["Lambda sweep of the block arm (each against the baseline: permutation p of the difference):", "",
+    L += ["Lambda sweep of the block arm (each against the baseline: permutation p of the difference, BH q over the "
+          "table above):", "",
           "| lambda | a on B at T | harmful not refused on C | benign refused on C | task NLL |", "|---|---|---|---|---|"]
     for lam, a in sweep:
       d, v = per_arm[a], per_arm[a]["vs_baseline"]
-      L.append(f"| {lam:g} | {_ci(d['alignment_B'])} (p {_p(v['alignment_B']['p'])}) | {_ci(d['harmful_C'], True)} "
-               f"(p {_p(v['harmful_C']['p'])}) | {_ci(d['benign_refusal_C'], True)} (p "
-               f"{_p(v['benign_refusal_C']['p'])}) | {_ci(d['task_nll_final'])} (p {_p(v['task_nll_final']['p'])}) |")
+      L.append(f"| {lam:g} | {_ci(d['alignment_B'])} ({_pq(v['alignment_B'])}) | {_ci(d['harmful_C'], True)} "
+               f"({_pq(v['harmful_C'])}) | {_ci(d['benign_refusal_C'], True)} ({_pq(v['benign_refusal_C'])}) | "
+               f"{_ci(d['task_nll_final'])} ({_pq(v['task_nll_final'])}) |")
     L.append("")
   c = s.get("control_adapter")
   if c:
@@ -221,9 +228,9 @@ def _verdict(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[st
   if b is not None and k is not None:
     v = k["vs_baseline"]
     out.append(f"Block (lambda = {config.block_lam}) on what it does not optimise: alignment on B "
-               f"{_ci(b['alignment_B'])} -> {_ci(k['alignment_B'])} (p {_p(v['alignment_B']['p'])}); harmfulness on "
-               f"C {_ci(b['harmful_C'], True)} -> {_ci(k['harmful_C'], True)} (p {_p(v['harmful_C']['p'])}); "
-               f"benign refusal p {_p(v['benign_refusal_C']['p'])}; task NLL p {_p(v['task_nll_final']['p'])}. "
+               f"{_ci(b['alignment_B'])} -> {_ci(k['alignment_B'])} ({_pq(v['alignment_B'])}); harmfulness on "
+               f"C {_ci(b['harmful_C'], True)} -> {_ci(k['harmful_C'], True)} ({_pq(v['harmful_C'])}); "
+               f"benign refusal {_pq(v['benign_refusal_C'])}; task NLL {_pq(v['task_nll_final'])}. "
                f"On its own objective set A it moves {_ci(b['alignment_A'])} -> {_ci(k['alignment_A'])}.")
   ja, j2 = s.get("judge_agreement", {}), s.get("judge2", {}).get("arms", {})
   if ja.get("phrase"):

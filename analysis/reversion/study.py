@@ -62,6 +62,7 @@ from analysis.reversion.config import ReversionConfig
 from analysis.reversion.evaluate import Evaluator, evaluate_early, probe_batch
 from analysis.reversion.report import report
 from analysis.reversion.safety import extra_benign_prompts, safety_phase
+from analysis.stats import bh_q
 from models import registry
 from models.loading import load, load_tokenizer
 from models.params import truncate_layers
@@ -314,6 +315,9 @@ def summarize(arms: dict[str, list], step0: dict, cfg, config: ReversionConfig, 
     if base is not None and arm not in ("baseline", "control"):
       d["vs_baseline"] = {k: rm.seed_permutation(d[k]["values"], base[k]["values"])
                           for k in ("alignment_B", "harmful_C", "benign_refusal_C", "task_nll_final")}
+  tests = [t for d in per_arm.values() for t in d.get("vs_baseline", {}).values()]
+  for t, q in zip(tests, bh_q([t["p"] for t in tests])):   # BH over every arm x quantity against the baseline
+    t["q"] = float(q)
   align, harm = [], []                                    # [cells, seeds]: (arm, evaluation step) cells
   for arm, d in per_arm.items():
     if arm == "control":
