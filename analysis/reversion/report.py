@@ -20,8 +20,9 @@ def _p(x: float) -> str:
 
 
 def _pq(t: dict) -> str:
-  """A test's "p ..., q ..." (q: BH over the arms' comparisons with the baseline; "undefined" where absent)."""
-  return f"p {_p(t['p'])}, q {_p(t.get('q', np.nan))}"
+  """A test's "p ..., q ..." (q: BH over the arms' comparisons with the baseline); "p ..." alone for metrics written
+  before q was recorded."""
+  return f"p {_p(t['p'])}, q {_p(t['q'])}" if "q" in t else f"p {_p(t['p'])}"
 
 
 def report(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> str:
@@ -178,12 +179,14 @@ def _alignment(config, s: dict, per_arm: dict, figs: dict, paper: dict) -> list[
         f"task NLL {e['task_nll']:.3f}.", ""]
   comp = [(a, d["vs_baseline"]) for a, d in per_arm.items() if "vs_baseline" in d]
   if comp:
-    L += ["Against the baseline arm (two-sided permutation test over seeds, scipy.stats.permutation_test; q: "
-          "Benjamini-Hochberg over every row of this table, scipy.stats.false_discovery_control):", "",
-          "| arm | quantity | difference | p | q |", "|---|---|---|---|---|"]
+    has_q = all("q" in t for _, v in comp for t in v.values())
+    L += ["Against the baseline arm (two-sided permutation test over seeds, scipy.stats.permutation_test"
+          + ("; q: Benjamini-Hochberg over every row of this table, scipy.stats.false_discovery_control):" if has_q
+             else "):"), "", "| arm | quantity | difference | p |" + (" q |" if has_q else ""),
+          "|---|---|---|---|" + ("---|" if has_q else "")]
     for arm, v in comp:
       for k, t in v.items():
-        L.append(f"| {arm} | {k} | {t['diff']:+.3f} | {_p(t['p'])} | {_p(t.get('q', np.nan))} |")
+        L.append(f"| {arm} | {k} | {t['diff']:+.3f} | {_p(t['p'])} |" + (f" {_p(t['q'])} |" if has_q else ""))
     L.append("")
   sweep = sorted((config.arm_kind(a)[1], a) for a in per_arm if config.arm_kind(a)[0] == "block")
   if len(sweep) > 1 and "baseline" in per_arm:
