@@ -181,8 +181,8 @@ def _markdown(config, table, early, kill_source, status, seconds, layers, paths,
        "| " + " | ".join(f"{v:.3f}" for v in early["scores"].values()) + f" | {_pct(1 - e['harm_gen'])} | "
        f"{_pct(e.get('benign_refusal', float('nan')))} | {e['task_nll']:.3f} |", "",
        "## What the safety LoRA costs and buys (theta_aligned)", "",
-       f"Mean [95% t interval, ddof = 1] over {n_seeds} seed(s). Δ = theta_aligned - theta_early on the same probes (factual: Spearman "
-       "rho; bias: BBQ accuracy; sycophancy: truthful rate; refusal / toxicity: AUC). Refusal: greedy answers "
+       f"Mean [95% t interval, ddof = 1] over {n_seeds} seed(s). Δ = theta_aligned - theta_early on the same "
+       "probes (factual: Spearman rho; bias: BBQ accuracy; sycophancy: truthful rate; refusal / toxicity: AUC). Refusal: greedy answers "
        f"({rc.eval.max_new_tokens} tokens) judged by refusal phrases (train/evaluate.py).", "",
        grid.markdown_table(table, [c for c in COST if c[0] in table["metrics"]], "window"), "",
        f"![grid]({paths['grid']})", "",

@@ -50,8 +50,8 @@ def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: fl
            cov_p99: float | None = None):
   """Left: all-layer alignment on set B at the measured steps (mean and 95% t interval over seeds, ddof = 1; NaN =
   unmeasured) per arm, with the isotropic null's +/- p99 band and the covariance-shaped null's p99 (dashed,
-  `cov_p99`). Middle: harmfulness at the evaluation steps per arm (mean, 95% t interval). Right (when `margin` is given): the
-  compliance margin (nats / token) at the evaluation steps. align_all[arm] `[seeds, T]`, harm[arm] and
+  `cov_p99`). Middle: harmfulness at the evaluation steps per arm (mean, 95% t interval). Right (when `margin` is
+  given): the compliance margin (nats / token) at the evaluation steps. align_all[arm] `[seeds, T]`, harm[arm] and
   margin[arm] `[seeds, E]` (harm as fractions). Returns the Figure."""
   fig, ax = plt.subplots(1, 3 if margin else 2, figsize=(15 if margin else 10, 3.6), constrained_layout=True)
   for arm, a in (margin or {}).items():
