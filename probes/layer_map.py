@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from probes.vectors import EXACT_CELL_KEYS
+from probes.vectors import exact_cells
 
 SCHEMA = "gravlab.layer_map"
 SCHEMA_VERSION = 1
@@ -99,7 +99,7 @@ def build(sweep_dir: str, q_level: float | None = None, lens: dict | None = None
     if weights is None and os.path.exists(side):
       with open(side) as f:
         weights = json.load(f).get("weights")
-    cells = [{k: c[k] for k in EXACT_CELL_KEYS if k in c} for c in metrics["exact_cells"] if c["behavior"] == b]
+    cells = exact_cells(metrics["exact_cells"], b)
     behaviors[b] = {"n_probes": int(row["n_probes"]), "n_pairs": int(row["n_pairs"]),
                     "score_units": SCORE_UNITS.get(b, "per-probe continuous score (probes.margins)"),
                     "baseline_rho_eval": metrics["baseline_rho_eval"].get(b),

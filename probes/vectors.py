@@ -83,11 +83,16 @@ EXACT_CELL_KEYS = ("layer", "alpha", "alpha_rel", "n_probes", "delta", "ci_low",
                    "dose_response", "killed")
 
 
+def exact_cells(cells: list[dict], behavior: str) -> list[dict[str, Any]]:
+  """The exact-test cells of one behavior, each cut to EXACT_CELL_KEYS (the fields it has)."""
+  return [{k: c[k] for k in EXACT_CELL_KEYS if k in c} for c in cells if c["behavior"] == behavior]
+
+
 def sweep_evidence(screen_row: dict, cells: list[dict], behavior: str) -> dict[str, Any]:
   """What the sweep found about `behavior`'s own vector: the screen's per-layer slope / p / q (layer l = resid_post[l])
   and the exact cells (EXACT_CELL_KEYS: layer, alpha, delta, ci_low, ci_high, p, q, ...) of that behavior."""
   return {"screen": {k: np.asarray(screen_row[k]).tolist() for k in ("slope", "z", "p", "q")},
-          "exact_cells": [{k: c[k] for k in EXACT_CELL_KEYS if k in c} for c in cells if c["behavior"] == behavior]}
+          "exact_cells": exact_cells(cells, behavior)}
 
 
 def jsonable(x):
