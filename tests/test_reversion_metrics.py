@@ -155,3 +155,31 @@ def test_bh_q_matches_scipy_and_leaves_undefined_tests_out():
   np.testing.assert_allclose(q[[0, 2, 3, 4]], scipy.stats.false_discovery_control(p[[0, 2, 3, 4]], method="bh"))
   np.testing.assert_allclose(q[[0, 2, 3, 4]], [0.04, 0.16 / 3, 0.16 / 3, 0.20])        # by hand: min_{j>=k} p_(j) m / j
   assert np.isnan(bh_q([np.nan])).all()
+
+
+def test_arm_colors_distinct_for_every_smollm2_arm():
+  """The lambda sweep's arms used to fall back to matplotlib's cycle and share the baseline's blue."""
+  from analysis.reversion import plots
+  arms = ["baseline", "block", "push", "project", "control", "block_lam0.3", "block_lam3"]
+  colors = plots.arm_colors(arms)
+  assert len(set(colors.values())) == len(arms)
+  assert colors["baseline"] == "C0" and colors["block"] == "C2" and colors["control"] == "C7"
+  assert colors["block_lam0.3"] == "C1" and colors["block_lam3"] == "C5"
+
+
+def test_curves_lines_and_bands_share_distinct_colors():
+  """Every arm of the curves figure (reversion arms and avoid-red windows alike) gets its own colour, and its
+  interval band the colour of its line."""
+  import matplotlib.colors as mcolors
+  from matplotlib.collections import PolyCollection
+  from analysis.reversion import plots
+  rng = np.random.default_rng(0)
+  arms = ["baseline", "block", "block_lam0.3", "kill", "early"]
+  align = {a: rng.normal(0.5, 0.05, (3, 4)) for a in arms}
+  harm = {a: rng.uniform(0.2, 0.4, (3, 2)) for a in arms}
+  fig = plots.curves(np.arange(1, 5), align, 0.02, np.array([0, 4]), harm, "log-prob", "t")
+  ax = fig.axes[0]
+  lines = [mcolors.to_hex(l.get_color()) for l in ax.get_lines() if l.get_label() in arms]
+  bands = [mcolors.to_hex(c.get_facecolor()[0]) for c in ax.collections if isinstance(c, PolyCollection)]
+  assert len(set(lines)) == len(arms)
+  assert bands[:len(arms)] == lines

@@ -148,7 +148,6 @@ def _figures(wd, rc, table, arrays, null) -> dict:
                               next(iter(arrays.values()))["steps"], {k: v["harm"] for k, v in arrays.items()},
                               harm_label, title + ": benign fine-tuning (baseline arm)"),
           "heatmaps": rp.alignment_heatmaps({k: v["align"] for k, v in arrays.items()}, title)}
-  _match_fill_colors(figs["curves"].axes[0])
   paths = {}
   for k, f in figs.items():
     paths[k] = os.path.relpath(wd.save_figure(f, "avoid_red_" + k), wd.path)
@@ -223,13 +222,3 @@ def _layers_text(layers) -> str:
       runs.append(f"{start}-{l}" if l != start else f"{l}")
       start = None
   return f"{', '.join(runs)} ({len(layers)} layers)"
-
-
-def _match_fill_colors(ax) -> None:
-  """Give each interval band of analysis.reversion.plots.curves the color of its line (curves colors the reversion arms
-  only; other labels take matplotlib's cycle, where bands and lines would drift apart)."""
-  from matplotlib.collections import PolyCollection   # local: as pyplot above
-  lines = [l for l in ax.get_lines() if not l.get_label().startswith("_")]
-  bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
-  for line, band in zip(lines, bands):
-    band.set_facecolor(line.get_color())

@@ -12,6 +12,15 @@ import numpy as np  # noqa: E402
 from analysis.stats import t_interval  # noqa: E402
 
 ARM_COLORS = {"baseline": "C0", "block": "C2", "push": "C3", "project": "C4", "control": "C7"}
+SPARE_COLORS = ("C1", "C5", "C6", "C8", "C9", "k")
+
+
+def arm_colors(arms) -> dict[str, str]:
+  """Matplotlib colour per arm name: the fixed ARM_COLORS for the named arms, and for any other arm (the lambda
+  sweep's `block_lam0.3`, ...) the next of SPARE_COLORS in the order given, so no two arms of one figure share a
+  colour (up to len(SPARE_COLORS) extra arms; past that the spares repeat)."""
+  extra = [a for a in arms if a not in ARM_COLORS]
+  return {a: ARM_COLORS.get(a) or SPARE_COLORS[extra.index(a) % len(SPARE_COLORS)] for a in arms}
 
 
 def alignment_heatmaps(align: dict[str, np.ndarray], title: str):
@@ -54,9 +63,10 @@ def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: fl
   given): the compliance margin (nats / token) at the evaluation steps. align_all[arm] `[seeds, T]`, harm[arm] and
   margin[arm] `[seeds, E]` (harm as fractions). Returns the Figure."""
   fig, ax = plt.subplots(1, 3 if margin else 2, figsize=(15 if margin else 10, 3.6), constrained_layout=True)
+  colors = arm_colors(list(align_all) + [a for a in (margin or {}) if a not in align_all])
   for arm, a in (margin or {}).items():
     m, lo, hi = _mean_ci(a)
-    ax[2].errorbar(eval_steps, m, yerr=_yerr(m, lo, hi), color=ARM_COLORS.get(arm), marker="o", ms=4, capsize=3,
+    ax[2].errorbar(eval_steps, m, yerr=_yerr(m, lo, hi), color=colors[arm], marker="o", ms=4, capsize=3,
                    label=arm)
   if margin:
     ax[2].axhline(0, color="0.3", lw=0.6)
@@ -67,7 +77,7 @@ def curves(steps_all: np.ndarray, align_all: dict[str, np.ndarray], null_p99: fl
     a = np.asarray(a)
     k = np.isfinite(a).all(axis=0)
     m, lo, hi = _mean_ci(a[:, k])
-    c = ARM_COLORS.get(arm)
+    c = colors[arm]
     ax[0].plot(np.asarray(steps_all)[k], m, color=c, lw=1.6, marker="o", ms=3, label=arm)
     if np.isfinite(lo).all():
       ax[0].fill_between(np.asarray(steps_all)[k], lo, hi, color=c, alpha=0.2, lw=0)
@@ -100,8 +110,9 @@ def layer_profile(v_rev_norm: np.ndarray, final_align: dict[str, np.ndarray], nu
   fig, ax = plt.subplots(1, 2, figsize=(10, 3.4), constrained_layout=True)
   ax[0].plot(x, v_rev_norm[1:], "o-", ms=3, color="0.2")
   ax[0].set(xlabel="layer", ylabel="||v_rev|| (L2)", title="reversion direction: size by depth")
+  colors = arm_colors(list(final_align))
   for arm, a in final_align.items():
-    ax[1].plot(x, np.asarray(a).mean(0), "o-", ms=3, color=ARM_COLORS.get(arm), label=arm)
+    ax[1].plot(x, np.asarray(a).mean(0), "o-", ms=3, color=colors[arm], label=arm)
   ax[1].axhspan(-null_layer_p99, null_layer_p99, color="0.6", alpha=0.35, lw=0, label="isotropic null ±p99")
   if cov_layer_p99 is not None:
     ax[1].plot(x, cov_layer_p99, ls="--", color="0.2", lw=1, label="covariance-shaped null p99")
