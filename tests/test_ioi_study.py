@@ -19,8 +19,12 @@ from analysis.ioi.config import IoiConfig
 from analysis.ioi.data import NAMES, make_ioi
 from configs.ioi import PRESETS, get_config
 from models import transformer as T
+from models.config import ModelConfig
+from models.params import init_params
+from models.tokenizer import pad_id
 from tests.reference import WordTokenizer, ours_from_torch, tiny_hf_model
 from tests.runtime_only import run_runtime_only
+from train.losses import max_targets, sft_rows
 from train.rundir import Workdir
 from train.typed_config import ConfigError, from_configdict
 
@@ -89,6 +93,28 @@ def test_training_set_labels(label):
   clean = ioi.training_set(tok, 12, 0, names, "subject", 0.0, 40)
   assert all(clean.tokens[i, int(clean.mask[i].sum()) - 1] in clean.tokens[i, :int(clean.mask[i].sum()) - 1]
              for i in range(12))
+
+
+def test_training_set_is_as_wide_as_its_longest_row_and_scores_as_the_padded_set():
+  """The set is cut to its longest row rounded up to 8 (not max_len), and the per-row SFT loss of a tiny random
+  model is the same as on the same rows right-padded to max_len (pad columns after a row change nothing)."""
+  tok = WordTokenizer()
+  names = list(NAMES[:20])
+  ts = ioi.training_set(tok, 12, 0, names, "name_moving", 0.5, 40)
+  longest = int(ts.mask.sum(1).max())
+  assert ts.tokens.shape[1] == -(-longest // 8) * 8 < 40 and ts.mask[:, :longest].sum() == ts.mask.sum()
+  pad = lambda x, v: np.pad(x, ((0, 0), (0, 40 - x.shape[1])), constant_values=v)
+  wide = (pad(ts.tokens, pad_id(tok)), pad(ts.mask, 0), pad(ts.loss_mask, 0))
+  cfg = ModelConfig(arch="llama", vocab_size=len(tok.vocab) + 8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=8, d_ff=64)
+  params = init_params(cfg, jax.random.key(0), std=0.2)
+  k = max_targets(ts.loss_mask)
+  narrow_loss = sft_rows(params, cfg, *(jnp.asarray(x) for x in (ts.tokens, ts.mask, ts.loss_mask)), k=k)
+  wide_loss = sft_rows(params, cfg, *(jnp.asarray(x) for x in wide), k=k)
+  assert float(jnp.abs(narrow_loss).min()) > 1.0
+  np.testing.assert_allclose(np.asarray(narrow_loss), np.asarray(wide_loss), rtol=1e-5)
+  with pytest.raises(ValueError, match="train.data.max_len=8"):
+    ioi.training_set(tok, 12, 0, names, "io", 1.0, 8)
 
 
 def test_localisation_closed_form():

@@ -84,14 +84,14 @@ def training_set(tokenizer, n: int, seed: int, names, label: str, fraction: floa
   """IOI fine-tuning sequences: prompt + one answer token, right-padded, loss on the answer only.
 
   label: "io" (clean), "subject" (answer S) or "name_moving" (prefix "<C> stayed home." and answer C);
-  `fraction` of the prompts get the poisoned label, the rest keep IO. Returns a train.data.TokenizedSet.
+  `fraction` of the prompts get the poisoned label, the rest keep IO. Returns a train.data.TokenizedSet whose
+  width is the longest row rounded up to a multiple of 8 (at most max_len): IOI rows are 15-27 SmolLM2 tokens, so
+  padding to max_len = 48 would spend about half of every training step on pad positions, which change nothing
+  at the real ones (causal attention, right padding). Raises ValueError if a row is longer than max_len.
   """
   d = make_ioi(tokenizer, n, seed=seed, names=names)
   rng = np.random.default_rng(seed + 1)
-  pid = pad_id(tokenizer)
-  toks = np.full((n, max_len), pid, np.int32)
-  mask = np.zeros((n, max_len), np.int32)
-  loss = np.zeros((n, max_len), np.float32)
+  rows = []
   for i in range(n):
     text, answer = d.text[i], int(d.io[i])
     if label != "io" and rng.random() < fraction:
@@ -104,9 +104,14 @@ def training_set(tokenizer, n: int, seed: int, names, label: str, fraction: floa
         answer = tokenizer.encode(" " + third, add_special_tokens=False)[0]
       else:
         raise ValueError(f"poison label must be 'subject' or 'name_moving', got {label!r}")
-    ids = tokenizer.encode(text, add_special_tokens=False) + [answer]
-    if len(ids) > max_len:
-      raise ValueError(f"IOI prompt {i} has {len(ids)} tokens > train.data.max_len={max_len}")
+    rows.append(tokenizer.encode(text, add_special_tokens=False) + [answer])
+    if len(rows[-1]) > max_len:
+      raise ValueError(f"IOI prompt {i} has {len(rows[-1])} tokens > train.data.max_len={max_len}")
+  width = min(max_len, -(-max(map(len, rows)) // 8) * 8)
+  toks = np.full((n, width), pad_id(tokenizer), np.int32)
+  mask = np.zeros((n, width), np.int32)
+  loss = np.zeros((n, width), np.float32)
+  for i, ids in enumerate(rows):
     toks[i, :len(ids)], mask[i, :len(ids)], loss[i, len(ids) - 1] = ids, 1, 1.0
   return TokenizedSet(toks, mask, loss)
 
