@@ -27,7 +27,8 @@ exact (layers x alphas x (1 + controls)) x (tokens of the exact probes) x (L - l
 only the layers after the steered one). Counted in matmul FLOPs (benchmarks/sweep.py full_preset_flops):
 smollm2_fast's exact test is 0.067 PFLOP (297 s as one program, about 225 GFLOP/s, at 3 buckets); :full's is
 2.9 PFLOP (294 configurations on 824 probes, 8 buckets): about 2.5 h on the 2-core CPU at the 336 GFLOP/s measured
-on 2026-12-07, and under a minute on one H100 at an assumed 30% of TF32 peak.
+on 2026-12-07 (its run that day, docs/sweep_full: 150.2 min wall, the exact test 144.4 min), and under a minute
+on one H100 at an assumed 30% of TF32 peak.
 """
 import ml_collections
 
