@@ -2,9 +2,11 @@
 
 Usage: --config=configs/ioi.py:smollm2 (default), :qwen, or :quick (tiny phases for tests).
 
-Cost of :smollm2 on the 2-core CPU (resumable: rerun the command into the same --workdir): per seed about 10 min
-of training for the primary arm (60 + 60 + 120 steps at ~2.5 s a step), 10 min of analysis (path-patching
-discovery ~3 min a phase), and 7.5 min of training per extra poison arm (7 arms: ~55 min); about 4 h for 3 seeds.
+Cost of :smollm2 on the 2-core CPU, measured on 2026-12-08 (resumable: rerun the command into the same --workdir):
+per seed about 43 min: 4.3 min of training for the primary arm (60 + 60 + 120 steps at ~1.07 s a step), 10 min
+of analysis (path-patching discovery and knockout ~2.2 min a phase, the retraining curve ~1 min), 2 min of
+cross-phase baselines (CMAP against 100 random head sets), and ~3.8 min per extra poison arm (180 steps and two
+importance maps; 7 arms: 27 min); about 2.2 h for 3 seeds (docs/ioi_smollm2).
 
 The entry point converts the ConfigDict once into analysis.ioi.config.IoiConfig (typed, frozen; a bad override
 fails naming the field).
